@@ -1,0 +1,48 @@
+//! Liveness, readiness and the API description.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::{OPENAPI_JSON, SharedState};
+
+/// Readiness probes must answer fast even when a dependency hangs.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
+
+pub async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({ "status": "ok" }))
+}
+
+/// 200 when Redis and Postgres both answer, else 503 naming which does not.
+pub async fn readyz(State(state): State<SharedState>) -> Response {
+    let redis = tokio::time::timeout(PROBE_TIMEOUT, state.quota.store().ping());
+    let pg = tokio::time::timeout(PROBE_TIMEOUT, crate::db::ping(&state.pool));
+    let (redis, pg) = tokio::join!(redis, pg);
+    let redis_ok = matches!(redis, Ok(Ok(())));
+    let pg_ok = matches!(pg, Ok(Ok(())));
+    let word = |ok: bool| if ok { "ok" } else { "unreachable" };
+    let status = if redis_ok && pg_ok {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = json!({
+        "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
+        "redis": word(redis_ok),
+        "postgres": word(pg_ok),
+    });
+    (status, Json(body)).into_response()
+}
+
+pub async fn openapi() -> Response {
+    let mut r = OPENAPI_JSON.into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    r
+}

@@ -1,0 +1,125 @@
+//! The HTTP API on `[api].listen`: `/v1/*` (quota checks and usage), `/admin/*`, health,
+//! `/openapi.json`.
+//!
+//! Routes are registered through `Routes`, which records each (method, path) pair as it adds it,
+//! so the OpenAPI document can be checked against exactly what the router serves.
+
+mod admin;
+mod auth;
+mod extract;
+mod health;
+mod v1;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::http::Method;
+use axum::routing::{MethodRouter, delete, get, post, put};
+use secrecy::SecretString;
+use sqlx::PgPool;
+
+use crate::error::ApiError;
+use crate::quota::QuotaService;
+
+pub use extract::ApiJson;
+
+/// Shared state of every handler.
+pub struct AppState {
+    pub quota: QuotaService,
+    pub pool: PgPool,
+    pub admin_token: SecretString,
+    pub service_token: Option<SecretString>,
+}
+
+pub type SharedState = Arc<AppState>;
+
+/// The OpenAPI 3.1 description of this API, served at `/openapi.json`.
+pub const OPENAPI_JSON: &str = include_str!("openapi.json");
+
+/// A router that remembers what it serves.
+pub struct Routes {
+    router: Router<SharedState>,
+    served: Vec<(Method, &'static str)>,
+}
+
+impl Routes {
+    fn new() -> Self {
+        Self {
+            router: Router::new(),
+            served: Vec::new(),
+        }
+    }
+
+    fn add(
+        mut self,
+        method: Method,
+        path: &'static str,
+        handler: MethodRouter<SharedState>,
+    ) -> Self {
+        self.served.push((method, path));
+        self.router = self.router.route(path, handler);
+        self
+    }
+
+    /// Every (method, path) the router serves, in axum's `{param}` syntax.
+    pub fn served(&self) -> &[(Method, &'static str)] {
+        &self.served
+    }
+}
+
+/// All routes, grouped by who may call them.
+pub fn routes() -> Routes {
+    Routes::new()
+        // Health and docs: unauthenticated, cheap.
+        .add(Method::GET, "/healthz", get(health::healthz))
+        .add(Method::GET, "/readyz", get(health::readyz))
+        .add(Method::GET, "/openapi.json", get(health::openapi))
+        // Product services: the service token when configured.
+        .add(Method::POST, "/v1/check", post(v1::check))
+        .add(Method::POST, "/v1/usage", post(v1::usage))
+        .add(Method::GET, "/v1/orgs/{org_id}/usage", get(v1::org_usage))
+        .add(
+            Method::GET,
+            "/v1/orgs/{org_id}/entitlements",
+            get(v1::entitlements),
+        )
+        // Operators: the admin token, always.
+        .add(Method::PUT, "/admin/orgs/{org_id}", put(admin::put_org))
+        .add(Method::GET, "/admin/orgs/{org_id}", get(admin::get_org))
+        .add(
+            Method::POST,
+            "/admin/orgs/{org_id}/keys",
+            post(admin::create_key),
+        )
+        .add(
+            Method::DELETE,
+            "/admin/keys/{id}",
+            delete(admin::revoke_key),
+        )
+        .add(
+            Method::POST,
+            "/admin/orgs/{org_id}/adjustments",
+            post(admin::adjust),
+        )
+}
+
+/// The complete application router with auth layers and JSON fallbacks.
+pub fn router(state: SharedState) -> Router {
+    let Routes { router, .. } = routes();
+    router
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_tokens,
+        ))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound("no such route".into())
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}

@@ -1,0 +1,366 @@
+//! `/v1/*`: what product services call. Checks (optionally consuming), post-hoc usage reports,
+//! the usage view and entitlements.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::response::{IntoResponse, Response};
+use futures_util::future::try_join_all;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::{ApiJson, SharedState};
+use crate::domain::decision::Charge;
+use crate::domain::org::OrgId;
+use crate::domain::plan::{Catalog, MetricKind};
+use crate::domain::render::{self, PlanRef, UsageEntry};
+use crate::error::ApiError;
+use crate::respond;
+use crate::store::Mode;
+
+/// Amounts travel through JSON and Lua doubles: keep them exactly representable.
+pub const MAX_AMOUNT: i64 = 1 << 53;
+pub const MAX_CHARGES: usize = 100;
+pub const MAX_EVENTS: usize = 1000;
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+
+pub fn parse_org(raw: &str, field: &str) -> Result<OrgId, ApiError> {
+    OrgId::parse(raw).map_err(|e| ApiError::invalid(format!("{field}: {e}")))
+}
+
+/// Resolve a metric name and validate an amount for it. Negative amounts are releases and only
+/// make sense for gauges, and only where `allow_release` (usage reports).
+pub fn resolve_charge<'c>(
+    catalog: &'c Catalog,
+    metric: &str,
+    amount: i64,
+    allow_release: bool,
+    field: &str,
+) -> Result<Charge<'c>, ApiError> {
+    let m = catalog.metric(metric).ok_or_else(|| {
+        ApiError::invalid(format!(
+            "{field}.metric: unknown metric `{metric}` (declared: {})",
+            catalog
+                .metrics
+                .keys()
+                .map(String::as_str)
+                .collect::<Vec<_>>()
+                .join(", ")
+        ))
+    })?;
+    let release_ok = allow_release && m.kind == MetricKind::Gauge;
+    let valid = if release_ok {
+        amount != 0 && amount.abs() <= MAX_AMOUNT
+    } else {
+        amount > 0 && amount <= MAX_AMOUNT
+    };
+    if !valid {
+        let rule = if release_ok {
+            "must be a non-zero integer between -2^53 and 2^53 (negative releases a gauge)"
+        } else {
+            "must be an integer between 1 and 2^53"
+        };
+        return Err(ApiError::invalid(format!("{field}.amount: {rule}")));
+    }
+    Ok(Charge { metric: m, amount })
+}
+
+fn field_name(prefix: &str, name: &str) -> String {
+    if prefix.is_empty() {
+        name.to_string()
+    } else {
+        format!("{prefix}.{name}")
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    org_id: String,
+    #[serde(default)]
+    metric: Option<String>,
+    #[serde(default)]
+    amount: Option<i64>,
+    #[serde(default)]
+    consume: Option<bool>,
+    #[serde(default)]
+    charges: Option<Vec<ChargeIn>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChargeIn {
+    metric: String,
+    #[serde(default)]
+    amount: Option<i64>,
+}
+
+#[derive(Serialize)]
+struct AllowedBody<'a> {
+    allowed: bool,
+    dry_run: bool,
+    org_id: &'a str,
+    plan: PlanRef<'a>,
+    usage: Vec<UsageEntry<'a>>,
+}
+
+/// `POST /v1/check`: may this org spend these charges? Consumes them unless `consume: false`.
+pub async fn check(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<CheckRequest>,
+) -> Result<Response, ApiError> {
+    let catalog = state.quota.catalog();
+    let org = parse_org(&req.org_id, "org_id")?;
+    let charges: Vec<Charge<'_>> = match (req.metric, req.charges) {
+        (Some(metric), None) => {
+            vec![
+                resolve_charge(&catalog, &metric, req.amount.unwrap_or(1), false, "")
+                    .map_err(strip_leading_dot)?,
+            ]
+        }
+        (None, Some(list)) => {
+            if req.amount.is_some() {
+                return Err(ApiError::invalid(
+                    "amount: give amounts inside `charges`, not beside it",
+                ));
+            }
+            if list.is_empty() || list.len() > MAX_CHARGES {
+                return Err(ApiError::invalid(format!(
+                    "charges: must hold 1 to {MAX_CHARGES} charges"
+                )));
+            }
+            list.iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    resolve_charge(
+                        &catalog,
+                        &c.metric,
+                        c.amount.unwrap_or(1),
+                        false,
+                        &format!("charges[{i}]"),
+                    )
+                })
+                .collect::<Result<_, _>>()?
+        }
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "metric: give either `metric` (one charge) or `charges` (several), not both",
+            ));
+        }
+        (None, None) => {
+            return Err(ApiError::invalid(
+                "metric: missing; give `metric` (one charge) or `charges` (several)",
+            ));
+        }
+    };
+    let consume = req.consume.unwrap_or(true);
+    let mode = if consume { Mode::Check } else { Mode::DryRun };
+    let decision = state
+        .quota
+        .decide(&catalog, &org, &charges, mode, None)
+        .await?;
+    let headers = render::ratelimit_headers(&decision.eval);
+    if let Some(body) = render::denial_body(&catalog, org.as_str(), decision.plan, &decision.eval) {
+        return Ok(respond::denial(&body, &headers));
+    }
+    let body = AllowedBody {
+        allowed: true,
+        dry_run: !consume,
+        org_id: org.as_str(),
+        plan: decision.plan.into(),
+        usage: render::usage_entries(&decision.eval),
+    };
+    Ok(respond::allowed(&body, &headers))
+}
+
+/// Error messages of a top-level charge name fields without a prefix (`metric`, not `.metric`).
+fn strip_leading_dot(e: ApiError) -> ApiError {
+    match e {
+        ApiError::Invalid { code, message } => ApiError::Invalid {
+            code,
+            message: message.trim_start_matches('.').to_string(),
+        },
+        other => other,
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageRequest {
+    #[serde(default)]
+    org_id: Option<String>,
+    #[serde(default)]
+    metric: Option<String>,
+    #[serde(default)]
+    amount: Option<i64>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    events: Option<Vec<UsageEvent>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UsageEvent {
+    org_id: String,
+    metric: String,
+    #[serde(default)]
+    amount: Option<i64>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+}
+
+struct ValidEvent<'c> {
+    org: OrgId,
+    charge: Charge<'c>,
+    idempotency_key: Option<String>,
+}
+
+fn validate_event<'c>(
+    catalog: &'c Catalog,
+    ev: UsageEvent,
+    prefix: &str,
+) -> Result<ValidEvent<'c>, ApiError> {
+    let org = parse_org(&ev.org_id, &field_name(prefix, "org_id"))?;
+    let charge = resolve_charge(catalog, &ev.metric, ev.amount.unwrap_or(1), true, prefix)
+        .map_err(strip_leading_dot)?;
+    if let Some(k) = &ev.idempotency_key
+        && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN)
+    {
+        return Err(ApiError::invalid(format!(
+            "{}: must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters",
+            field_name(prefix, "idempotency_key")
+        )));
+    }
+    Ok(ValidEvent {
+        org,
+        charge,
+        idempotency_key: ev.idempotency_key,
+    })
+}
+
+/// `POST /v1/usage`: record usage after the fact. Never denies; a repeated idempotency key is
+/// not counted again.
+pub async fn usage(
+    State(state): State<SharedState>,
+    ApiJson(req): ApiJson<UsageRequest>,
+) -> Result<Response, ApiError> {
+    let catalog = state.quota.catalog();
+    let single_fields = req.org_id.is_some()
+        || req.metric.is_some()
+        || req.amount.is_some()
+        || req.idempotency_key.is_some();
+    match req.events {
+        Some(events) => {
+            if single_fields {
+                return Err(ApiError::invalid(
+                    "events: give either one event's fields or `events`, not both",
+                ));
+            }
+            if events.is_empty() || events.len() > MAX_EVENTS {
+                return Err(ApiError::invalid(format!(
+                    "events: must hold 1 to {MAX_EVENTS} events"
+                )));
+            }
+            // Validate everything before recording anything: a batch with a bad event is
+            // rejected whole, so a client can fix and resend it.
+            let valid: Vec<ValidEvent<'_>> = events
+                .into_iter()
+                .enumerate()
+                .map(|(i, ev)| validate_event(&catalog, ev, &format!("events[{i}]")))
+                .collect::<Result<_, _>>()?;
+            let outcomes = try_join_all(valid.iter().map(|ev| {
+                state.quota.decide(
+                    &catalog,
+                    &ev.org,
+                    std::slice::from_ref(&ev.charge),
+                    Mode::Record,
+                    ev.idempotency_key.as_deref(),
+                )
+            }))
+            .await?;
+            let results: Vec<_> = outcomes
+                .iter()
+                .enumerate()
+                .map(|(i, d)| json!({ "index": i, "duplicate": d.duplicate }))
+                .collect();
+            let duplicates = outcomes.iter().filter(|d| d.duplicate).count();
+            Ok(Json(json!({
+                "recorded": outcomes.len() - duplicates,
+                "duplicates": duplicates,
+                "results": results,
+            }))
+            .into_response())
+        }
+        None => {
+            let ev = UsageEvent {
+                org_id: req.org_id.ok_or_else(|| {
+                    ApiError::invalid("org_id: missing (or send a batch as `events`)")
+                })?,
+                metric: req
+                    .metric
+                    .ok_or_else(|| ApiError::invalid("metric: missing"))?,
+                amount: req.amount,
+                idempotency_key: req.idempotency_key,
+            };
+            let ev = validate_event(&catalog, ev, "")?;
+            let d = state
+                .quota
+                .decide(
+                    &catalog,
+                    &ev.org,
+                    std::slice::from_ref(&ev.charge),
+                    Mode::Record,
+                    ev.idempotency_key.as_deref(),
+                )
+                .await?;
+            let usage = render::usage_entries(&d.eval);
+            Ok(Json(json!({
+                "recorded": !d.duplicate,
+                "duplicate": d.duplicate,
+                "org_id": ev.org.as_str(),
+                "metric": ev.charge.metric.id,
+                "amount": ev.charge.amount,
+                "usage": usage,
+            }))
+            .into_response())
+        }
+    }
+}
+
+/// `GET /v1/orgs/{org_id}/usage`: one entry per declared metric for the current period.
+pub async fn org_usage(
+    State(state): State<SharedState>,
+    Path(org_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let catalog = state.quota.catalog();
+    let org = parse_org(&org_id, "org_id")?;
+    let (plan, states) = state.quota.usage(&catalog, &org).await?;
+    let usage: Vec<UsageEntry<'_>> = states.iter().map(UsageEntry::from_state).collect();
+    Ok(Json(json!({
+        "org_id": org.as_str(),
+        "plan": PlanRef::from(plan),
+        "usage": usage,
+    }))
+    .into_response())
+}
+
+/// `GET /v1/orgs/{org_id}/entitlements`: every feature any plan names, true or false.
+pub async fn entitlements(
+    State(state): State<SharedState>,
+    Path(org_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let catalog = state.quota.catalog();
+    let org = parse_org(&org_id, "org_id")?;
+    let (plan, _) = state.quota.org(&catalog, &org).await?;
+    let features: serde_json::Map<String, serde_json::Value> = catalog
+        .all_features()
+        .into_iter()
+        .map(|f| (f.to_string(), plan.features.contains(f).into()))
+        .collect();
+    Ok(Json(json!({
+        "org_id": org.as_str(),
+        "plan": PlanRef::from(plan),
+        "features": features,
+    }))
+    .into_response())
+}

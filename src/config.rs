@@ -1,0 +1,878 @@
+//! Typed configuration: process settings (`gateway.toml`) and the plan catalog (`plans.toml`).
+//!
+//! Both files are parsed into a `toml::Table` first and then deserialized one section (and, for the
+//! catalog, one metric and one plan) at a time, so a single run reports *every* invalid key with the
+//! file, the dotted key and the reason, instead of stopping at the first serde error. Nothing
+//! downstream re-validates: a `Settings` or a `Catalog` value is valid by construction.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use secrecy::SecretString;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use crate::domain::period::Period;
+use crate::domain::plan::{Catalog, Metric, MetricKind, Overage, Plan, Quota, Rate};
+
+/// One thing wrong with a configuration file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: PathBuf,
+    /// Dotted path of the offending key (`plans.free.quotas.tokens.limit`); empty for the file.
+    pub key: String,
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.key.is_empty() {
+            write!(f, "{}: {}", self.file.display(), self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file.display(), self.key, self.reason)
+        }
+    }
+}
+
+/// Every problem found in the configuration, reported together.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        writeln!(
+            f,
+            "invalid configuration ({} problem(s)):",
+            self.problems.len()
+        )?;
+        for p in &self.problems {
+            writeln!(f, "  {p}")?;
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+/// Process settings from `gateway.toml`, environment overrides applied.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub config_path: PathBuf,
+    pub plans_path: PathBuf,
+    pub api: ApiSettings,
+    pub redis: RedisSettings,
+    pub database: DatabaseSettings,
+    pub log: LogSettings,
+    pub usage: UsageSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    pub listen: SocketAddr,
+    /// Empty disables the admin API (every admin call answers 401).
+    pub admin_token: SecretString,
+    /// `None`: `/v1/*` is open (the gateway is expected on a private network).
+    pub service_token: Option<SecretString>,
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    pub key_prefix: String,
+    /// A Redis call slower than this fails the request with 503 instead of queueing behind it.
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseSettings {
+    pub url: SecretString,
+    pub max_connections: u32,
+    pub connect_timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct UsageSettings {
+    /// How long an idempotency key of `POST /v1/usage` is remembered.
+    pub idempotency_ttl: Duration,
+}
+
+// ---- raw file shapes ----------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ApiRaw {
+    listen: String,
+    #[serde(default)]
+    admin_token: String,
+    #[serde(default)]
+    service_token: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RedisRaw {
+    url: String,
+    #[serde(default = "default_prefix")]
+    key_prefix: String,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+}
+
+fn default_prefix() -> String {
+    "qg".into()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DatabaseRaw {
+    url: String,
+    #[serde(default)]
+    max_connections: Option<i64>,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LogRaw {
+    #[serde(default)]
+    format: Option<LogFormat>,
+    #[serde(default)]
+    level: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct UsageRaw {
+    #[serde(default)]
+    idempotency_ttl: Option<String>,
+}
+
+/// Collects problems for one file.
+struct Report<'a> {
+    file: &'a Path,
+    problems: &'a mut Vec<Problem>,
+}
+
+impl Report<'_> {
+    fn add(&mut self, key: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            file: self.file.to_path_buf(),
+            key: key.into(),
+            reason: reason.into(),
+        });
+    }
+
+    /// Deserialize `value` as `T`, reporting a failure under `key` (plus the path inside it).
+    fn parse<T: DeserializeOwned>(&mut self, key: &str, value: toml::Value) -> Option<T> {
+        match serde_path_to_error::deserialize::<_, T>(value) {
+            Ok(v) => Some(v),
+            Err(e) => {
+                let inner = e.path().to_string();
+                let full = if inner.is_empty() || inner == "." {
+                    key.to_string()
+                } else if key.is_empty() {
+                    inner
+                } else {
+                    format!("{key}.{inner}")
+                };
+                self.add(full, e.into_inner().message().to_string());
+                None
+            }
+        }
+    }
+}
+
+fn read_table(path: &Path, problems: &mut Vec<Problem>) -> Option<toml::Table> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) => {
+            problems.push(Problem {
+                file: path.to_path_buf(),
+                key: String::new(),
+                reason: format!("cannot read file: {e}"),
+            });
+            return None;
+        }
+    };
+    match text.parse::<toml::Table>() {
+        Ok(t) => Some(t),
+        Err(e) => {
+            let place = e
+                .span()
+                .map(|s| {
+                    let line = text[..s.start].matches('\n').count() + 1;
+                    format!("line {line}: ")
+                })
+                .unwrap_or_default();
+            problems.push(Problem {
+                file: path.to_path_buf(),
+                key: String::new(),
+                reason: format!("{place}invalid TOML: {}", e.message().trim()),
+            });
+            None
+        }
+    }
+}
+
+/// Parse a duration like `"500ms"`, `"1s"`, `"10s"`, `"1m"`, `"72h"`, `"7d"`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit())
+        .ok_or_else(|| format!("`{s}` has no unit (use ms, s, m, h or d)"))?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("`{s}` must start with a whole number"))?;
+    let d = match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.saturating_mul(60)),
+        "h" => Duration::from_secs(n.saturating_mul(3600)),
+        "d" => Duration::from_secs(n.saturating_mul(86_400)),
+        _ => return Err(format!("`{s}` has an unknown unit (use ms, s, m, h or d)")),
+    };
+    if d.is_zero() {
+        return Err(format!("`{s}` must be greater than zero"));
+    }
+    Ok(d)
+}
+
+fn duration_or(
+    report: &mut Report<'_>,
+    key: &str,
+    raw: Option<String>,
+    default: Duration,
+) -> Duration {
+    match raw {
+        None => default,
+        Some(s) => parse_duration(&s).unwrap_or_else(|e| {
+            report.add(key, e);
+            default
+        }),
+    }
+}
+
+/// Environment variables that override file values, read once at start-up.
+#[derive(Debug, Clone, Default)]
+pub struct EnvOverrides {
+    pub admin_token: Option<String>,
+    pub redis_url: Option<String>,
+    pub database_url: Option<String>,
+    pub api_listen: Option<String>,
+}
+
+impl EnvOverrides {
+    pub fn from_env() -> Self {
+        let get = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+        Self {
+            admin_token: get("QG_ADMIN_TOKEN"),
+            redis_url: get("REDIS_URL"),
+            database_url: get("DATABASE_URL"),
+            api_listen: get("QG_API_LISTEN"),
+        }
+    }
+}
+
+/// Load `gateway.toml` and the plan catalog it names.
+pub fn load(path: &Path, env: &EnvOverrides) -> Result<(Settings, Catalog), ConfigError> {
+    let mut problems = Vec::new();
+    let settings = load_settings(path, env, &mut problems);
+    let catalog = settings
+        .as_ref()
+        .and_then(|s| load_catalog_into(&s.plans_path, &mut problems));
+    match (settings, catalog) {
+        (Some(s), Some(c)) if problems.is_empty() => Ok((s, c)),
+        _ => Err(ConfigError { problems }),
+    }
+}
+
+/// Load only the plan catalog (used by hot reload and `check-config`).
+pub fn load_catalog(path: &Path) -> Result<Catalog, ConfigError> {
+    let mut problems = Vec::new();
+    match load_catalog_into(path, &mut problems) {
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => Err(ConfigError { problems }),
+    }
+}
+
+fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -> Option<Settings> {
+    let mut table = read_table(path, problems)?;
+    let mut r = Report {
+        file: path,
+        problems,
+    };
+
+    let plans_rel = match table.remove("plans") {
+        Some(toml::Value::String(s)) => Some(s),
+        Some(_) => {
+            r.add("plans", "must be a string (a path relative to this file)");
+            None
+        }
+        None => {
+            r.add(
+                "plans",
+                "missing: the path of the plan catalog (plans.toml)",
+            );
+            None
+        }
+    };
+    let mut section = |r: &mut Report<'_>, name: &str, required: bool| match table.remove(name) {
+        Some(v) => Some(v),
+        None if required => {
+            r.add(name, format!("missing section [{name}]"));
+            None
+        }
+        None => None,
+    };
+    let api_v = section(&mut r, "api", true);
+    let redis_v = section(&mut r, "redis", true);
+    let db_v = section(&mut r, "database", true);
+    let log_v = section(&mut r, "log", false);
+    let usage_v = section(&mut r, "usage", false);
+    for key in table.keys() {
+        r.add(key.clone(), "unknown key");
+    }
+
+    let api: Option<ApiRaw> = api_v.and_then(|v| r.parse("api", v));
+    let redis: Option<RedisRaw> = redis_v.and_then(|v| r.parse("redis", v));
+    let db: Option<DatabaseRaw> = db_v.and_then(|v| r.parse("database", v));
+    let log: LogRaw = log_v.and_then(|v| r.parse("log", v)).unwrap_or_default();
+    let usage: UsageRaw = usage_v
+        .and_then(|v| r.parse("usage", v))
+        .unwrap_or_default();
+
+    let base = path.parent().unwrap_or(Path::new("."));
+    let plans_path = plans_rel.map(|p| base.join(p));
+
+    let api = api.and_then(|a| {
+        let listen_raw = env.api_listen.clone().unwrap_or(a.listen);
+        let listen = listen_raw
+            .parse::<SocketAddr>()
+            .map_err(|e| {
+                r.add(
+                    "api.listen",
+                    format!("`{listen_raw}` is not host:port ({e})"),
+                )
+            })
+            .ok()?;
+        let admin = env.admin_token.clone().unwrap_or(a.admin_token);
+        Some(ApiSettings {
+            listen,
+            admin_token: SecretString::from(admin),
+            service_token: (!a.service_token.is_empty())
+                .then(|| SecretString::from(a.service_token)),
+        })
+    });
+
+    let redis = redis.and_then(|rr| {
+        let url = env.redis_url.clone().unwrap_or(rr.url);
+        let mut ok = true;
+        if let Err(e) = redis::Client::open(url.as_str()) {
+            r.add(
+                "redis.url",
+                format!("not a valid Redis URL ({})", e),
+            );
+            ok = false;
+        }
+        if rr.key_prefix.is_empty()
+            || rr
+                .key_prefix
+                .chars()
+                .any(|c| c == '{' || c == '}' || c.is_whitespace())
+        {
+            r.add(
+                "redis.key_prefix",
+                "must be non-empty and contain no braces or whitespace (braces would break the Redis Cluster hash tag)",
+            );
+            ok = false;
+        }
+        let timeout = duration_or(&mut r, "redis.timeout", rr.timeout, Duration::from_secs(1));
+        let connect_timeout = duration_or(
+            &mut r,
+            "redis.connect_timeout",
+            rr.connect_timeout,
+            Duration::from_secs(2),
+        );
+        ok.then(|| RedisSettings {
+            url: SecretString::from(url),
+            key_prefix: rr.key_prefix,
+            timeout,
+            connect_timeout,
+        })
+    });
+
+    let database = db.and_then(|d| {
+        let url = env.database_url.clone().unwrap_or(d.url);
+        let mut ok = true;
+        if url.parse::<sqlx::postgres::PgConnectOptions>().is_err()
+            || !(url.starts_with("postgres://") || url.starts_with("postgresql://"))
+        {
+            r.add("database.url", "not a valid postgres:// URL");
+            ok = false;
+        }
+        let max_connections = match d.max_connections {
+            None => 10,
+            Some(n) if (1..=1000).contains(&n) => n as u32,
+            Some(_) => {
+                r.add("database.max_connections", "must be between 1 and 1000");
+                ok = false;
+                10
+            }
+        };
+        let connect_timeout = duration_or(
+            &mut r,
+            "database.connect_timeout",
+            d.connect_timeout,
+            Duration::from_secs(5),
+        );
+        ok.then(|| DatabaseSettings {
+            url: SecretString::from(url),
+            max_connections,
+            connect_timeout,
+        })
+    });
+
+    let log = LogSettings {
+        format: log.format.unwrap_or(LogFormat::Pretty),
+        level: log.level.unwrap_or_else(|| "info".into()),
+    };
+    let usage = UsageSettings {
+        idempotency_ttl: duration_or(
+            &mut r,
+            "usage.idempotency_ttl",
+            usage.idempotency_ttl,
+            Duration::from_secs(48 * 3600),
+        ),
+    };
+    if usage.idempotency_ttl < Duration::from_secs(24 * 3600) {
+        r.add(
+            "usage.idempotency_ttl",
+            "must be at least 24h (providers and clients retry for a day)",
+        );
+    }
+
+    Some(Settings {
+        config_path: path.to_path_buf(),
+        plans_path: plans_path?,
+        api: api?,
+        redis: redis?,
+        database: database?,
+        log,
+        usage,
+    })
+}
+
+// ---- plan catalog ---------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct MetricRaw {
+    unit: String,
+    #[serde(default)]
+    kind: Option<MetricKindRaw>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum MetricKindRaw {
+    Counter,
+    Gauge,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PlanRaw {
+    #[serde(default)]
+    name: Option<String>,
+    #[serde(default)]
+    upgrade_to: Option<String>,
+    #[serde(default)]
+    features: Vec<String>,
+    #[serde(default)]
+    quotas: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    rates: BTreeMap<String, toml::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct QuotaRaw {
+    limit: i64,
+    #[serde(default)]
+    period: Option<Period>,
+    #[serde(default)]
+    overage: Option<OverageRaw>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+enum OverageRaw {
+    Block,
+    Allow,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RateRaw {
+    limit: i64,
+    window: String,
+}
+
+/// Ids of metrics and plans end up in Redis keys and HTTP headers: keep them plain.
+fn valid_id(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.'))
+}
+
+const ID_RULE: &str = "must be 1-64 characters of A-Z, a-z, 0-9, '_', '-' or '.'";
+
+/// A quota or rate entry may be one table or an array of tables (e.g. a daily and a monthly cap).
+fn one_or_many(v: toml::Value) -> Vec<(Option<usize>, toml::Value)> {
+    match v {
+        toml::Value::Array(items) => items
+            .into_iter()
+            .enumerate()
+            .map(|(i, v)| (Some(i), v))
+            .collect(),
+        other => vec![(None, other)],
+    }
+}
+
+fn load_catalog_into(path: &Path, problems: &mut Vec<Problem>) -> Option<Catalog> {
+    let mut table = read_table(path, problems)?;
+    let mut r = Report {
+        file: path,
+        problems,
+    };
+    let before = r.problems.len();
+
+    let default_plan = match table.remove("default_plan") {
+        Some(toml::Value::String(s)) => Some(s),
+        Some(_) => {
+            r.add("default_plan", "must be a string");
+            None
+        }
+        None => {
+            r.add("default_plan", "missing: the plan of orgs with no plan set");
+            None
+        }
+    };
+    let upgrade_url = match table.remove("upgrade_url") {
+        Some(toml::Value::String(s)) => {
+            if !(s.starts_with("https://") || s.starts_with("http://")) {
+                r.add("upgrade_url", "must be an http:// or https:// URL");
+            }
+            Some(s)
+        }
+        Some(_) => {
+            r.add("upgrade_url", "must be a string");
+            None
+        }
+        None => None,
+    };
+    let metrics_t = match table.remove("metrics") {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => {
+            r.add("metrics", "must be a table of metric definitions");
+            toml::Table::new()
+        }
+        None => {
+            r.add(
+                "metrics",
+                "missing: declare at least one metric under [metrics]",
+            );
+            toml::Table::new()
+        }
+    };
+    let plans_t = match table.remove("plans") {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => {
+            r.add("plans", "must be a table of plans");
+            toml::Table::new()
+        }
+        None => {
+            r.add(
+                "plans",
+                "missing: define at least one plan under [plans.<id>]",
+            );
+            toml::Table::new()
+        }
+    };
+    for key in table.keys() {
+        r.add(key.clone(), "unknown key");
+    }
+
+    let mut metrics = BTreeMap::new();
+    for (id, v) in metrics_t {
+        let key = format!("metrics.{id}");
+        if !valid_id(&id) {
+            r.add(&key, format!("metric id {ID_RULE}"));
+        }
+        if let Some(m) = r.parse::<MetricRaw>(&key, v) {
+            if m.unit.trim().is_empty() {
+                r.add(format!("{key}.unit"), "must not be empty");
+            }
+            let kind = match m.kind {
+                Some(MetricKindRaw::Gauge) => MetricKind::Gauge,
+                _ => MetricKind::Counter,
+            };
+            metrics.insert(
+                id.clone(),
+                Metric {
+                    id,
+                    unit: m.unit,
+                    kind,
+                },
+            );
+        }
+    }
+
+    let mut plans = BTreeMap::new();
+    for (id, v) in plans_t {
+        let key = format!("plans.{id}");
+        if !valid_id(&id) {
+            r.add(&key, format!("plan id {ID_RULE}"));
+        }
+        let Some(raw) = r.parse::<PlanRaw>(&key, v) else {
+            continue;
+        };
+        let mut quotas = Vec::new();
+        for (metric_id, v) in raw.quotas {
+            let metric = metrics.get(&metric_id);
+            if metric.is_none() {
+                r.add(
+                    format!("{key}.quotas.{metric_id}"),
+                    "undeclared metric (declare it under [metrics])",
+                );
+            }
+            for (idx, v) in one_or_many(v) {
+                let qkey = match idx {
+                    Some(i) => format!("{key}.quotas.{metric_id}[{i}]"),
+                    None => format!("{key}.quotas.{metric_id}"),
+                };
+                let Some(q) = r.parse::<QuotaRaw>(&qkey, v) else {
+                    continue;
+                };
+                if q.limit <= 0 {
+                    r.add(format!("{qkey}.limit"), "must be greater than 0");
+                    continue;
+                }
+                let Some(metric) = metric else { continue };
+                match (metric.kind, q.period) {
+                    (MetricKind::Counter, None) => {
+                        r.add(
+                            format!("{qkey}.period"),
+                            "missing: a counter quota needs a period (minute, hour, day or month)",
+                        );
+                        continue;
+                    }
+                    (MetricKind::Gauge, Some(_)) => {
+                        r.add(
+                            format!("{qkey}.period"),
+                            "a gauge is a level, not a count per period: remove the period",
+                        );
+                        continue;
+                    }
+                    _ => {}
+                }
+                if quotas
+                    .iter()
+                    .any(|e: &Quota| e.metric == metric_id && e.period == q.period)
+                {
+                    r.add(&qkey, "a second quota for the same metric and period");
+                    continue;
+                }
+                quotas.push(Quota {
+                    metric: metric_id.clone(),
+                    limit: q.limit as u64,
+                    period: q.period,
+                    overage: match q.overage {
+                        Some(OverageRaw::Allow) => Overage::Allow,
+                        _ => Overage::Block,
+                    },
+                });
+            }
+        }
+        let mut rates = Vec::new();
+        for (metric_id, v) in raw.rates {
+            let metric = metrics.get(&metric_id);
+            match metric {
+                None => r.add(
+                    format!("{key}.rates.{metric_id}"),
+                    "undeclared metric (declare it under [metrics])",
+                ),
+                Some(m) if m.kind == MetricKind::Gauge => r.add(
+                    format!("{key}.rates.{metric_id}"),
+                    "a gauge cannot have a rate limit",
+                ),
+                _ => {}
+            }
+            for (idx, v) in one_or_many(v) {
+                let rkey = match idx {
+                    Some(i) => format!("{key}.rates.{metric_id}[{i}]"),
+                    None => format!("{key}.rates.{metric_id}"),
+                };
+                let Some(rr) = r.parse::<RateRaw>(&rkey, v) else {
+                    continue;
+                };
+                if rr.limit <= 0 {
+                    r.add(format!("{rkey}.limit"), "must be greater than 0");
+                    continue;
+                }
+                let window = match parse_duration(&rr.window) {
+                    Ok(w) => w,
+                    Err(e) => {
+                        r.add(format!("{rkey}.window"), e);
+                        continue;
+                    }
+                };
+                // The GCRA state is kept in integer microseconds scaled by the limit, which
+                // must stay exact in a Lua double.
+                if (window.as_micros() as f64) * (rr.limit as f64) > 2f64.powi(52) {
+                    r.add(
+                        &rkey,
+                        "limit × window is too large (keep it under 2^52 units·µs)",
+                    );
+                    continue;
+                }
+                if window > Duration::from_secs(86_400) {
+                    r.add(
+                        format!("{rkey}.window"),
+                        "must be at most 1d (use a quota for longer periods)",
+                    );
+                    continue;
+                }
+                if rates
+                    .iter()
+                    .any(|e: &Rate| e.metric == metric_id && e.window == window)
+                {
+                    r.add(&rkey, "a second rate for the same metric and window");
+                    continue;
+                }
+                if metric.is_some() {
+                    rates.push(Rate {
+                        metric: metric_id.clone(),
+                        limit: rr.limit as u64,
+                        window,
+                        window_label: rr.window.trim().to_string(),
+                    });
+                }
+            }
+        }
+        for (i, f) in raw.features.iter().enumerate() {
+            if !valid_id(f) {
+                r.add(format!("{key}.features[{i}]"), format!("feature {ID_RULE}"));
+            }
+        }
+        plans.insert(
+            id.clone(),
+            Plan {
+                name: raw.name.unwrap_or_else(|| id.clone()),
+                id,
+                upgrade_to: raw.upgrade_to,
+                features: raw.features.into_iter().collect::<BTreeSet<_>>(),
+                quotas,
+                rates,
+            },
+        );
+    }
+
+    if let Some(d) = &default_plan
+        && !plans.contains_key(d)
+    {
+        r.add("default_plan", format!("unknown plan `{d}`"));
+    }
+    for (id, plan) in &plans {
+        if let Some(up) = &plan.upgrade_to
+            && !plans.contains_key(up)
+        {
+            r.add(
+                format!("plans.{id}.upgrade_to"),
+                format!("unknown plan `{up}`"),
+            );
+        }
+    }
+    for id in plans.keys() {
+        if let Some(cycle) = upgrade_cycle(&plans, id)
+            && cycle.first() == Some(id)
+        {
+            r.add(
+                format!("plans.{id}.upgrade_to"),
+                format!("upgrade cycle: {}", cycle.join(" -> ")),
+            );
+        }
+    }
+
+    if r.problems.len() > before {
+        return None;
+    }
+    Some(Catalog {
+        default_plan: default_plan?,
+        upgrade_url,
+        metrics,
+        plans,
+    })
+}
+
+/// The cycle reachable from `start` through `upgrade_to`, if `start` is on one (reported once,
+/// by the smallest id on the cycle).
+fn upgrade_cycle(plans: &BTreeMap<String, Plan>, start: &String) -> Option<Vec<String>> {
+    let mut seen = vec![start.clone()];
+    let mut cur = plans.get(start)?.upgrade_to.clone();
+    while let Some(next) = cur {
+        if &next == start {
+            seen.push(next);
+            let min = seen.iter().min()?;
+            return (min == start).then_some(seen);
+        }
+        if seen.contains(&next) {
+            return None;
+        }
+        cur = plans.get(&next).and_then(|p| p.upgrade_to.clone());
+        seen.push(next);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("1s"), Ok(Duration::from_secs(1)));
+        assert_eq!(parse_duration("10s"), Ok(Duration::from_secs(10)));
+        assert_eq!(parse_duration("1m"), Ok(Duration::from_secs(60)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("72h"), Ok(Duration::from_secs(72 * 3600)));
+        assert!(parse_duration("0s").is_err());
+        assert!(parse_duration("1").is_err());
+        assert!(parse_duration("s").is_err());
+        assert!(parse_duration("1w").is_err());
+        assert!(parse_duration("-1s").is_err());
+    }
+}

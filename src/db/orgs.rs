@@ -1,0 +1,120 @@
+//! The `orgs` and `plan_changes` tables.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+
+use super::DbError;
+use crate::domain::org::OrgId;
+
+/// What Postgres knows of an org. `plan_id: None` means the catalog's default plan.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OrgRecord {
+    pub plan_id: Option<String>,
+    pub billing_anchor: Option<DateTime<Utc>>,
+    pub created_at: Option<DateTime<Utc>>,
+    pub updated_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PlanChange {
+    pub from_plan: Option<String>,
+    pub to_plan: Option<String>,
+    pub cause: String,
+    pub event_id: Option<String>,
+    pub changed_at: DateTime<Utc>,
+}
+
+/// The org's row, or a default record when it has none.
+pub async fn get(pool: &PgPool, org: &OrgId) -> Result<OrgRecord, DbError> {
+    let row = sqlx::query(
+        "SELECT plan_id, billing_anchor, created_at, updated_at FROM orgs WHERE org_id = $1",
+    )
+    .bind(org.as_str())
+    .fetch_optional(pool)
+    .await?;
+    Ok(match row {
+        Some(r) => OrgRecord {
+            plan_id: r.try_get("plan_id")?,
+            billing_anchor: r.try_get("billing_anchor")?,
+            created_at: Some(r.try_get("created_at")?),
+            updated_at: Some(r.try_get("updated_at")?),
+        },
+        None => OrgRecord::default(),
+    })
+}
+
+/// Make sure the org has a row (keys reference it) without touching its plan.
+pub async fn ensure(pool: &PgPool, org: &OrgId) -> Result<(), DbError> {
+    sqlx::query("INSERT INTO orgs (org_id) VALUES ($1) ON CONFLICT (org_id) DO NOTHING")
+        .bind(org.as_str())
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Set an org's plan and record the change in `plan_changes`, in one transaction. Returns the
+/// previous plan id. A change to the same plan is not recorded again.
+pub async fn set_plan(
+    pool: &PgPool,
+    org: &OrgId,
+    plan_id: &str,
+    cause: &str,
+    event_id: Option<&str>,
+) -> Result<Option<String>, DbError> {
+    let mut tx = pool.begin().await?;
+    sqlx::query("INSERT INTO orgs (org_id) VALUES ($1) ON CONFLICT (org_id) DO NOTHING")
+        .bind(org.as_str())
+        .execute(&mut *tx)
+        .await?;
+    let previous: Option<String> =
+        sqlx::query_scalar("SELECT plan_id FROM orgs WHERE org_id = $1 FOR UPDATE")
+            .bind(org.as_str())
+            .fetch_one(&mut *tx)
+            .await?;
+    if previous.as_deref() != Some(plan_id) {
+        sqlx::query("UPDATE orgs SET plan_id = $2, updated_at = now() WHERE org_id = $1")
+            .bind(org.as_str())
+            .bind(plan_id)
+            .execute(&mut *tx)
+            .await?;
+        sqlx::query(
+            "INSERT INTO plan_changes (org_id, from_plan, to_plan, cause, event_id) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(org.as_str())
+        .bind(previous.as_deref())
+        .bind(plan_id)
+        .bind(cause)
+        .bind(event_id)
+        .execute(&mut *tx)
+        .await?;
+    }
+    tx.commit().await?;
+    Ok(previous)
+}
+
+pub async fn recent_plan_changes(
+    pool: &PgPool,
+    org: &OrgId,
+    limit: i64,
+) -> Result<Vec<PlanChange>, DbError> {
+    let rows = sqlx::query(
+        "SELECT from_plan, to_plan, cause, event_id, changed_at FROM plan_changes \
+         WHERE org_id = $1 ORDER BY changed_at DESC, id DESC LIMIT $2",
+    )
+    .bind(org.as_str())
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(PlanChange {
+                from_plan: r.try_get("from_plan")?,
+                to_plan: r.try_get("to_plan")?,
+                cause: r.try_get("cause")?,
+                event_id: r.try_get("event_id")?,
+                changed_at: r.try_get("changed_at")?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,520 @@
+//! Turning "org X wants to spend these charges" into the list of limits to check, and the store's
+//! answer back into a decision.
+//!
+//! The split keeps the rules here, free of I/O: `limits_for` decides *which* counters apply (the
+//! calendar-month meter of every charged metric, each quota period of the plan, each rate, each
+//! gauge), the store checks and increments them in one atomic step, and `evaluate` decides what the
+//! result means (a quota denial wins over a rate denial, because retrying cannot help).
+
+use chrono::{DateTime, Utc};
+
+use super::period::{self, BillingAnchor, Period, Window};
+use super::plan::{Metric, MetricKind, Overage, Plan};
+
+/// One metric to spend, already checked against the catalog.
+#[derive(Debug, Clone, Copy)]
+pub struct Charge<'a> {
+    pub metric: &'a Metric,
+    pub amount: i64,
+}
+
+/// What a limit counts in, which is also what identifies its Redis key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Target<'a> {
+    /// A counter of one period window. The calendar month of every counter metric is always
+    /// one of these (the meter billing reads), limited or not.
+    Counter { period: Period, window: Window },
+    /// The current level of a gauge metric.
+    Gauge,
+    /// A GCRA rate: `limit` units per `window`.
+    Rate {
+        window: std::time::Duration,
+        label: &'a str,
+    },
+}
+
+/// One counter, gauge or rate that a charge touches.
+#[derive(Debug, Clone)]
+pub struct Limit<'a> {
+    pub metric: &'a Metric,
+    pub target: Target<'a>,
+    pub amount: i64,
+    /// `None`: metered only, never denies.
+    pub limit: Option<u64>,
+    pub overage: Overage,
+}
+
+impl Limit<'_> {
+    /// Whether exceeding this limit denies the request.
+    pub fn blocks(&self) -> bool {
+        self.limit.is_some() && self.overage == Overage::Block
+    }
+
+    pub fn is_rate(&self) -> bool {
+        matches!(self.target, Target::Rate { .. })
+    }
+
+    /// The name used in `RateLimit-Policy` and `RateLimit` headers.
+    pub fn policy_name(&self) -> String {
+        match &self.target {
+            Target::Counter { period, .. } => format!("{}-{}", self.metric.id, period.as_str()),
+            Target::Gauge => self.metric.id.clone(),
+            Target::Rate { label, .. } => format!("{}-{}", self.metric.id, label),
+        }
+    }
+}
+
+/// Sum charges of the same metric so one metric is never checked twice against its own limit.
+pub fn merge_charges<'a>(charges: &[Charge<'a>]) -> Vec<Charge<'a>> {
+    let mut merged: Vec<Charge<'a>> = Vec::with_capacity(charges.len());
+    for c in charges {
+        match merged.iter_mut().find(|m| m.metric.id == c.metric.id) {
+            Some(m) => m.amount = m.amount.saturating_add(c.amount),
+            None => merged.push(*c),
+        }
+    }
+    merged
+}
+
+/// Every limit that `charges` touch on `plan` at `now`.
+///
+/// Charges must already be merged per metric. Quotas come before rates in the result so that the
+/// first blocking quota found is the one reported.
+pub fn limits_for<'a>(
+    plan: &'a Plan,
+    charges: &[Charge<'a>],
+    now: DateTime<Utc>,
+    anchor: Option<BillingAnchor>,
+) -> Vec<Limit<'a>> {
+    let mut limits: Vec<Limit<'a>> = Vec::with_capacity(charges.len() * 3);
+    for charge in charges {
+        let metric = charge.metric;
+        match metric.kind {
+            MetricKind::Gauge => {
+                let quota = plan.quotas_for(&metric.id).next();
+                limits.push(Limit {
+                    metric,
+                    target: Target::Gauge,
+                    amount: charge.amount,
+                    limit: quota.map(|q| q.limit),
+                    overage: quota.map_or(Overage::Allow, |q| q.overage),
+                });
+            }
+            MetricKind::Counter => {
+                let meter_index = limits.len();
+                limits.push(Limit {
+                    metric,
+                    target: Target::Counter {
+                        period: Period::Month,
+                        window: period::calendar_month(now),
+                    },
+                    amount: charge.amount,
+                    limit: None,
+                    overage: Overage::Allow,
+                });
+                for quota in plan.quotas_for(&metric.id) {
+                    let Some(p) = quota.period else { continue };
+                    let target = Target::Counter {
+                        period: p,
+                        window: period::window(p, now, anchor),
+                    };
+                    // A monthly quota on a calendar-month cycle is the meter itself: check that
+                    // key rather than counting the same usage twice.
+                    if limits[meter_index].target == target {
+                        limits[meter_index].limit = Some(quota.limit);
+                        limits[meter_index].overage = quota.overage;
+                    } else {
+                        limits.push(Limit {
+                            metric,
+                            target,
+                            amount: charge.amount,
+                            limit: Some(quota.limit),
+                            overage: quota.overage,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for charge in charges {
+        for rate in plan.rates_for(&charge.metric.id) {
+            limits.push(Limit {
+                metric: charge.metric,
+                target: Target::Rate {
+                    window: rate.window,
+                    label: &rate.window_label,
+                },
+                amount: charge.amount,
+                limit: Some(rate.limit),
+                overage: Overage::Block,
+            });
+        }
+    }
+    limits
+}
+
+/// The store's answer for one limit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct LimitReply {
+    /// This limit alone would have denied the charge.
+    pub denied: bool,
+    /// Counters and gauges: the value before this call. Rates: units remaining after it.
+    pub value: i64,
+    /// Rates: milliseconds until the bucket is full again, or until the charge would fit when
+    /// denied. Unused otherwise.
+    pub millis: i64,
+}
+
+/// The state of one limit after a decision, ready to render.
+#[derive(Debug, Clone)]
+pub struct LimitState<'a> {
+    pub limit: Limit<'a>,
+    /// Counters and gauges: usage after the decision (before it, when nothing was applied).
+    pub current: i64,
+    /// Counters and gauges: usage before the decision.
+    pub before: i64,
+    /// Units left under the limit (0 when over a soft limit); `None` when unlimited.
+    pub remaining: Option<u64>,
+    /// Seconds until this limit resets or refills; `None` for gauges.
+    pub reset_seconds: Option<u64>,
+    /// Rates, when denied: seconds until the charge would fit.
+    pub retry_after_seconds: Option<u64>,
+}
+
+impl LimitState<'_> {
+    pub fn percentage(&self) -> Option<f64> {
+        match (self.limit.limit, &self.limit.target) {
+            (Some(l), Target::Counter { .. } | Target::Gauge) => {
+                Some(self.current as f64 * 100.0 / l as f64)
+            }
+            _ => None,
+        }
+    }
+
+    /// Fraction of the limit still available; lower means nearer exhaustion.
+    pub fn headroom(&self) -> Option<f64> {
+        match (self.limit.limit, self.remaining) {
+            (Some(l), Some(r)) => Some(r as f64 / l as f64),
+            _ => None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Allowed,
+    /// Index into `Evaluation::states` of the quota that denied.
+    QuotaExceeded(usize),
+    /// Index into `Evaluation::states` of the rate that denied.
+    RateLimited(usize),
+}
+
+#[derive(Debug, Clone)]
+pub struct Evaluation<'a> {
+    pub outcome: Outcome,
+    pub states: Vec<LimitState<'a>>,
+    /// Whether the charges were actually added (allowed and not a dry run).
+    pub applied: bool,
+}
+
+impl<'a> Evaluation<'a> {
+    pub fn denied_state(&self) -> Option<&LimitState<'a>> {
+        match self.outcome {
+            Outcome::Allowed => None,
+            Outcome::QuotaExceeded(i) | Outcome::RateLimited(i) => self.states.get(i),
+        }
+    }
+}
+
+/// Interpret the store's replies (one per limit, same order) for a decision.
+///
+/// `applied` says whether the store added the charges. A quota denial is preferred over a rate
+/// denial; among rates the one with the longest wait is reported, so a client that honours
+/// `Retry-After` does not come back too early.
+pub fn evaluate<'a>(
+    limits: Vec<Limit<'a>>,
+    replies: &[LimitReply],
+    applied: bool,
+    now: DateTime<Utc>,
+) -> Evaluation<'a> {
+    let mut states = Vec::with_capacity(limits.len());
+    let mut quota_denial = None;
+    let mut rate_denial: Option<(usize, i64)> = None;
+    for (i, (limit, reply)) in limits.into_iter().zip(replies).enumerate() {
+        if reply.denied {
+            if limit.is_rate() {
+                if rate_denial.is_none_or(|(_, ms)| reply.millis > ms) {
+                    rate_denial = Some((i, reply.millis));
+                }
+            } else if quota_denial.is_none() {
+                quota_denial = Some(i);
+            }
+        }
+        states.push(state_of(limit, reply, applied, now));
+    }
+    let outcome = match (quota_denial, rate_denial) {
+        (Some(i), _) => Outcome::QuotaExceeded(i),
+        (None, Some((i, _))) => Outcome::RateLimited(i),
+        (None, None) => Outcome::Allowed,
+    };
+    Evaluation {
+        outcome,
+        states,
+        applied,
+    }
+}
+
+fn state_of<'a>(
+    limit: Limit<'a>,
+    reply: &LimitReply,
+    applied: bool,
+    now: DateTime<Utc>,
+) -> LimitState<'a> {
+    match &limit.target {
+        Target::Rate { .. } => {
+            let millis = reply.millis.max(0) as u64;
+            LimitState {
+                current: 0,
+                before: 0,
+                remaining: Some(reply.value.max(0) as u64),
+                reset_seconds: Some(if reply.denied {
+                    0
+                } else {
+                    millis.div_ceil(1000)
+                }),
+                retry_after_seconds: reply.denied.then(|| millis.div_ceil(1000).max(1)),
+                limit,
+            }
+        }
+        Target::Counter { .. } | Target::Gauge => {
+            let before = reply.value.max(0);
+            let current = if applied {
+                before.saturating_add(limit.amount).max(0)
+            } else {
+                before
+            };
+            let remaining = limit.limit.map(|l| l.saturating_sub(current.max(0) as u64));
+            let reset_seconds = match &limit.target {
+                Target::Counter { window, .. } => Some(window.seconds_until_end(now)),
+                _ => None,
+            };
+            LimitState {
+                current,
+                before,
+                remaining,
+                reset_seconds,
+                retry_after_seconds: None,
+                limit,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::plan::{Quota, Rate};
+    use std::collections::BTreeSet;
+    use std::time::Duration;
+
+    fn metric(id: &str, kind: MetricKind) -> Metric {
+        Metric {
+            id: id.into(),
+            unit: "unit".into(),
+            kind,
+        }
+    }
+
+    fn plan() -> Plan {
+        Plan {
+            id: "free".into(),
+            name: "Free".into(),
+            upgrade_to: None,
+            features: BTreeSet::new(),
+            quotas: vec![
+                Quota {
+                    metric: "requests".into(),
+                    limit: 1000,
+                    period: Some(Period::Month),
+                    overage: Overage::Block,
+                },
+                Quota {
+                    metric: "requests".into(),
+                    limit: 100,
+                    period: Some(Period::Day),
+                    overage: Overage::Allow,
+                },
+                Quota {
+                    metric: "projects".into(),
+                    limit: 3,
+                    period: None,
+                    overage: Overage::Block,
+                },
+            ],
+            rates: vec![Rate {
+                metric: "requests".into(),
+                limit: 10,
+                window: Duration::from_secs(1),
+                window_label: "1s".into(),
+            }],
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn calendar_monthly_quota_shares_the_meter_key() {
+        let plan = plan();
+        let requests = metric("requests", MetricKind::Counter);
+        let limits = limits_for(
+            &plan,
+            &[Charge {
+                metric: &requests,
+                amount: 1,
+            }],
+            now(),
+            None,
+        );
+        let names: Vec<_> = limits.iter().map(|l| l.policy_name()).collect();
+        assert_eq!(names, ["requests-month", "requests-day", "requests-1s"]);
+        assert_eq!(limits[0].limit, Some(1000));
+        assert!(limits[0].blocks());
+        assert!(!limits[1].blocks(), "soft limit");
+    }
+
+    #[test]
+    fn anchored_month_is_a_separate_counter_from_the_meter() {
+        let plan = plan();
+        let requests = metric("requests", MetricKind::Counter);
+        let anchor = DateTime::parse_from_rfc3339("2026-01-15T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc);
+        let limits = limits_for(
+            &plan,
+            &[Charge {
+                metric: &requests,
+                amount: 1,
+            }],
+            now(),
+            Some(anchor),
+        );
+        assert_eq!(limits.len(), 4);
+        assert_eq!(limits[0].limit, None, "the meter stays unlimited");
+    }
+
+    #[test]
+    fn unlimited_metrics_are_still_metered() {
+        let plan = plan();
+        let tokens = metric("tokens", MetricKind::Counter);
+        let limits = limits_for(
+            &plan,
+            &[Charge {
+                metric: &tokens,
+                amount: 5,
+            }],
+            now(),
+            None,
+        );
+        assert_eq!(limits.len(), 1);
+        assert_eq!(limits[0].limit, None);
+    }
+
+    #[test]
+    fn quota_denial_wins_over_rate_denial() {
+        let plan = plan();
+        let requests = metric("requests", MetricKind::Counter);
+        let limits = limits_for(
+            &plan,
+            &[Charge {
+                metric: &requests,
+                amount: 1,
+            }],
+            now(),
+            None,
+        );
+        let replies = [
+            LimitReply {
+                denied: true,
+                value: 1000,
+                millis: 0,
+            },
+            LimitReply::default(),
+            LimitReply {
+                denied: true,
+                value: 0,
+                millis: 300,
+            },
+        ];
+        let eval = evaluate(limits, &replies, false, now());
+        assert_eq!(eval.outcome, Outcome::QuotaExceeded(0));
+        assert_eq!(eval.states[0].current, 1000);
+        assert_eq!(eval.states[2].retry_after_seconds, Some(1));
+    }
+
+    #[test]
+    fn applied_counters_report_usage_after_the_charge() {
+        let plan = plan();
+        let requests = metric("requests", MetricKind::Counter);
+        let limits = limits_for(
+            &plan,
+            &[Charge {
+                metric: &requests,
+                amount: 2,
+            }],
+            now(),
+            None,
+        );
+        let replies = [
+            LimitReply {
+                denied: false,
+                value: 10,
+                millis: 0,
+            },
+            LimitReply {
+                denied: false,
+                value: 99,
+                millis: 0,
+            },
+            LimitReply {
+                denied: false,
+                value: 7,
+                millis: 200,
+            },
+        ];
+        let eval = evaluate(limits, &replies, true, now());
+        assert_eq!(eval.outcome, Outcome::Allowed);
+        assert_eq!(eval.states[0].current, 12);
+        assert_eq!(eval.states[0].remaining, Some(988));
+        assert_eq!(eval.states[1].current, 101);
+        assert_eq!(eval.states[1].remaining, Some(0), "over a soft limit");
+        assert!(eval.states[1].percentage().unwrap() > 100.0);
+        assert_eq!(eval.states[2].remaining, Some(7));
+        assert_eq!(eval.states[2].reset_seconds, Some(1));
+    }
+
+    #[test]
+    fn merging_sums_the_same_metric() {
+        let requests = metric("requests", MetricKind::Counter);
+        let tokens = metric("tokens", MetricKind::Counter);
+        let merged = merge_charges(&[
+            Charge {
+                metric: &requests,
+                amount: 1,
+            },
+            Charge {
+                metric: &tokens,
+                amount: 10,
+            },
+            Charge {
+                metric: &requests,
+                amount: 2,
+            },
+        ]);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].amount, 3);
+    }
+}

@@ -1,0 +1,124 @@
+//! The plan catalog: metrics, plans and their limits, already validated.
+//!
+//! Values of these types only exist after `config::load_catalog` has checked every cross-reference
+//! (declared metrics, `upgrade_to` targets, no cycles), so the decision code can index freely and
+//! never has to handle a dangling name on the request path.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use super::period::Period;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricKind {
+    /// Accumulates within a period (requests, tokens, bytes).
+    Counter,
+    /// A level that goes up and down (projects, seats, storage); never reset by a period.
+    Gauge,
+}
+
+impl MetricKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Metric {
+    pub id: String,
+    pub unit: String,
+    pub kind: MetricKind,
+}
+
+/// What happens when a quota is used up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overage {
+    /// Deny with 402 (a hard limit).
+    Block,
+    /// Record and report usage past the limit, never deny (a soft limit).
+    Allow,
+}
+
+/// A cap on a metric's total: per period for counters, on the level for gauges (`period: None`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Quota {
+    pub metric: String,
+    pub limit: u64,
+    pub period: Option<Period>,
+    pub overage: Overage,
+}
+
+/// A cap on how fast a metric may be spent: `limit` units per `window`, enforced with GCRA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rate {
+    pub metric: String,
+    pub limit: u64,
+    pub window: Duration,
+    /// The window as configured (`"1s"`, `"1m"`), used in headers and denial bodies.
+    pub window_label: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub id: String,
+    pub name: String,
+    pub upgrade_to: Option<String>,
+    pub features: BTreeSet<String>,
+    pub quotas: Vec<Quota>,
+    pub rates: Vec<Rate>,
+}
+
+impl Plan {
+    pub fn quotas_for<'a>(&'a self, metric: &'a str) -> impl Iterator<Item = &'a Quota> + 'a {
+        self.quotas.iter().filter(move |q| q.metric == metric)
+    }
+
+    pub fn rates_for<'a>(&'a self, metric: &'a str) -> impl Iterator<Item = &'a Rate> + 'a {
+        self.rates.iter().filter(move |r| r.metric == metric)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Catalog {
+    pub default_plan: String,
+    /// Template with `{org_id}` and `{plan}` placeholders.
+    pub upgrade_url: Option<String>,
+    pub metrics: BTreeMap<String, Metric>,
+    pub plans: BTreeMap<String, Plan>,
+}
+
+impl Catalog {
+    pub fn plan(&self, id: &str) -> Option<&Plan> {
+        self.plans.get(id)
+    }
+
+    /// The plan an org is on: its assigned plan if it still exists in the catalog, else the
+    /// default. A plan removed from the catalog must not lock its orgs out.
+    pub fn plan_or_default(&self, id: Option<&str>) -> &Plan {
+        id.and_then(|id| self.plans.get(id))
+            .or_else(|| self.plans.get(&self.default_plan))
+            .expect("validated catalog always contains its default plan")
+    }
+
+    pub fn metric(&self, id: &str) -> Option<&Metric> {
+        self.metrics.get(id)
+    }
+
+    /// Every feature named by any plan, so entitlements can answer `false` explicitly.
+    pub fn all_features(&self) -> BTreeSet<&str> {
+        self.plans
+            .values()
+            .flat_map(|p| p.features.iter().map(String::as_str))
+            .collect()
+    }
+
+    /// The upgrade URL for an org and a suggested plan, with placeholders filled in.
+    pub fn upgrade_url_for(&self, org_id: &str, plan: &str) -> Option<String> {
+        self.upgrade_url
+            .as_ref()
+            .map(|t| t.replace("{org_id}", org_id).replace("{plan}", plan))
+    }
+}

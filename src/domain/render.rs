@@ -1,0 +1,475 @@
+//! What a decision looks like to a client: usage entries, denial bodies and rate-limit headers.
+//!
+//! Both `/v1/check` and the reverse proxy render decisions through this module, so a client sees
+//! the same 402/429 documents and the same headers whichever way it reached the gateway.
+//!
+//! Headers follow draft-ietf-httpapi-ratelimit-headers-11 (`RateLimit-Policy`, `RateLimit`, as
+//! Structured Field lists) plus the common `X-RateLimit-*` trio, which describes the single limit
+//! with the least headroom (smallest remaining fraction of its limit).
+
+use std::fmt::Write as _;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use serde::Serialize;
+
+use super::decision::{Evaluation, LimitState, Outcome, Target};
+use super::plan::{Catalog, MetricKind, Plan};
+
+/// `{"id","name"}` of a plan.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct PlanRef<'a> {
+    pub id: &'a str,
+    pub name: &'a str,
+}
+
+impl<'a> From<&'a Plan> for PlanRef<'a> {
+    fn from(p: &'a Plan) -> Self {
+        PlanRef {
+            id: &p.id,
+            name: &p.name,
+        }
+    }
+}
+
+/// One metric's usage, as in `GET /v1/orgs/{org_id}/usage` and `/v1/check` answers.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct UsageEntry<'a> {
+    pub metric: &'a str,
+    pub unit: &'a str,
+    pub kind: &'static str,
+    pub current: i64,
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    pub percentage: Option<f64>,
+    pub unlimited: bool,
+    /// Hard (`block`) or soft (`allow`) limit; null when unlimited.
+    pub overage: Option<&'static str>,
+    pub period: Option<&'static str>,
+    pub resets_at: Option<String>,
+}
+
+pub fn rfc3339(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+impl<'a> UsageEntry<'a> {
+    pub fn from_state(state: &LimitState<'a>) -> Self {
+        let limit = &state.limit;
+        let (period, resets_at) = match &limit.target {
+            Target::Counter { period, window } => {
+                (Some(period.as_str()), Some(rfc3339(window.end)))
+            }
+            _ => (None, None),
+        };
+        UsageEntry {
+            metric: &limit.metric.id,
+            unit: &limit.metric.unit,
+            kind: limit.metric.kind.as_str(),
+            current: state.current,
+            limit: limit.limit,
+            remaining: state.remaining,
+            percentage: state.percentage(),
+            unlimited: limit.limit.is_none(),
+            overage: limit.limit.map(|_| match limit.overage {
+                super::plan::Overage::Block => "block",
+                super::plan::Overage::Allow => "allow",
+            }),
+            period,
+            resets_at,
+        }
+    }
+}
+
+/// Usage entries for every counter and gauge in an evaluation (rates are reported in headers).
+pub fn usage_entries<'a>(eval: &Evaluation<'a>) -> Vec<UsageEntry<'a>> {
+    eval.states
+        .iter()
+        .filter(|s| !s.limit.is_rate())
+        .map(UsageEntry::from_state)
+        .collect()
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Upgrade<'a> {
+    pub plan: &'a str,
+    pub name: &'a str,
+    /// The suggested plan's limit for the same metric and period; null when unlimited there.
+    pub limit: Option<u64>,
+    pub url: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct QuotaInfo<'a> {
+    pub metric: &'a str,
+    pub current: i64,
+    pub limit: Option<u64>,
+    pub percentage: Option<f64>,
+    pub period: Option<&'static str>,
+    pub resets_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct RateInfo<'a> {
+    pub metric: &'a str,
+    pub limit: Option<u64>,
+    pub window: &'a str,
+}
+
+/// An RFC 9457 problem document for a 402 or 429, with the gateway's own members.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct DenialBody<'a> {
+    #[serde(rename = "type")]
+    pub type_: &'static str,
+    pub title: &'static str,
+    pub status: u16,
+    pub detail: String,
+    pub allowed: bool,
+    pub error: &'static str,
+    pub message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quota: Option<QuotaInfo<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retry_after_seconds: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate: Option<RateInfo<'a>>,
+    pub plan: PlanRef<'a>,
+    pub upgrade: Option<Upgrade<'a>>,
+}
+
+pub const QUOTA_EXCEEDED_TYPE: &str = "urn:quota-gateway:problem:quota-exceeded";
+pub const RATE_LIMITED_TYPE: &str = "urn:quota-gateway:problem:rate-limited";
+
+/// The denial document for a denied evaluation; `None` when it was allowed.
+pub fn denial_body<'a>(
+    catalog: &'a Catalog,
+    org_id: &str,
+    plan: &'a Plan,
+    eval: &Evaluation<'a>,
+) -> Option<DenialBody<'a>> {
+    let state = eval.denied_state()?;
+    let limit = &state.limit;
+    let metric = &limit.metric.id;
+    let upgrade_plan = plan.upgrade_to.as_deref().and_then(|id| catalog.plan(id));
+    let upgrade = upgrade_plan.map(|up| Upgrade {
+        plan: &up.id,
+        name: &up.name,
+        limit: match &limit.target {
+            Target::Rate { window, .. } => up
+                .rates_for(metric)
+                .find(|r| r.window == *window)
+                .or_else(|| up.rates_for(metric).next())
+                .map(|r| r.limit),
+            Target::Counter { period, .. } => up
+                .quotas_for(metric)
+                .find(|q| q.period == Some(*period))
+                .map(|q| q.limit),
+            Target::Gauge => up.quotas_for(metric).next().map(|q| q.limit),
+        },
+        url: catalog.upgrade_url_for(org_id, &up.id),
+    });
+    let body = match eval.outcome {
+        Outcome::QuotaExceeded(_) => {
+            let (period, resets_at) = match &limit.target {
+                Target::Counter { period, window } => {
+                    (Some(period.as_str()), Some(rfc3339(window.end)))
+                }
+                _ => (None, None),
+            };
+            let unit = plural(&limit.metric.unit, state.before);
+            let message = match limit.metric.kind {
+                MetricKind::Counter => format!(
+                    "Organization {org_id} has used {} of {} {unit} of {metric} allowed per {} on the {} plan.",
+                    state.before,
+                    limit.limit.unwrap_or(0),
+                    period.unwrap_or("month"),
+                    plan.name
+                ),
+                MetricKind::Gauge => format!(
+                    "Organization {org_id} has {} of {} {unit} of {metric} allowed on the {} plan; adding {} would exceed it.",
+                    state.before,
+                    limit.limit.unwrap_or(0),
+                    plan.name,
+                    limit.amount
+                ),
+            };
+            DenialBody {
+                type_: QUOTA_EXCEEDED_TYPE,
+                title: "Quota exceeded",
+                status: 402,
+                detail: message.clone(),
+                allowed: false,
+                error: "quota_exceeded",
+                message,
+                quota: Some(QuotaInfo {
+                    metric,
+                    current: state.before,
+                    limit: limit.limit,
+                    percentage: limit.limit.map(|l| state.before as f64 * 100.0 / l as f64),
+                    period,
+                    resets_at,
+                }),
+                retry_after_seconds: None,
+                rate: None,
+                plan: plan.into(),
+                upgrade,
+            }
+        }
+        Outcome::RateLimited(_) => {
+            let window = match &limit.target {
+                Target::Rate { label, .. } => *label,
+                _ => "",
+            };
+            let retry = state.retry_after_seconds.unwrap_or(1);
+            let message = format!(
+                "Organization {org_id} exceeded {} {metric} per {window} on the {} plan; retry in {retry} s.",
+                limit.limit.unwrap_or(0),
+                plan.name
+            );
+            DenialBody {
+                type_: RATE_LIMITED_TYPE,
+                title: "Rate limited",
+                status: 429,
+                detail: message.clone(),
+                allowed: false,
+                error: "rate_limited",
+                message,
+                quota: None,
+                retry_after_seconds: Some(retry),
+                rate: Some(RateInfo {
+                    metric,
+                    limit: limit.limit,
+                    window,
+                }),
+                plan: plan.into(),
+                upgrade,
+            }
+        }
+        Outcome::Allowed => return None,
+    };
+    Some(body)
+}
+
+fn plural(unit: &str, n: i64) -> String {
+    if n == 1 || unit.ends_with('s') {
+        unit.to_string()
+    } else {
+        format!("{unit}s")
+    }
+}
+
+/// Rendered rate-limit header values.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RateLimitHeaders {
+    pub policy: String,
+    pub ratelimit: String,
+    pub x_limit: Option<u64>,
+    pub x_remaining: Option<u64>,
+    pub x_reset: Option<u64>,
+    pub retry_after: Option<u64>,
+}
+
+impl RateLimitHeaders {
+    pub fn is_empty(&self) -> bool {
+        self.policy.is_empty()
+    }
+}
+
+/// Header values for every limit that applied (unlimited meters are left out).
+pub fn ratelimit_headers(eval: &Evaluation<'_>) -> RateLimitHeaders {
+    let mut h = RateLimitHeaders::default();
+    let mut nearest: Option<(&LimitState<'_>, f64)> = None;
+    for state in eval.states.iter().filter(|s| s.limit.limit.is_some()) {
+        let limit = &state.limit;
+        let name = limit.policy_name();
+        let q = limit.limit.unwrap_or(0);
+        if !h.policy.is_empty() {
+            h.policy.push_str(", ");
+            h.ratelimit.push_str(", ");
+        }
+        let _ = write!(h.policy, "\"{name}\";q={q}");
+        match &limit.target {
+            Target::Counter { window, .. } => {
+                let _ = write!(h.policy, ";w={}", window.length_seconds());
+            }
+            Target::Rate { window, .. } => {
+                let _ = write!(h.policy, ";w={}", window.as_secs().max(1));
+            }
+            Target::Gauge => {}
+        }
+        let r = state.remaining.unwrap_or(0);
+        let _ = write!(h.ratelimit, "\"{name}\";r={r}");
+        if let Some(t) = state.reset_seconds {
+            let _ = write!(h.ratelimit, ";t={t}");
+        }
+        if let Some(room) = state.headroom()
+            && nearest.is_none_or(|(_, best)| room < best)
+        {
+            nearest = Some((state, room));
+        }
+    }
+    if let Some((state, _)) = nearest {
+        h.x_limit = state.limit.limit;
+        h.x_remaining = state.remaining;
+        h.x_reset = state.reset_seconds;
+    }
+    if let Some(state) = eval.denied_state() {
+        h.retry_after = match eval.outcome {
+            Outcome::RateLimited(_) => state.retry_after_seconds,
+            _ => None,
+        };
+    }
+    h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::decision::{Charge, LimitReply, evaluate, limits_for};
+    use crate::domain::period::Period;
+    use crate::domain::plan::{Metric, Overage, Quota, Rate};
+    use std::collections::{BTreeMap, BTreeSet};
+    use std::time::Duration;
+
+    fn catalog() -> Catalog {
+        let metric = Metric {
+            id: "requests".into(),
+            unit: "request".into(),
+            kind: MetricKind::Counter,
+        };
+        let free = Plan {
+            id: "free".into(),
+            name: "Free".into(),
+            upgrade_to: Some("pro".into()),
+            features: BTreeSet::new(),
+            quotas: vec![Quota {
+                metric: "requests".into(),
+                limit: 1000,
+                period: Some(Period::Month),
+                overage: Overage::Block,
+            }],
+            rates: vec![Rate {
+                metric: "requests".into(),
+                limit: 10,
+                window: Duration::from_secs(1),
+                window_label: "1s".into(),
+            }],
+        };
+        let pro = Plan {
+            id: "pro".into(),
+            name: "Pro".into(),
+            upgrade_to: None,
+            features: BTreeSet::new(),
+            quotas: vec![Quota {
+                metric: "requests".into(),
+                limit: 100_000,
+                period: Some(Period::Month),
+                overage: Overage::Block,
+            }],
+            rates: vec![],
+        };
+        Catalog {
+            default_plan: "free".into(),
+            upgrade_url: Some("https://example.com/up?org={org_id}&plan={plan}".into()),
+            metrics: BTreeMap::from([("requests".into(), metric)]),
+            plans: BTreeMap::from([("free".into(), free), ("pro".into(), pro)]),
+        }
+    }
+
+    fn now() -> DateTime<Utc> {
+        DateTime::parse_from_rfc3339("2026-11-30T00:00:00Z")
+            .unwrap()
+            .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn quota_denial_body_and_headers() {
+        let cat = catalog();
+        let plan = cat.plan("free").unwrap();
+        let m = cat.metric("requests").unwrap();
+        let limits = limits_for(
+            plan,
+            &[Charge {
+                metric: m,
+                amount: 1,
+            }],
+            now(),
+            None,
+        );
+        let replies = [
+            LimitReply {
+                denied: true,
+                value: 1000,
+                millis: 0,
+            },
+            LimitReply {
+                denied: false,
+                value: 9,
+                millis: 100,
+            },
+        ];
+        let eval = evaluate(limits, &replies, false, now());
+        let body = denial_body(&cat, "acme", plan, &eval).unwrap();
+        let json = serde_json::to_value(&body).unwrap();
+        assert_eq!(json["status"], 402);
+        assert_eq!(json["error"], "quota_exceeded");
+        assert_eq!(json["quota"]["current"], 1000);
+        assert_eq!(json["quota"]["resets_at"], "2026-12-01T00:00:00Z");
+        assert_eq!(json["upgrade"]["plan"], "pro");
+        assert_eq!(json["upgrade"]["limit"], 100_000);
+        assert_eq!(
+            json["upgrade"]["url"],
+            "https://example.com/up?org=acme&plan=pro"
+        );
+        assert!(json["message"].as_str().unwrap().contains("1000 of 1000"));
+
+        let h = ratelimit_headers(&eval);
+        assert_eq!(
+            h.policy,
+            "\"requests-month\";q=1000;w=2592000, \"requests-1s\";q=10;w=1"
+        );
+        assert_eq!(
+            h.ratelimit,
+            "\"requests-month\";r=0;t=86400, \"requests-1s\";r=9;t=1"
+        );
+        assert_eq!(
+            (h.x_limit, h.x_remaining, h.x_reset),
+            (Some(1000), Some(0), Some(86400))
+        );
+        assert_eq!(h.retry_after, None);
+    }
+
+    #[test]
+    fn rate_denial_body_has_retry_after_and_null_upgrade_limit() {
+        let cat = catalog();
+        let plan = cat.plan("free").unwrap();
+        let m = cat.metric("requests").unwrap();
+        let limits = limits_for(
+            plan,
+            &[Charge {
+                metric: m,
+                amount: 1,
+            }],
+            now(),
+            None,
+        );
+        let replies = [
+            LimitReply {
+                denied: false,
+                value: 5,
+                millis: 0,
+            },
+            LimitReply {
+                denied: true,
+                value: 0,
+                millis: 1500,
+            },
+        ];
+        let eval = evaluate(limits, &replies, false, now());
+        let json = serde_json::to_value(denial_body(&cat, "acme", plan, &eval).unwrap()).unwrap();
+        assert_eq!(json["status"], 429);
+        assert_eq!(json["retry_after_seconds"], 2);
+        assert_eq!(json["rate"]["window"], "1s");
+        assert!(json["upgrade"]["limit"].is_null(), "Pro has no rate limit");
+        assert_eq!(ratelimit_headers(&eval).retry_after, Some(2));
+    }
+}

@@ -1,0 +1,124 @@
+//! The one place where errors become HTTP responses.
+//!
+//! Policy: modules that cross a boundary return their own `thiserror` enum (`StoreError`,
+//! `DbError`, `QuotaError`, `ConfigError`); handlers convert them into `ApiError`, and only
+//! `ApiError::into_response` decides status codes. Client mistakes get a 4xx with a message that
+//! names the field; infrastructure faults get an opaque 5xx body, with the detail in the log.
+//! `anyhow` is for `main` and background loops only.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+use crate::db::DbError;
+use crate::quota::QuotaError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// Malformed request (not JSON, wrong content type): 400.
+    #[error("{message}")]
+    BadRequest { code: &'static str, message: String },
+    /// Well-formed but invalid (wrong types, unknown metric, bad amount): 422.
+    #[error("{message}")]
+    Invalid { code: &'static str, message: String },
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("method not allowed")]
+    MethodNotAllowed,
+    #[error("request body too large")]
+    PayloadTooLarge,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+impl ApiError {
+    pub fn invalid(message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            code: "invalid_request",
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        ApiError::BadRequest {
+            code: "bad_request",
+            message: message.into(),
+        }
+    }
+}
+
+impl From<QuotaError> for ApiError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::Store(e) => ApiError::Store(e),
+            QuotaError::Db(e) => ApiError::Db(e),
+        }
+    }
+}
+
+/// The JSON shape of every non-decision error: `{"error": "...", "message": "..."}`.
+#[derive(Serialize)]
+pub struct ErrorBody<'a> {
+    pub error: &'a str,
+    pub message: &'a str,
+}
+
+pub fn error_response(status: StatusCode, error: &str, message: &str) -> Response {
+    (status, Json(ErrorBody { error, message })).into_response()
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        match &self {
+            ApiError::BadRequest { code, message } => {
+                error_response(StatusCode::BAD_REQUEST, code, message)
+            }
+            ApiError::Invalid { code, message } => {
+                error_response(StatusCode::UNPROCESSABLE_ENTITY, code, message)
+            }
+            ApiError::Unauthorized(message) => {
+                let mut r = error_response(StatusCode::UNAUTHORIZED, "unauthorized", message);
+                r.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+                r
+            }
+            ApiError::NotFound(message) => {
+                error_response(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            ApiError::MethodNotAllowed => error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this route does not accept that method",
+            ),
+            ApiError::PayloadTooLarge => error_response(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "the request body is too large",
+            ),
+            ApiError::Store(e) => {
+                tracing::error!(error = %e, "redis unavailable");
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "store_unavailable",
+                    "the usage store is unavailable; retry shortly",
+                )
+            }
+            ApiError::Db(e) => {
+                tracing::error!(error = %e, "database unavailable");
+                error_response(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "database_unavailable",
+                    "the database is unavailable; retry shortly",
+                )
+            }
+        }
+    }
+}

@@ -1,0 +1,26 @@
+//! quota-gateway: a usage-metering and quota gateway for SaaS APIs.
+//!
+//! # Layout
+//! - `config`: typed `gateway.toml` settings and the `plans.toml` catalog, validated at start-up
+//!   with every problem reported at once.
+//! - `domain`: org ids, plans, periods, decisions and their rendering; pure, no I/O.
+//! - `store`: Redis: key layout (`store::keys`) and the one Lua script a decision runs.
+//! - `db`: Postgres: orgs, API keys, plan changes, adjustments; migrations in `migrations/`.
+//! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
+//! - `quota`: the use cases that combine catalog, directory, store and clock.
+//! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
+//! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
+
+pub mod api;
+pub mod clock;
+pub mod config;
+pub mod db;
+pub mod directory;
+pub mod domain;
+pub mod error;
+pub mod quota;
+pub mod respond;
+pub mod shutdown;
+pub mod startup;
+pub mod store;
+pub mod telemetry;

@@ -1,0 +1,201 @@
+//! The `quota-gateway` binary: parse the command line, load and validate configuration, run.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use quota_gateway::config::{self, EnvOverrides};
+use quota_gateway::domain::plan::{Catalog, MetricKind};
+use quota_gateway::startup::{Application, Options};
+use quota_gateway::{db, shutdown, telemetry};
+
+/// EX_USAGE from sysexits.h: the configuration is wrong, restarting will not help.
+const EX_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "quota-gateway",
+    version,
+    about = "Usage metering and quota gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway (runs pending migrations first unless --no-migrate).
+    Serve {
+        #[arg(
+            long,
+            env = "QUOTA_GATEWAY_CONFIG",
+            default_value = "config/gateway.toml"
+        )]
+        config: PathBuf,
+        /// Do not run database migrations at start-up.
+        #[arg(long)]
+        no_migrate: bool,
+    },
+    /// Validate the configuration and print a summary of plans and metrics.
+    CheckConfig {
+        #[arg(
+            long,
+            env = "QUOTA_GATEWAY_CONFIG",
+            default_value = "config/gateway.toml"
+        )]
+        config: PathBuf,
+    },
+    /// Apply pending database migrations and exit.
+    Migrate {
+        #[arg(
+            long,
+            env = "QUOTA_GATEWAY_CONFIG",
+            default_value = "config/gateway.toml"
+        )]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    runtime.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let env = EnvOverrides::from_env();
+    match cli.command {
+        Command::CheckConfig { config } => match config::load(&config, &env) {
+            Ok((settings, catalog)) => {
+                print_summary(&config, &settings.plans_path, &catalog);
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprint!("{e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::Migrate { config } => {
+            let (settings, _) = match config::load(&config, &env) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            telemetry::init(&settings.log);
+            let result = async {
+                db::create_if_missing(&settings.database).await?;
+                let pool = db::pool(&settings.database)?;
+                db::migrate(&pool).await
+            }
+            .await;
+            match result {
+                Ok(()) => {
+                    tracing::info!("migrations applied");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "migration failed");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Serve { config, no_migrate } => {
+            let (settings, catalog) = match config::load(&config, &env) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            telemetry::init(&settings.log);
+            let options = Options {
+                migrate: !no_migrate,
+                ..Options::default()
+            };
+            let app = match Application::build(settings, catalog, options).await {
+                Ok(app) => app,
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "start-up failed");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match app.run_until_stopped(shutdown::signal()).await {
+                Ok(()) => {
+                    tracing::info!("stopped");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    tracing::error!(error = format!("{e:#}"), "stopped with an error");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn print_summary(config: &Path, plans: &Path, catalog: &Catalog) {
+    println!("{}: ok", config.display());
+    println!("{}: ok", plans.display());
+    println!();
+    println!("metrics:");
+    for m in catalog.metrics.values() {
+        let kind = match m.kind {
+            MetricKind::Counter => "counter",
+            MetricKind::Gauge => "gauge",
+        };
+        println!("  {:<16} {:<8} unit: {}", m.id, kind, m.unit);
+    }
+    println!();
+    println!("plans (default: {}):", catalog.default_plan);
+    for p in catalog.plans.values() {
+        let upgrade = p
+            .upgrade_to
+            .as_deref()
+            .map(|u| format!(" -> {u}"))
+            .unwrap_or_default();
+        println!("  {} ({}){upgrade}", p.id, p.name);
+        for q in &p.quotas {
+            let period = q.period.map(|p| p.as_str()).unwrap_or("level");
+            let soft = match q.overage {
+                quota_gateway::domain::plan::Overage::Allow => " (soft)",
+                quota_gateway::domain::plan::Overage::Block => "",
+            };
+            println!(
+                "    quota  {:<12} {:>12} per {period}{soft}",
+                q.metric, q.limit
+            );
+        }
+        for r in &p.rates {
+            println!(
+                "    rate   {:<12} {:>12} per {}",
+                r.metric, r.limit, r.window_label
+            );
+        }
+        let unlimited: Vec<&str> = catalog
+            .metrics
+            .values()
+            .filter(|m| p.quotas_for(&m.id).next().is_none())
+            .map(|m| m.id.as_str())
+            .collect();
+        if !unlimited.is_empty() {
+            println!("    unlimited: {}", unlimited.join(", "));
+        }
+        if !p.features.is_empty() {
+            let f: Vec<&str> = p.features.iter().map(String::as_str).collect();
+            println!("    features: {}", f.join(", "));
+        }
+    }
+}

@@ -1,0 +1,205 @@
+//! The quota use cases shared by `/v1/*` and (later) the proxy: resolve an org's plan, build the
+//! limits a set of charges touches, run them through the store in one round trip, and evaluate.
+//!
+//! This is the only place that combines the catalog, the org directory, the store and the clock;
+//! HTTP concerns stay in `api/` and `respond.rs`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+
+use crate::clock::Clock;
+use crate::db::DbError;
+use crate::db::orgs::OrgRecord;
+use crate::directory::OrgDirectory;
+use crate::domain::decision::{
+    Charge, Evaluation, LimitReply, LimitState, Outcome, Target, evaluate, limits_for,
+    merge_charges,
+};
+use crate::domain::org::OrgId;
+use crate::domain::plan::{Catalog, Plan};
+use crate::store::{Mode, Status, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuotaError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// A decision with the plan it was made against.
+pub struct Decision<'c> {
+    pub plan: &'c Plan,
+    pub eval: Evaluation<'c>,
+    /// The idempotency key was seen before; nothing was applied.
+    pub duplicate: bool,
+}
+
+pub struct QuotaService {
+    catalog: ArcSwap<Catalog>,
+    directory: Arc<OrgDirectory>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    idempotency_ttl: Duration,
+}
+
+impl QuotaService {
+    pub fn new(
+        catalog: Catalog,
+        directory: Arc<OrgDirectory>,
+        store: Store,
+        clock: Arc<dyn Clock>,
+        idempotency_ttl: Duration,
+    ) -> Self {
+        Self {
+            catalog: ArcSwap::from_pointee(catalog),
+            directory,
+            store,
+            clock,
+            idempotency_ttl,
+        }
+    }
+
+    /// The current catalog. Callers hold the `Arc` for the whole request, so a reload never
+    /// changes the plan under a decision in flight.
+    pub fn catalog(&self) -> Arc<Catalog> {
+        self.catalog.load_full()
+    }
+
+    pub fn replace_catalog(&self, catalog: Catalog) {
+        self.catalog.store(Arc::new(catalog));
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn directory(&self) -> &Arc<OrgDirectory> {
+        &self.directory
+    }
+
+    pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
+    pub async fn org<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+    ) -> Result<(&'c Plan, Arc<OrgRecord>), QuotaError> {
+        let record = self.directory.get(org).await?;
+        Ok((catalog.plan_or_default(record.plan_id.as_deref()), record))
+    }
+
+    /// Check (and in `Check`/`Record` modes apply) `charges` for `org`.
+    pub async fn decide<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+        mode: Mode,
+        idempotency_key: Option<&str>,
+    ) -> Result<Decision<'c>, QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let merged = merge_charges(charges);
+        let now = self.clock.now();
+        let limits = limits_for(plan, &merged, now, record.billing_anchor);
+        let idem = idempotency_key.map(|k| (k, self.idempotency_ttl));
+        let reply = self.store.run(org, &limits, mode, now, idem).await?;
+        if reply.status == Status::Duplicate {
+            return Ok(Decision {
+                plan,
+                eval: Evaluation {
+                    outcome: Outcome::Allowed,
+                    states: Vec::new(),
+                    applied: false,
+                },
+                duplicate: true,
+            });
+        }
+        let eval = evaluate(limits, &reply.limits, reply.status == Status::Applied, now);
+        Ok(Decision {
+            plan,
+            eval,
+            duplicate: false,
+        })
+    }
+
+    /// Add `charge` (negative: a credit) to the current period's counters of its metric, never
+    /// denying and never touching rates: an operator's correction, not traffic.
+    pub async fn adjust<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charge: Charge<'c>,
+    ) -> Result<Decision<'c>, QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let now = self.clock.now();
+        let limits: Vec<_> = limits_for(plan, &[charge], now, record.billing_anchor)
+            .into_iter()
+            .filter(|l| !l.is_rate())
+            .collect();
+        let reply = self
+            .store
+            .run(org, &limits, Mode::Record, now, None)
+            .await?;
+        let eval = evaluate(limits, &reply.limits, reply.status == Status::Applied, now);
+        Ok(Decision {
+            plan,
+            eval,
+            duplicate: false,
+        })
+    }
+
+    /// The org's current usage: one state per declared metric (the limit nearest exhaustion when a
+    /// metric has several, the calendar-month meter when it has none).
+    pub async fn usage<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+    ) -> Result<(&'c Plan, Vec<LimitState<'c>>), QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let charges: Vec<Charge<'c>> = catalog
+            .metrics
+            .values()
+            .map(|metric| Charge { metric, amount: 0 })
+            .collect();
+        let now = self.clock.now();
+        let limits: Vec<_> = limits_for(plan, &charges, now, record.billing_anchor)
+            .into_iter()
+            .filter(|l| !matches!(l.target, Target::Rate { .. }))
+            .collect();
+        let values = self.store.read(org, &limits).await?;
+        let replies: Vec<LimitReply> = values
+            .into_iter()
+            .map(|value| LimitReply {
+                denied: false,
+                value,
+                millis: 0,
+            })
+            .collect();
+        let eval = evaluate(limits, &replies, false, now);
+        let mut chosen: Vec<LimitState<'c>> = Vec::with_capacity(catalog.metrics.len());
+        for state in eval.states {
+            match chosen
+                .iter_mut()
+                .find(|s| s.limit.metric.id == state.limit.metric.id)
+            {
+                None => chosen.push(state),
+                Some(existing) => {
+                    let better = match (existing.headroom(), state.headroom()) {
+                        (None, Some(_)) => true,
+                        (Some(a), Some(b)) => b < a,
+                        _ => false,
+                    };
+                    if better {
+                        *existing = state;
+                    }
+                }
+            }
+        }
+        Ok((plan, chosen))
+    }
+}

@@ -1,0 +1,155 @@
+//! Building and running the application from validated configuration.
+//!
+//! `Application::build` binds its listener before returning and reports the address it actually
+//! got, so tests (and several replicas on one host) can use port 0.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, AppState, SharedState};
+use crate::clock::{Clock, SystemClock};
+use crate::config::Settings;
+use crate::db;
+use crate::directory::OrgDirectory;
+use crate::domain::plan::Catalog;
+use crate::quota::QuotaService;
+use crate::store::Store;
+
+/// How long start-up waits for the org-change subscription before serving anyway (the
+/// directory then distrusts its cache until the subscription is up).
+const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
+
+pub struct Options {
+    /// Run pending migrations before serving.
+    pub migrate: bool,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            migrate: true,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+pub struct Application {
+    listener: TcpListener,
+    api_addr: SocketAddr,
+    state: SharedState,
+    stop: CancellationToken,
+    tasks: Vec<(&'static str, JoinHandle<()>)>,
+}
+
+impl Application {
+    pub async fn build(
+        settings: Settings,
+        catalog: Catalog,
+        options: Options,
+    ) -> anyhow::Result<Self> {
+        let pool = db::pool(&settings.database).context("database settings")?;
+        if options.migrate {
+            db::create_if_missing(&settings.database)
+                .await
+                .context("creating the database")?;
+            db::migrate(&pool)
+                .await
+                .context("running database migrations")?;
+        }
+        let store = Store::connect(&settings.redis)
+            .await
+            .context("connecting to Redis")?;
+        let directory = Arc::new(OrgDirectory::new(pool.clone()));
+        let stop = CancellationToken::new();
+
+        let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+        let follower = tokio::spawn(directory.clone().follow_changes(
+            store.clone(),
+            stop.child_token(),
+            Some(ready_tx),
+        ));
+        if tokio::time::timeout(SUBSCRIBE_WAIT, ready_rx)
+            .await
+            .is_err()
+        {
+            tracing::warn!("org-change subscription not ready yet; serving anyway");
+        }
+
+        let quota = QuotaService::new(
+            catalog,
+            directory,
+            store,
+            options.clock,
+            settings.usage.idempotency_ttl,
+        );
+        let state = Arc::new(AppState {
+            quota,
+            pool,
+            admin_token: settings.api.admin_token.clone(),
+            service_token: settings.api.service_token.clone(),
+        });
+        let listener = TcpListener::bind(settings.api.listen)
+            .await
+            .with_context(|| format!("binding the API listener on {}", settings.api.listen))?;
+        let api_addr = listener.local_addr()?;
+        Ok(Self {
+            listener,
+            api_addr,
+            state,
+            stop,
+            tasks: vec![("org-change follower", follower)],
+        })
+    }
+
+    pub fn api_addr(&self) -> SocketAddr {
+        self.api_addr
+    }
+
+    pub fn state(&self) -> &SharedState {
+        &self.state
+    }
+
+    /// A token that stops the application when cancelled (tests use it instead of a signal).
+    pub fn stop_token(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// Serve until `shutdown` resolves or the stop token is cancelled, then drain and stop the
+    /// background tasks.
+    pub async fn run_until_stopped(
+        self,
+        shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+    ) -> anyhow::Result<()> {
+        let stop = self.stop.clone();
+        tokio::spawn({
+            let stop = stop.clone();
+            async move {
+                tokio::select! {
+                    _ = shutdown => stop.cancel(),
+                    _ = stop.cancelled() => {}
+                }
+            }
+        });
+        tracing::info!(api = %self.api_addr, "quota-gateway listening");
+        let router = api::router(self.state.clone());
+        let served = axum::serve(self.listener, router)
+            .with_graceful_shutdown(stop.clone().cancelled_owned())
+            .await;
+        stop.cancel();
+        for (name, task) in self.tasks {
+            match tokio::time::timeout(Duration::from_secs(5), task).await {
+                Ok(Ok(())) => tracing::info!(task = name, "stopped"),
+                Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),
+                Err(_) => tracing::warn!(task = name, "did not stop within 5s"),
+            }
+        }
+        served.context("serving the API")
+    }
+}

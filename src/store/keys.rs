@@ -1,0 +1,120 @@
+//! Every Redis key and channel name the gateway uses is built here, and only here.
+//!
+//! Layout: `{prefix}:{<org_id>}:<kind>:...`. The `{org_id}` part is a Redis Cluster hash tag, so
+//! all keys of one org live in one slot and a single Lua script may touch all of them (no
+//! CROSSSLOT). The prefix lets several gateways (or test runs) share one Redis without colliding.
+//! Org ids cannot contain braces (see `domain::org`), and the prefix is validated to have none.
+
+use sha2::{Digest, Sha256};
+
+use crate::domain::decision::{Limit, Target};
+use crate::domain::org::OrgId;
+
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self {
+            prefix: prefix.into(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    fn org_base(&self, org: &OrgId, extra: usize) -> String {
+        let mut s = String::with_capacity(self.prefix.len() + org.as_str().len() + 4 + extra);
+        s.push_str(&self.prefix);
+        s.push_str(":{");
+        s.push_str(org.as_str());
+        s.push_str("}:");
+        s
+    }
+
+    /// `c:<metric>:<period>:<period start, unix seconds>` for counters,
+    /// `g:<metric>` for gauges, `r:<metric>:<window ms>` for rates.
+    pub fn limit(&self, org: &OrgId, limit: &Limit<'_>) -> String {
+        use std::fmt::Write as _;
+        let metric = &limit.metric.id;
+        let mut s = self.org_base(org, metric.len() + 24);
+        match &limit.target {
+            Target::Counter { period, window } => {
+                let _ = write!(
+                    s,
+                    "c:{metric}:{}:{}",
+                    period.as_str(),
+                    window.start.timestamp()
+                );
+            }
+            Target::Gauge => {
+                let _ = write!(s, "g:{metric}");
+            }
+            Target::Rate { window, .. } => {
+                let _ = write!(s, "r:{metric}:{}", window.as_millis());
+            }
+        }
+        s
+    }
+
+    /// The idempotency marker of a usage report. The client's key is hashed so its length and
+    /// alphabet never matter.
+    pub fn idempotency(&self, org: &OrgId, client_key: &str) -> String {
+        let digest = Sha256::digest(client_key.as_bytes());
+        let mut s = self.org_base(org, 5 + 64);
+        s.push_str("idem:");
+        s.push_str(&hex::encode(digest));
+        s
+    }
+
+    /// Pub/sub channel on which plan (and key) changes are announced to every replica.
+    pub fn org_changes_channel(&self) -> String {
+        format!("{}:events:org-changes", self.prefix)
+    }
+
+    /// Pattern matching every key of this prefix (tests and clean-up only, never per request).
+    pub fn all_keys_pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::decision::{Limit, Target};
+    use crate::domain::period::{self, Period};
+    use crate::domain::plan::{Metric, MetricKind, Overage};
+    use chrono::{TimeZone, Utc};
+
+    #[test]
+    fn keys_carry_prefix_and_org_hash_tag() {
+        let keys = Keys::new("qg");
+        let org = OrgId::parse("acme").unwrap();
+        let m = Metric {
+            id: "requests".into(),
+            unit: "request".into(),
+            kind: MetricKind::Counter,
+        };
+        let now = Utc.with_ymd_and_hms(2026, 11, 25, 6, 0, 0).unwrap();
+        let limit = Limit {
+            metric: &m,
+            target: Target::Counter {
+                period: Period::Month,
+                window: period::calendar_month(now),
+            },
+            amount: 1,
+            limit: None,
+            overage: Overage::Allow,
+        };
+        assert_eq!(
+            keys.limit(&org, &limit),
+            "qg:{acme}:c:requests:month:1793491200"
+        );
+        let idem = keys.idempotency(&org, "abc");
+        assert!(idem.starts_with("qg:{acme}:idem:"));
+        assert_eq!(idem.len(), "qg:{acme}:idem:".len() + 64);
+    }
+}

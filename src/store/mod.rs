@@ -1,0 +1,240 @@
+//! The Redis adapter: counters, gauges, rate state and idempotency markers.
+//!
+//! One decision is one `EVALSHA` of `decide.lua` (reloaded by `redis::Script` on `NOSCRIPT`),
+//! sent over a multiplexed connection so that concurrent decisions are pipelined on one socket
+//! instead of each waiting for a pooled connection.
+
+pub mod keys;
+
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use secrecy::ExposeSecret;
+
+use crate::config::RedisSettings;
+use crate::domain::decision::{Limit, LimitReply, Target};
+use crate::domain::org::OrgId;
+pub use keys::Keys;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("redis error: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("unexpected reply from the decide script: {0}")]
+    Protocol(String),
+}
+
+/// How the script treats the limits it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Deny if any blocking limit would be exceeded; otherwise apply every charge.
+    Check,
+    /// The same checks; apply nothing.
+    DryRun,
+    /// Never deny; apply every charge (usage reported after the fact, adjustments).
+    Record,
+}
+
+impl Mode {
+    fn as_arg(self) -> &'static str {
+        match self {
+            Mode::Check => "check",
+            Mode::DryRun => "dry",
+            Mode::Record => "record",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Status {
+    Applied,
+    Denied,
+    DryRunAllowed,
+    Duplicate,
+}
+
+#[derive(Debug, Clone)]
+pub struct Reply {
+    pub status: Status,
+    /// One per limit, in the order given; empty for `Duplicate`.
+    pub limits: Vec<LimitReply>,
+}
+
+/// How long a period counter outlives its period, so late reads (the usage view of a just-ended
+/// period, the flusher) still find it.
+fn expiry_grace(period: crate::domain::period::Period) -> chrono::Duration {
+    use crate::domain::period::Period;
+    match period {
+        Period::Minute | Period::Hour => chrono::Duration::minutes(10),
+        Period::Day => chrono::Duration::hours(6),
+        Period::Month => chrono::Duration::days(7),
+    }
+}
+
+#[derive(Clone)]
+pub struct Store {
+    conn: ConnectionManager,
+    client: redis::Client,
+    keys: Keys,
+    decide: std::sync::Arc<redis::Script>,
+    timeout: Duration,
+}
+
+impl Store {
+    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+        let client = redis::Client::open(settings.url.expose_secret())?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(settings.connect_timeout))
+            .set_response_timeout(Some(settings.timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(2));
+        let conn = tokio::time::timeout(
+            settings.connect_timeout,
+            client.get_connection_manager_with_config(config),
+        )
+        .await
+        .map_err(|_| StoreError::Timeout(settings.connect_timeout))??;
+        Ok(Self {
+            conn,
+            client,
+            keys: Keys::new(settings.key_prefix.clone()),
+            decide: std::sync::Arc::new(redis::Script::new(include_str!("decide.lua"))),
+            timeout: settings.timeout,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A client for dedicated connections (pub/sub), which cannot share the multiplexed one.
+    pub fn client(&self) -> &redis::Client {
+        &self.client
+    }
+
+    async fn bounded<T>(
+        &self,
+        fut: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.timeout, fut).await {
+            Ok(r) => Ok(r?),
+            Err(_) => Err(StoreError::Timeout(self.timeout)),
+        }
+    }
+
+    /// Check and/or apply `limits` of one org in one round trip.
+    pub async fn run(
+        &self,
+        org: &OrgId,
+        limits: &[Limit<'_>],
+        mode: Mode,
+        now: DateTime<Utc>,
+        idempotency: Option<(&str, Duration)>,
+    ) -> Result<Reply, StoreError> {
+        let mut inv = self.decide.prepare_invoke();
+        inv.arg(now.timestamp_micros()).arg(mode.as_arg());
+        match idempotency {
+            Some((key, ttl)) => {
+                inv.key(self.keys.idempotency(org, key))
+                    .arg(ttl.as_millis() as u64);
+            }
+            None => {
+                inv.arg(0);
+            }
+        }
+        for limit in limits {
+            inv.key(self.keys.limit(org, limit));
+            let block = if limit.blocks() { "1" } else { "0" };
+            let (kind, param) = match &limit.target {
+                Target::Counter { period, window } => {
+                    ("c", (window.end + expiry_grace(*period)).timestamp_millis())
+                }
+                Target::Gauge => ("g", 0),
+                Target::Rate { window, .. } => ("r", window.as_micros() as i64),
+            };
+            inv.arg(kind)
+                .arg(limit.amount)
+                .arg(limit.limit.unwrap_or(0))
+                .arg(block)
+                .arg(param);
+        }
+        let mut conn = self.conn.clone();
+        let raw: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        parse_reply(&raw, limits.len())
+    }
+
+    /// Current values of counters and gauges (rates read as 0), one `MGET` for one org.
+    pub async fn read(&self, org: &OrgId, limits: &[Limit<'_>]) -> Result<Vec<i64>, StoreError> {
+        if limits.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys: Vec<String> = limits.iter().map(|l| self.keys.limit(org, l)).collect();
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<String>> = self
+            .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
+            .await?;
+        Ok(limits
+            .iter()
+            .zip(values)
+            .map(|(l, v)| match l.target {
+                Target::Rate { .. } => 0,
+                _ => v.and_then(|s| s.parse().ok()).unwrap_or(0),
+            })
+            .collect())
+    }
+
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: String = self
+            .bounded(redis::cmd("PING").query_async(&mut conn))
+            .await?;
+        Ok(())
+    }
+
+    /// Tell every replica that an org's plan or keys changed.
+    pub async fn publish_org_change(&self, payload: &str) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let _: i64 = self
+            .bounded(
+                redis::cmd("PUBLISH")
+                    .arg(self.keys.org_changes_channel())
+                    .arg(payload)
+                    .query_async(&mut conn),
+            )
+            .await?;
+        Ok(())
+    }
+}
+
+fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
+    let status = match raw.first() {
+        Some(0) => Status::Applied,
+        Some(1) => Status::Denied,
+        Some(2) => Status::DryRunAllowed,
+        Some(3) => {
+            return Ok(Reply {
+                status: Status::Duplicate,
+                limits: Vec::new(),
+            });
+        }
+        other => return Err(StoreError::Protocol(format!("status {other:?}"))),
+    };
+    if raw.len() != 1 + 3 * n {
+        return Err(StoreError::Protocol(format!(
+            "{} values for {n} limits",
+            raw.len()
+        )));
+    }
+    let limits = raw[1..]
+        .chunks_exact(3)
+        .map(|c| LimitReply {
+            denied: c[0] == 1,
+            value: c[1],
+            millis: c[2],
+        })
+        .collect();
+    Ok(Reply { status, limits })
+}
