@@ -204,17 +204,20 @@ impl Report<'_> {
 }
 
 fn read_table(path: &Path, problems: &mut Vec<Problem>) -> Option<toml::Table> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_table(path, &text, problems),
         Err(e) => {
             problems.push(Problem {
                 file: path.to_path_buf(),
                 key: String::new(),
                 reason: format!("cannot read file: {e}"),
             });
-            return None;
+            None
         }
-    };
+    }
+}
+
+fn parse_table(path: &Path, text: &str, problems: &mut Vec<Problem>) -> Option<toml::Table> {
     match text.parse::<toml::Table>() {
         Ok(t) => Some(t),
         Err(e) => {
@@ -562,8 +565,27 @@ fn one_or_many(v: toml::Value) -> Vec<(Option<usize>, toml::Value)> {
     }
 }
 
+/// Parse a catalog from text; `path` only names the source in error messages.
+pub fn catalog_from_str(path: &Path, text: &str) -> Result<Catalog, ConfigError> {
+    let mut problems = Vec::new();
+    let catalog = parse_table(path, text, &mut problems)
+        .and_then(|t| catalog_from_table(path, t, &mut problems));
+    match catalog {
+        Some(c) if problems.is_empty() => Ok(c),
+        _ => Err(ConfigError { problems }),
+    }
+}
+
 fn load_catalog_into(path: &Path, problems: &mut Vec<Problem>) -> Option<Catalog> {
-    let mut table = read_table(path, problems)?;
+    let table = read_table(path, problems)?;
+    catalog_from_table(path, table, problems)
+}
+
+fn catalog_from_table(
+    path: &Path,
+    mut table: toml::Table,
+    problems: &mut Vec<Problem>,
+) -> Option<Catalog> {
     let mut r = Report {
         file: path,
         problems,

@@ -1,0 +1,431 @@
+//! Shared test harness: a real gateway on port 0 against the real Redis and Postgres.
+//!
+//! Isolation: every `spawn_app` gets its own Postgres database (created here, migrated by the
+//! gateway itself, dropped when the last handle goes away) and its own Redis key prefix (all
+//! keys deleted at the end). Peers made with `spawn_peer` share both, like replicas in
+//! production. Set `QG_TEST_DATABASE_URL` / `QG_TEST_REDIS_URL` to point elsewhere.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use quota_gateway::clock::Clock;
+use quota_gateway::config::{
+    self, ApiSettings, DatabaseSettings, LogFormat, LogSettings, RedisSettings, Settings,
+    UsageSettings,
+};
+use quota_gateway::domain::plan::Catalog;
+use quota_gateway::startup::{Application, Options};
+use secrecy::SecretString;
+use serde_json::Value;
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tokio_util::sync::CancellationToken;
+
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
+pub fn test_database_url() -> String {
+    std::env::var("QG_TEST_DATABASE_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/postgres".into())
+}
+
+pub fn test_redis_url() -> String {
+    std::env::var("QG_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379/0".into())
+}
+
+/// The catalog most tests use: small limits so they are reached quickly.
+pub const PLANS: &str = r#"
+default_plan = "free"
+upgrade_url = "https://example.com/upgrade?org={org_id}&plan={plan}"
+
+[metrics]
+requests = { unit = "request" }
+tokens   = { unit = "token" }
+projects = { unit = "project", kind = "gauge" }
+
+[plans.free]
+name = "Free"
+upgrade_to = "pro"
+features = ["export_md"]
+quotas = { requests = { limit = 20, period = "month" }, tokens = { limit = 1000, period = "month" }, projects = { limit = 3 } }
+rates  = { requests = { limit = 10, window = "1s" } }
+
+[plans.pro]
+name = "Pro"
+upgrade_to = "enterprise"
+features = ["export_md", "export_pdf"]
+quotas = { requests = { limit = 1000, period = "month" }, projects = { limit = 50 } }
+
+[plans.enterprise]
+name = "Enterprise"
+features = ["export_md", "export_pdf", "sso"]
+"#;
+
+/// A clock tests move by hand. It starts at the real time (counter expiries are absolute
+/// timestamps, so a clock in the past would make Redis expire keys at once) and only moves on
+/// when told.
+pub struct TestClock(Mutex<DateTime<Utc>>);
+
+impl TestClock {
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self(Mutex::new(Utc::now())))
+    }
+
+    pub fn set(&self, t: DateTime<Utc>) {
+        *self.0.lock().unwrap() = t;
+    }
+
+    pub fn advance(&self, d: chrono::Duration) {
+        *self.0.lock().unwrap() += d;
+    }
+}
+
+impl Clock for TestClock {
+    fn now(&self) -> DateTime<Utc> {
+        *self.0.lock().unwrap()
+    }
+}
+
+/// Drops the test database and the Redis keys when the last app handle goes away.
+struct Resources {
+    db_name: String,
+    prefix: String,
+}
+
+impl Drop for Resources {
+    fn drop(&mut self) {
+        let db_name = self.db_name.clone();
+        let prefix = self.prefix.clone();
+        // Drop runs inside the test's runtime, which cannot block on async work: clean up on a
+        // thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                if let Ok(pool) = PgPoolOptions::new()
+                    .max_connections(1)
+                    .connect(&test_database_url())
+                    .await
+                {
+                    let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
+                    let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
+                }
+                if let Ok(client) = redis::Client::open(test_redis_url())
+                    && let Ok(mut conn) = client.get_multiplexed_async_connection().await
+                {
+                    let keys: Vec<String> = redis::cmd("KEYS")
+                        .arg(format!("{prefix}:*"))
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap_or_default();
+                    for chunk in keys.chunks(500) {
+                        let _: Result<(), _> =
+                            redis::cmd("DEL").arg(chunk).query_async(&mut conn).await;
+                    }
+                }
+            });
+        })
+        .join();
+    }
+}
+
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub client: reqwest::Client,
+    pub prefix: String,
+    pub db_url: String,
+    pub pool: PgPool,
+    pub redis: redis::aio::MultiplexedConnection,
+    pub clock: Arc<TestClock>,
+    pub settings: Settings,
+    pub catalog: Catalog,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    resources: Arc<Resources>,
+}
+
+pub struct TestOptions {
+    pub plans: String,
+    pub service_token: Option<String>,
+}
+
+impl Default for TestOptions {
+    fn default() -> Self {
+        Self {
+            plans: PLANS.into(),
+            service_token: None,
+        }
+    }
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(TestOptions::default()).await
+}
+
+pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let db_name = format!("qg_test_{id}");
+    let admin = PgPoolOptions::new()
+        .max_connections(1)
+        .connect(&test_database_url())
+        .await
+        .expect("test Postgres reachable (QG_TEST_DATABASE_URL)");
+    sqlx::query(sqlx::AssertSqlSafe(format!(
+        "CREATE DATABASE \"{db_name}\""
+    )))
+    .execute(&admin)
+    .await
+    .expect("create test database");
+    admin.close().await;
+    let db_url = replace_db_name(&test_database_url(), &db_name);
+    let prefix = format!("qgt-{}", &id[..12]);
+    let catalog = config::catalog_from_str(&PathBuf::from("test-plans.toml"), &opts.plans)
+        .unwrap_or_else(|e| panic!("test catalog invalid: {e}"));
+    let settings = test_settings(&db_url, &prefix, opts.service_token.as_deref());
+    let resources = Arc::new(Resources {
+        db_name,
+        prefix: prefix.clone(),
+    });
+    start(settings, catalog, TestClock::new(), resources).await
+}
+
+impl TestApp {
+    /// A second replica: same database, same Redis prefix, same clock, its own listener.
+    pub async fn spawn_peer(&self) -> TestApp {
+        start(
+            self.settings.clone(),
+            self.catalog.clone(),
+            self.clock.clone(),
+            self.resources.clone(),
+        )
+        .await
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.addr, path)
+    }
+
+    pub async fn post(&self, path: &str, body: &Value) -> reqwest::Response {
+        self.client
+            .post(self.url(path))
+            .json(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get(&self, path: &str) -> reqwest::Response {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn admin(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> reqwest::Response {
+        let mut req = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(ADMIN_TOKEN);
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        req.send().await.expect("request")
+    }
+
+    pub async fn check(&self, body: Value) -> reqwest::Response {
+        self.post("/v1/check", &body).await
+    }
+
+    pub async fn set_plan(&self, org: &str, plan: &str) {
+        let r = self
+            .admin(
+                reqwest::Method::PUT,
+                &format!("/admin/orgs/{org}"),
+                Some(&serde_json::json!({ "plan": plan })),
+            )
+            .await;
+        assert_eq!(r.status(), 200, "set plan: {}", r.text().await.unwrap());
+    }
+
+    /// The raw value of a Redis key (`None` when absent).
+    pub async fn redis_get(&self, key: &str) -> Option<String> {
+        let mut c = self.redis.clone();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut c)
+            .await
+            .unwrap()
+    }
+
+    /// Every key of this test's prefix.
+    pub async fn redis_keys(&self) -> Vec<String> {
+        let mut c = self.redis.clone();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.prefix))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        keys.sort();
+        keys
+    }
+
+    /// Stop serving and wait for the background tasks (what SIGTERM does in production).
+    pub async fn shutdown(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+        }
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+async fn start(
+    settings: Settings,
+    catalog: Catalog,
+    clock: Arc<TestClock>,
+    resources: Arc<Resources>,
+) -> TestApp {
+    let app = Application::build(
+        settings.clone(),
+        catalog.clone(),
+        Options {
+            migrate: true,
+            clock: clock.clone(),
+        },
+    )
+    .await
+    .expect("application builds");
+    let addr = app.api_addr();
+    let stop = app.stop_token();
+    let task = tokio::spawn(app.run_until_stopped(std::future::pending()));
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect(&settings_db_url(&settings))
+        .await
+        .unwrap();
+    let redis = redis::Client::open(test_redis_url())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap();
+    TestApp {
+        addr,
+        client: reqwest::Client::new(),
+        prefix: settings.redis.key_prefix.clone(),
+        db_url: settings_db_url(&settings),
+        pool,
+        redis,
+        clock,
+        settings,
+        catalog,
+        stop,
+        task: Some(task),
+        resources,
+    }
+}
+
+fn settings_db_url(s: &Settings) -> String {
+    use secrecy::ExposeSecret;
+    s.database.url.expose_secret().to_string()
+}
+
+pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) -> Settings {
+    Settings {
+        config_path: PathBuf::from("test-gateway.toml"),
+        plans_path: PathBuf::from("test-plans.toml"),
+        api: ApiSettings {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            admin_token: SecretString::from(ADMIN_TOKEN),
+            service_token: service_token.map(SecretString::from),
+        },
+        redis: RedisSettings {
+            url: SecretString::from(test_redis_url()),
+            key_prefix: prefix.into(),
+            timeout: Duration::from_secs(2),
+            connect_timeout: Duration::from_secs(2),
+        },
+        database: DatabaseSettings {
+            url: SecretString::from(db_url.to_string()),
+            max_connections: 5,
+            connect_timeout: Duration::from_secs(5),
+        },
+        log: LogSettings {
+            format: LogFormat::Pretty,
+            level: "warn".into(),
+        },
+        usage: UsageSettings {
+            idempotency_ttl: Duration::from_secs(48 * 3600),
+        },
+    }
+}
+
+fn replace_db_name(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{base}/{db}?{q}"),
+        None => format!("{base}/{db}"),
+    }
+}
+
+/// Poll `f` until it returns true or `timeout` passes; returns how long it took.
+pub async fn eventually<F, Fut>(timeout: Duration, mut f: F) -> Option<Duration>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = std::time::Instant::now();
+    while start.elapsed() < timeout {
+        if f().await {
+            return Some(start.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+pub async fn json(r: reqwest::Response) -> Value {
+    r.json().await.expect("JSON body")
+}
+
+impl TestApp {
+    pub fn clock_now(&self) -> DateTime<Utc> {
+        self.clock.now()
+    }
+}
+
+/// RFC 3339 of the first instant of the month after `t`.
+pub fn next_month_start(t: DateTime<Utc>) -> String {
+    use chrono::{Datelike, TimeZone};
+    let (y, m) = if t.month() == 12 {
+        (t.year() + 1, 1)
+    } else {
+        (t.year(), t.month() + 1)
+    };
+    Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
+        .unwrap()
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
