@@ -12,7 +12,7 @@ use arc_swap::ArcSwap;
 use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::orgs::OrgRecord;
-use crate::directory::OrgDirectory;
+use crate::directory::{Change, OrgDirectory};
 use crate::domain::decision::{
     Charge, Evaluation, LimitReply, LimitState, Outcome, Target, evaluate, limits_for,
     merge_charges,
@@ -78,6 +78,20 @@ impl QuotaService {
 
     pub fn directory(&self) -> &Arc<OrgDirectory> {
         &self.directory
+    }
+
+    /// Announce that an org's plan or keys changed, after the change is in Postgres. This
+    /// replica forgets its cached entry at once; the others hear it through Redis pub/sub. A
+    /// failed publish is logged, not returned: Postgres already holds the truth, and a replica
+    /// whose subscription is down trusts its cache for at most a second (see `directory`).
+    pub async fn announce(&self, change: Change<'_>) {
+        match &change {
+            Change::Org(org) => self.directory.invalidate(org.as_str()),
+            Change::Everything => self.directory.invalidate_all(),
+        }
+        if let Err(e) = self.store.publish_org_change(&change.payload()).await {
+            tracing::error!(error = %e, "cannot announce an org change to other replicas");
+        }
     }
 
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {

@@ -19,25 +19,6 @@ use crate::domain::period;
 use crate::domain::render::{self, PlanRef, UsageEntry};
 use crate::error::ApiError;
 
-/// Announce a change; a failure is logged, not returned: Postgres already holds the truth, and
-/// replicas that miss the message re-read it within a second of noticing their subscription is
-/// down (see `directory`).
-async fn announce(state: &SharedState, change: Change<'_>) {
-    // This replica sees its own change immediately, whatever happens to the message.
-    match &change {
-        Change::Org(org) => state.quota.directory().invalidate(org.as_str()),
-        Change::Everything => state.quota.directory().invalidate_all(),
-    }
-    if let Err(e) = state
-        .quota
-        .store()
-        .publish_org_change(&change.payload())
-        .await
-    {
-        tracing::error!(error = %e, "cannot announce an org change to other replicas");
-    }
-}
-
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutOrg {
@@ -65,7 +46,7 @@ pub async fn put_org(
         )));
     }
     let previous = db::orgs::set_plan(&state.pool, &org, &req.plan, "admin", None).await?;
-    announce(&state, Change::Org(&org)).await;
+    state.quota.announce(Change::Org(&org)).await;
     tracing::info!(org = %org, from = ?previous, to = %req.plan, "plan changed by admin");
     org_view(&state, &org).await
 }
@@ -146,7 +127,7 @@ pub async fn revoke_key(
     match db::api_keys::revoke(&state.pool, id).await? {
         Some(org) => {
             if let Ok(org) = OrgId::parse(&org) {
-                announce(&state, Change::Org(&org)).await;
+                state.quota.announce(Change::Org(&org)).await;
             }
             tracing::info!(key_id = %id, "api key revoked");
             Ok(StatusCode::NO_CONTENT.into_response())
