@@ -648,6 +648,10 @@ fn catalog_from_table(
         r.add(key.clone(), "unknown key");
     }
 
+    // Names declared in the file, even when their definition has an error: cross-references to
+    // them must not produce a second, misleading "unknown" problem.
+    let declared_metrics: BTreeSet<String> = metrics_t.keys().cloned().collect();
+    let declared_plans: BTreeSet<String> = plans_t.keys().cloned().collect();
     let mut metrics = BTreeMap::new();
     for (id, v) in metrics_t {
         let key = format!("metrics.{id}");
@@ -685,7 +689,7 @@ fn catalog_from_table(
         let mut quotas = Vec::new();
         for (metric_id, v) in raw.quotas {
             let metric = metrics.get(&metric_id);
-            if metric.is_none() {
+            if !declared_metrics.contains(&metric_id) {
                 r.add(
                     format!("{key}.quotas.{metric_id}"),
                     "undeclared metric (declare it under [metrics])",
@@ -743,6 +747,7 @@ fn catalog_from_table(
         for (metric_id, v) in raw.rates {
             let metric = metrics.get(&metric_id);
             match metric {
+                None if declared_metrics.contains(&metric_id) => {}
                 None => r.add(
                     format!("{key}.rates.{metric_id}"),
                     "undeclared metric (declare it under [metrics])",
@@ -824,13 +829,13 @@ fn catalog_from_table(
     }
 
     if let Some(d) = &default_plan
-        && !plans.contains_key(d)
+        && !declared_plans.contains(d)
     {
         r.add("default_plan", format!("unknown plan `{d}`"));
     }
     for (id, plan) in &plans {
         if let Some(up) = &plan.upgrade_to
-            && !plans.contains_key(up)
+            && !declared_plans.contains(up)
         {
             r.add(
                 format!("plans.{id}.upgrade_to"),

@@ -1,1 +1,218 @@
-//! placeholder
+//! Invalid configuration stops start-up with file, key and reason; one fixture per mistake in
+//! `tests/fixtures/config/`.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use quota_gateway::config::{self, EnvOverrides};
+
+fn fixture(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/config")
+        .join(name)
+}
+
+/// Every problem reported for a plans fixture, as "key: reason" lines.
+fn plan_problems(name: &str) -> Vec<String> {
+    let err = config::load_catalog(&fixture(name)).expect_err(name);
+    for p in &err.problems {
+        assert!(p.file.ends_with(name), "{p} names the file");
+    }
+    err.problems
+        .iter()
+        .map(|p| format!("{}: {}", p.key, p.reason))
+        .collect()
+}
+
+fn gateway_problems(name: &str) -> Vec<String> {
+    let err = config::load(&fixture(name), &EnvOverrides::default()).expect_err(name);
+    err.problems.iter().map(|p| p.to_string()).collect()
+}
+
+fn assert_has(problems: &[String], needle: &str) {
+    assert!(
+        problems.iter().any(|p| p.contains(needle)),
+        "no problem contains {needle:?}: {problems:#?}"
+    );
+}
+
+#[test]
+fn each_catalog_mistake_is_named_with_key_and_reason() {
+    let cases = [
+        (
+            "plans_unknown_key.toml",
+            "plans.free.quota: unknown field `quota`",
+        ),
+        (
+            "plans_undeclared_metric.toml",
+            "plans.free.quotas.seats: undeclared metric",
+        ),
+        (
+            "plans_unknown_upgrade.toml",
+            "plans.free.upgrade_to: unknown plan `gold`",
+        ),
+        (
+            "plans_unknown_default.toml",
+            "default_plan: unknown plan `basic`",
+        ),
+        (
+            "plans_upgrade_cycle.toml",
+            "plans.free.upgrade_to: upgrade cycle: free -> pro -> team -> free",
+        ),
+        (
+            "plans_zero_limit.toml",
+            "plans.free.quotas.requests.limit: must be greater than 0",
+        ),
+        (
+            "plans_negative_rate.toml",
+            "plans.free.rates.requests.limit: must be greater than 0",
+        ),
+        (
+            "plans_bad_window.toml",
+            "plans.free.rates.requests.window: `1x` has an unknown unit",
+        ),
+        (
+            "plans_bad_period.toml",
+            "plans.free.quotas.requests.period: unknown variant `week`",
+        ),
+        (
+            "plans_gauge_with_period.toml",
+            "plans.free.quotas.projects.period: a gauge is a level",
+        ),
+    ];
+    for (file, expected) in cases {
+        let problems = plan_problems(file);
+        assert_has(&problems, expected);
+        assert_eq!(problems.len(), 1, "one mistake, one problem: {problems:#?}");
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let problems = plan_problems("plans_several_problems.toml");
+    assert_has(&problems, "default_plan: unknown plan `missing`");
+    assert_has(&problems, "plans.free.upgrade_to: unknown plan `nowhere`");
+    assert_has(
+        &problems,
+        "plans.free.quotas.requests.limit: must be greater than 0",
+    );
+    assert_has(&problems, "plans.free.quotas.seats: undeclared metric");
+    assert_has(&problems, "plans.pro.rates.requests.window");
+    assert_eq!(problems.len(), 5, "{problems:#?}");
+}
+
+#[test]
+fn each_settings_mistake_is_named_with_file_key_and_reason() {
+    assert_has(
+        &gateway_problems("gateway_unknown_section.toml"),
+        "gateway_unknown_section.toml: proxyy: unknown key",
+    );
+    assert_has(
+        &gateway_problems("gateway_misspelled_key.toml"),
+        "gateway_misspelled_key.toml: redis.urll: unknown field `urll`",
+    );
+    let bad = gateway_problems("gateway_bad_values.toml");
+    for needle in [
+        "api.listen: `localhost` is not host:port",
+        "redis.url: not a valid Redis URL",
+        "redis.key_prefix: must be non-empty and contain no braces",
+        "redis.timeout: `fast`",
+        "database.url: not a valid postgres:// URL",
+        "database.max_connections: must be between 1 and 1000",
+    ] {
+        assert_has(&bad, needle);
+    }
+    assert_has(
+        &gateway_problems("gateway_missing_plans_file.toml"),
+        "does_not_exist.toml: cannot read file",
+    );
+    assert_has(
+        &gateway_problems("gateway_bad_toml.toml"),
+        "gateway_bad_toml.toml: line 3: invalid TOML",
+    );
+    // Problems in the catalog named by a valid gateway.toml are reported against the catalog.
+    assert_has(
+        &gateway_problems("gateway_bad_plans.toml"),
+        "plans_several_problems.toml: default_plan: unknown plan `missing`",
+    );
+}
+
+#[test]
+fn the_shipped_configuration_is_valid() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let (settings, catalog) =
+        config::load(&root.join("config/gateway.toml"), &EnvOverrides::default())
+            .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(settings.redis.key_prefix, "qg");
+    assert_eq!(catalog.default_plan, "free");
+    assert!(catalog.plan("pro").is_some());
+}
+
+#[test]
+fn environment_overrides_win_over_the_file() {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let env = EnvOverrides {
+        admin_token: Some("from-env".into()),
+        redis_url: Some("redis://10.0.0.1:6380/2".into()),
+        database_url: Some("postgres://u@db:5432/qg".into()),
+        api_listen: Some("0.0.0.0:9100".into()),
+    };
+    let (settings, _) = config::load(&root.join("config/gateway.toml"), &env).unwrap();
+    use secrecy::ExposeSecret;
+    assert_eq!(settings.api.admin_token.expose_secret(), "from-env");
+    assert_eq!(
+        settings.redis.url.expose_secret(),
+        "redis://10.0.0.1:6380/2"
+    );
+    assert_eq!(
+        settings.database.url.expose_secret(),
+        "postgres://u@db:5432/qg"
+    );
+    assert_eq!(settings.api.listen.to_string(), "0.0.0.0:9100");
+    // Secrets stay out of Debug output.
+    let debug = format!("{settings:?}");
+    assert!(!debug.contains("from-env"), "{debug}");
+}
+
+#[test]
+fn check_config_prints_a_summary_or_exits_1_with_the_problems() {
+    let bin = env!("CARGO_BIN_EXE_quota-gateway");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let ok = Command::new(bin)
+        .args(["check-config", "--config"])
+        .arg(root.join("config/gateway.toml"))
+        .env_remove("QUOTA_GATEWAY_CONFIG")
+        .output()
+        .unwrap();
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = String::from_utf8_lossy(&ok.stdout);
+    assert!(out.contains("plans (default: free)"), "{out}");
+    assert!(out.contains("quota  requests"), "{out}");
+
+    let bad = Command::new(bin)
+        .args(["check-config"])
+        .env("QUOTA_GATEWAY_CONFIG", fixture("gateway_bad_plans.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(bad.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(
+        err.contains("plans_several_problems.toml: plans.free.upgrade_to: unknown plan `nowhere`"),
+        "{err}"
+    );
+
+    // `serve` refuses to start on the same file, with EX_USAGE.
+    let serve = Command::new(bin)
+        .args(["serve", "--config"])
+        .arg(fixture("gateway_bad_values.toml"))
+        .output()
+        .unwrap();
+    assert_eq!(serve.status.code(), Some(64));
+    let err = String::from_utf8_lossy(&serve.stderr);
+    assert!(err.contains("gateway_bad_values.toml: api.listen"), "{err}");
+}

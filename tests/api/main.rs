@@ -5,5 +5,6 @@ mod helpers;
 mod admin;
 mod check;
 mod config_validation;
+mod openapi;
 mod propagation;
 mod usage;
