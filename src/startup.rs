@@ -63,9 +63,10 @@ impl Application {
                 .await
                 .context("running database migrations")?;
         }
-        let store = Store::connect(&settings.redis)
-            .await
-            .context("connecting to Redis")?;
+        let store = Store::new(&settings.redis).context("Redis settings")?;
+        if let Err(e) = store.ping().await {
+            tracing::warn!(error = %e, "Redis is not reachable yet; decisions answer 503 until it is");
+        }
         let directory = Arc::new(OrgDirectory::new(pool.clone()));
         let stop = CancellationToken::new();
 

@@ -84,19 +84,17 @@ pub struct Store {
 }
 
 impl Store {
-    pub async fn connect(settings: &RedisSettings) -> Result<Self, StoreError> {
+    /// Create the store without connecting: the first command connects, and a Redis that is
+    /// down at start-up only makes decisions answer 503 (and `/readyz` say so) until it is back,
+    /// instead of crash-looping the process.
+    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
         let client = redis::Client::open(settings.url.expose_secret())?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
             .set_response_timeout(Some(settings.timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(2));
-        let conn = tokio::time::timeout(
-            settings.connect_timeout,
-            client.get_connection_manager_with_config(config),
-        )
-        .await
-        .map_err(|_| StoreError::Timeout(settings.connect_timeout))??;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
         Ok(Self {
             conn,
             client,

@@ -153,6 +153,9 @@ pub struct TestApp {
 pub struct TestOptions {
     pub plans: String,
     pub service_token: Option<String>,
+    /// Redis URL the gateway uses (e.g. through a `ChaosProxy`); the harness itself always
+    /// talks to the real server for assertions and clean-up.
+    pub redis_url: Option<String>,
 }
 
 impl Default for TestOptions {
@@ -160,6 +163,7 @@ impl Default for TestOptions {
         Self {
             plans: PLANS.into(),
             service_token: None,
+            redis_url: None,
         }
     }
 }
@@ -187,7 +191,10 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     let prefix = format!("qgt-{}", &id[..12]);
     let catalog = config::catalog_from_str(&PathBuf::from("test-plans.toml"), &opts.plans)
         .unwrap_or_else(|e| panic!("test catalog invalid: {e}"));
-    let settings = test_settings(&db_url, &prefix, opts.service_token.as_deref());
+    let mut settings = test_settings(&db_url, &prefix, opts.service_token.as_deref());
+    if let Some(url) = opts.redis_url {
+        settings.redis.url = SecretString::from(url);
+    }
     let resources = Arc::new(Resources {
         db_name,
         prefix: prefix.clone(),
@@ -428,4 +435,79 @@ pub fn next_month_start(t: DateTime<Utc>) -> String {
     Utc.with_ymd_and_hms(y, m, 1, 0, 0, 0)
         .unwrap()
         .to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}
+
+/// A TCP proxy the test controls, placed between the gateway and Redis or Postgres to cut the
+/// connection without touching the shared server (other tests keep using it).
+pub struct ChaosProxy {
+    pub addr: SocketAddr,
+    open: Arc<std::sync::atomic::AtomicBool>,
+    cuts: tokio::sync::watch::Sender<u64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ChaosProxy {
+    pub async fn start(target: &str) -> ChaosProxy {
+        use std::sync::atomic::Ordering;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
+        let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let target = target.to_string();
+        let task = tokio::spawn({
+            let open = open.clone();
+            let cuts = cuts.clone();
+            async move {
+                loop {
+                    let Ok((mut inbound, _)) = listener.accept().await else {
+                        return;
+                    };
+                    if !open.load(Ordering::SeqCst) {
+                        drop(inbound);
+                        continue;
+                    }
+                    let mut cut = cuts.subscribe();
+                    let target = target.clone();
+                    tokio::spawn(async move {
+                        let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                            return;
+                        };
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = cut.changed() => {}
+                        }
+                    });
+                }
+            }
+        });
+        ChaosProxy {
+            addr,
+            open,
+            cuts,
+            task,
+        }
+    }
+
+    /// Drop every open connection and refuse new ones.
+    pub fn cut(&self) {
+        self.open.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.cuts.send_modify(|g| *g += 1);
+    }
+
+    pub fn restore(&self) {
+        self.open.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for ChaosProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// `host:port` of a redis:// or postgres:// URL.
+pub fn host_port(url: &str) -> String {
+    let rest = url.split("://").nth(1).unwrap_or(url);
+    let rest = rest.rsplit('@').next().unwrap_or(rest);
+    rest.split(['/', '?']).next().unwrap_or(rest).to_string()
 }

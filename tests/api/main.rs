@@ -6,5 +6,6 @@ mod admin;
 mod check;
 mod config_validation;
 mod openapi;
+mod outage;
 mod propagation;
 mod usage;
