@@ -175,17 +175,16 @@ pub fn denial_body<'a>(
                 }
                 _ => (None, None),
             };
-            let unit = plural(&limit.metric.unit, state.before);
             let message = match limit.metric.kind {
                 MetricKind::Counter => format!(
-                    "Organization {org_id} has used {} of {} {unit} of {metric} allowed per {} on the {} plan.",
+                    "Organization {org_id} has used {} of {} {metric} allowed per {} on the {} plan.",
                     state.before,
                     limit.limit.unwrap_or(0),
                     period.unwrap_or("month"),
                     plan.name
                 ),
                 MetricKind::Gauge => format!(
-                    "Organization {org_id} has {} of {} {unit} of {metric} allowed on the {} plan; adding {} would exceed it.",
+                    "Organization {org_id} has {} of {} {metric} allowed on the {} plan; adding {} would exceed it.",
                     state.before,
                     limit.limit.unwrap_or(0),
                     plan.name,
@@ -247,14 +246,6 @@ pub fn denial_body<'a>(
         Outcome::Allowed => return None,
     };
     Some(body)
-}
-
-fn plural(unit: &str, n: i64) -> String {
-    if n == 1 || unit.ends_with('s') {
-        unit.to_string()
-    } else {
-        format!("{unit}s")
-    }
 }
 
 /// Rendered rate-limit header values.
