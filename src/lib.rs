@@ -9,6 +9,7 @@
 //! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
 //! - `quota`: the use cases that combine catalog, directory, store and clock.
 //! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
+//! - `metrics`: the Prometheus registry and every metric, served at `/metrics`.
 //! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
 
 pub mod api;
@@ -18,6 +19,7 @@ pub mod db;
 pub mod directory;
 pub mod domain;
 pub mod error;
+pub mod metrics;
 pub mod quota;
 pub mod respond;
 pub mod shutdown;

@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::db;
 use crate::directory::OrgDirectory;
 use crate::domain::plan::Catalog;
+use crate::metrics::Metrics;
 use crate::quota::QuotaService;
 use crate::store::Store;
 
@@ -63,7 +64,8 @@ impl Application {
                 .await
                 .context("running database migrations")?;
         }
-        let store = Store::new(&settings.redis).context("Redis settings")?;
+        let metrics = Arc::new(Metrics::new());
+        let store = Store::new(&settings.redis, metrics.clone()).context("Redis settings")?;
         if let Err(e) = store.ping().await {
             tracing::warn!(error = %e, "Redis is not reachable yet; decisions answer 503 until it is");
         }
@@ -92,6 +94,7 @@ impl Application {
         );
         let state = Arc::new(AppState {
             quota,
+            metrics,
             pool,
             admin_token: settings.api.admin_token.clone(),
             service_token: settings.api.service_token.clone(),

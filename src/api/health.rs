@@ -46,3 +46,13 @@ pub async fn openapi() -> Response {
     );
     r
 }
+
+/// Prometheus text exposition.
+pub async fn metrics(State(state): State<SharedState>) -> Response {
+    let mut r = state.metrics.render().into_response();
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"),
+    );
+    r
+}

@@ -8,6 +8,7 @@ mod admin;
 mod auth;
 mod extract;
 mod health;
+mod observe;
 mod v1;
 
 use std::sync::Arc;
@@ -19,6 +20,7 @@ use secrecy::SecretString;
 use sqlx::PgPool;
 
 use crate::error::ApiError;
+use crate::metrics::Metrics;
 use crate::quota::QuotaService;
 
 pub use extract::ApiJson;
@@ -26,6 +28,7 @@ pub use extract::ApiJson;
 /// Shared state of every handler.
 pub struct AppState {
     pub quota: QuotaService,
+    pub metrics: Arc<Metrics>,
     pub pool: PgPool,
     pub admin_token: SecretString,
     pub service_token: Option<SecretString>,
@@ -74,6 +77,7 @@ pub fn routes() -> Routes {
         .add(Method::GET, "/healthz", get(health::healthz))
         .add(Method::GET, "/readyz", get(health::readyz))
         .add(Method::GET, "/openapi.json", get(health::openapi))
+        .add(Method::GET, "/metrics", get(health::metrics))
         // Product services: the service token when configured.
         .add(Method::POST, "/v1/check", post(v1::check))
         .add(Method::POST, "/v1/usage", post(v1::usage))
@@ -110,6 +114,10 @@ pub fn router(state: SharedState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_tokens,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            observe::requests,
         ))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

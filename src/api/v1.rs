@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ApiJson, SharedState};
-use crate::domain::decision::Charge;
+use crate::domain::decision::{Charge, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, MetricKind};
 use crate::domain::render::{self, PlanRef, UsageEntry};
@@ -159,6 +159,17 @@ pub async fn check(
         .decide(&catalog, &org, &charges, mode, None)
         .await?;
     let headers = render::ratelimit_headers(&decision.eval);
+    let outcome = match decision.eval.outcome {
+        Outcome::Allowed => "allowed",
+        Outcome::QuotaExceeded(_) => "quota_exceeded",
+        Outcome::RateLimited(_) => "rate_limited",
+    };
+    state.metrics.decision(
+        "check",
+        outcome,
+        &decision.plan.id,
+        charges.iter().map(|c| c.metric.id.as_str()),
+    );
     if let Some(body) = render::denial_body(&catalog, org.as_str(), decision.plan, &decision.eval) {
         return Ok(respond::denial(&body, &headers));
     }

@@ -15,6 +15,7 @@ use secrecy::ExposeSecret;
 use crate::config::RedisSettings;
 use crate::domain::decision::{Limit, LimitReply, Target};
 use crate::domain::org::OrgId;
+use crate::metrics::Metrics;
 pub use keys::Keys;
 
 #[derive(Debug, thiserror::Error)]
@@ -81,13 +82,17 @@ pub struct Store {
     keys: Keys,
     decide: std::sync::Arc<redis::Script>,
     timeout: Duration,
+    metrics: std::sync::Arc<Metrics>,
 }
 
 impl Store {
     /// Create the store without connecting: the first command connects, and a Redis that is
     /// down at start-up only makes decisions answer 503 (and `/readyz` say so) until it is back,
     /// instead of crash-looping the process.
-    pub fn new(settings: &RedisSettings) -> Result<Self, StoreError> {
+    pub fn new(
+        settings: &RedisSettings,
+        metrics: std::sync::Arc<Metrics>,
+    ) -> Result<Self, StoreError> {
         let client = redis::Client::open(settings.url.expose_secret())?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(settings.connect_timeout))
@@ -101,6 +106,7 @@ impl Store {
             keys: Keys::new(settings.key_prefix.clone()),
             decide: std::sync::Arc::new(redis::Script::new(include_str!("decide.lua"))),
             timeout: settings.timeout,
+            metrics,
         })
     }
 
@@ -113,14 +119,61 @@ impl Store {
         &self.client
     }
 
+    /// Run one Redis call under the configured timeout, keeping the error counters and the
+    /// degraded gauge current.
     async fn bounded<T>(
         &self,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, StoreError> {
-        match tokio::time::timeout(self.timeout, fut).await {
-            Ok(r) => Ok(r?),
+        let result = match tokio::time::timeout(self.timeout, fut).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(StoreError::Redis(e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
+        };
+        match &result {
+            Ok(_) => {
+                if self.metrics.degraded.get() != 0 {
+                    self.metrics.degraded.set(0);
+                    self.metrics.redis_reconnects.inc();
+                }
+            }
+            Err(e) => {
+                let kind = match e {
+                    StoreError::Timeout(_) => "timeout",
+                    StoreError::Redis(r) if r.is_io_error() || r.is_connection_dropped() => {
+                        "connection"
+                    }
+                    _ => "other",
+                };
+                self.metrics.redis_errors.with_label_values(&[kind]).inc();
+                if kind != "other" {
+                    self.metrics.degraded.set(1);
+                }
+            }
         }
+        result
+    }
+
+    /// `EVALSHA` the decide script, loading it once more when Redis answers `NOSCRIPT` (after a
+    /// restart, a failover or `SCRIPT FLUSH`).
+    async fn eval_decide(&self, cmd: &redis::Cmd) -> Result<Vec<i64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let started = std::time::Instant::now();
+        let first = self.bounded(cmd.query_async::<Vec<i64>>(&mut conn)).await;
+        let result = match first {
+            Err(StoreError::Redis(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                self.metrics.redis_script_reloads.inc();
+                self.bounded(self.decide.load_async(&mut conn)).await?;
+                self.bounded(cmd.query_async::<Vec<i64>>(&mut conn)).await
+            }
+            other => other,
+        };
+        self.metrics
+            .redis_duration
+            .observe(started.elapsed().as_secs_f64());
+        result
     }
 
     /// Check and/or apply `limits` of one org in one round trip.
@@ -132,19 +185,23 @@ impl Store {
         now: DateTime<Utc>,
         idempotency: Option<(&str, Duration)>,
     ) -> Result<Reply, StoreError> {
-        let mut inv = self.decide.prepare_invoke();
-        inv.arg(now.timestamp_micros()).arg(mode.as_arg());
-        match idempotency {
-            Some((key, ttl)) => {
-                inv.key(self.keys.idempotency(org, key))
-                    .arg(ttl.as_millis() as u64);
-            }
-            None => {
-                inv.arg(0);
-            }
+        let idem_key = idempotency.map(|(key, _)| self.keys.idempotency(org, key));
+        let mut cmd = redis::Cmd::with_capacity(4 + limits.len() * 6 + 2, 64 + limits.len() * 96);
+        cmd.arg("EVALSHA")
+            .arg(self.decide.get_hash())
+            .arg(limits.len() + usize::from(idem_key.is_some()));
+        if let Some(k) = &idem_key {
+            cmd.arg(k);
         }
         for limit in limits {
-            inv.key(self.keys.limit(org, limit));
+            cmd.arg(self.keys.limit(org, limit));
+        }
+        cmd.arg(now.timestamp_micros()).arg(mode.as_arg());
+        match idempotency {
+            Some((_, ttl)) => cmd.arg(ttl.as_millis() as u64),
+            None => cmd.arg(0),
+        };
+        for limit in limits {
             let block = if limit.blocks() { "1" } else { "0" };
             let (kind, param) = match &limit.target {
                 Target::Counter { period, window } => {
@@ -153,14 +210,13 @@ impl Store {
                 Target::Gauge => ("g", 0),
                 Target::Rate { window, .. } => ("r", window.as_micros() as i64),
             };
-            inv.arg(kind)
+            cmd.arg(kind)
                 .arg(limit.amount)
                 .arg(limit.limit.unwrap_or(0))
                 .arg(block)
                 .arg(param);
         }
-        let mut conn = self.conn.clone();
-        let raw: Vec<i64> = self.bounded(inv.invoke_async(&mut conn)).await?;
+        let raw = self.eval_decide(&cmd).await?;
         parse_reply(&raw, limits.len())
     }
 

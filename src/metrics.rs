@@ -1,0 +1,194 @@
+//! Prometheus metrics, owned by one `Metrics` value with its own registry (no globals, so tests
+//! and several apps in one process do not collide).
+//!
+//! Labels hold only bounded values: route patterns, plan and metric ids from the catalog,
+//! outcomes, status classes. Never an org id, a key or a raw path.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
+    Registry, TextEncoder,
+};
+
+/// Fine enough at the low end to see 100 µs, wide enough for slow upstreams.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+pub struct Metrics {
+    registry: Registry,
+    /// `source`: proxy | check; `outcome`: allowed | quota_exceeded | rate_limited |
+    /// unauthorized | error.
+    pub decisions: IntCounterVec,
+    /// API requests by route pattern and status class.
+    pub api_requests: HistogramVec,
+    pub proxy_request_duration: Histogram,
+    /// Time spent in the gateway before the request is forwarded (identify + decide).
+    pub proxy_overhead: Histogram,
+    pub upstream_duration: Histogram,
+    /// Upstream responses by status class (2xx…5xx, connect_error, timeout).
+    pub upstream_responses: IntCounterVec,
+    pub redis_duration: Histogram,
+    /// `kind`: timeout | connection | other.
+    pub redis_errors: IntCounterVec,
+    pub redis_reconnects: IntCounter,
+    pub redis_script_reloads: IntCounter,
+    /// 1 while the last Redis call failed, 0 once one succeeds.
+    pub degraded: IntGauge,
+    pub webhooks: IntCounterVec,
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let decisions = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_decisions_total",
+                "Quota decisions by source, outcome, plan and charged metric.",
+            ),
+            &["source", "outcome", "plan", "metric"],
+        )
+        .expect("valid metric");
+        let api_requests = HistogramVec::new(
+            HistogramOpts::new(
+                "quota_gateway_api_request_duration_seconds",
+                "API requests (quota checks, usage, admin) by route pattern and status class.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["route", "status"],
+        )
+        .expect("valid metric");
+        let histogram = |name: &str, help: &str| {
+            Histogram::with_opts(HistogramOpts::new(name, help).buckets(LATENCY_BUCKETS.to_vec()))
+                .expect("valid metric")
+        };
+        let proxy_request_duration = histogram(
+            "quota_gateway_proxy_request_duration_seconds",
+            "Whole proxied requests, from arrival to response headers.",
+        );
+        let proxy_overhead = histogram(
+            "quota_gateway_proxy_overhead_seconds",
+            "Time spent in the gateway before forwarding (identify and decide).",
+        );
+        let upstream_duration = histogram(
+            "quota_gateway_upstream_duration_seconds",
+            "Upstream response time, until response headers.",
+        );
+        let upstream_responses = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_upstream_responses_total",
+                "Upstream responses by status class, connect errors and timeouts.",
+            ),
+            &["class"],
+        )
+        .expect("valid metric");
+        let redis_duration = histogram(
+            "quota_gateway_redis_duration_seconds",
+            "Redis round trips of decisions and usage reports.",
+        );
+        let redis_errors = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_redis_errors_total",
+                "Failed Redis calls by kind.",
+            ),
+            &["kind"],
+        )
+        .expect("valid metric");
+        let redis_reconnects = IntCounter::new(
+            "quota_gateway_redis_reconnects_total",
+            "Redis connections re-established after a failure.",
+        )
+        .expect("valid metric");
+        let redis_script_reloads = IntCounter::new(
+            "quota_gateway_redis_script_reloads_total",
+            "Times the decide script had to be loaded again (NOSCRIPT).",
+        )
+        .expect("valid metric");
+        let degraded = IntGauge::new(
+            "quota_gateway_degraded",
+            "1 while Redis is unreachable, 0 otherwise.",
+        )
+        .expect("valid metric");
+        let webhooks = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_webhooks_total",
+                "Billing webhooks by provider and outcome.",
+            ),
+            &["provider", "outcome"],
+        )
+        .expect("valid metric");
+        for c in [
+            Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(api_requests.clone()),
+            Box::new(proxy_request_duration.clone()),
+            Box::new(proxy_overhead.clone()),
+            Box::new(upstream_duration.clone()),
+            Box::new(upstream_responses.clone()),
+            Box::new(redis_duration.clone()),
+            Box::new(redis_errors.clone()),
+            Box::new(redis_reconnects.clone()),
+            Box::new(redis_script_reloads.clone()),
+            Box::new(degraded.clone()),
+            Box::new(webhooks.clone()),
+        ] {
+            registry.register(c).expect("metric names are unique");
+        }
+        #[cfg(target_os = "linux")]
+        {
+            // process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
+            let _ = registry.register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ));
+        }
+        Self {
+            registry,
+            decisions,
+            api_requests,
+            proxy_request_duration,
+            proxy_overhead,
+            upstream_duration,
+            upstream_responses,
+            redis_duration,
+            redis_errors,
+            redis_reconnects,
+            redis_script_reloads,
+            degraded,
+            webhooks,
+        }
+    }
+
+    /// Count one decision once per charged metric.
+    pub fn decision<'a>(
+        &self,
+        source: &str,
+        outcome: &str,
+        plan: &str,
+        metrics: impl IntoIterator<Item = &'a str>,
+    ) {
+        for metric in metrics {
+            self.decisions
+                .with_label_values(&[source, outcome, plan, metric])
+                .inc();
+        }
+    }
+
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
+    /// The text exposition of every registered metric.
+    pub fn render(&self) -> String {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        let encoder = TextEncoder::new();
+        if let Err(e) = encoder.encode(&self.registry.gather(), &mut buf) {
+            tracing::error!(error = %e, "cannot encode metrics");
+        }
+        String::from_utf8(buf).unwrap_or_default()
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
