@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::period::Period;
-use crate::domain::plan::{Catalog, Metric, MetricKind, Overage, Plan, Quota, Rate};
+use crate::domain::plan::{Catalog, Enforcement, Metric, MetricKind, Overage, Plan, Quota, Rate};
 
 /// One thing wrong with a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +74,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub log: LogSettings,
     pub usage: UsageSettings,
+    /// `shadow`: no plan's limits block (overrides every plan's own setting).
+    pub enforcement: Enforcement,
 }
 
 #[derive(Debug, Clone)]
@@ -159,6 +161,13 @@ struct LogRaw {
     format: Option<LogFormat>,
     #[serde(default)]
     level: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct EnforcementRaw {
+    #[serde(default)]
+    mode: Enforcement,
 }
 
 #[derive(Deserialize, Default)]
@@ -354,6 +363,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     let db_v = section(&mut r, "database", true);
     let log_v = section(&mut r, "log", false);
     let usage_v = section(&mut r, "usage", false);
+    let enforcement_v = section(&mut r, "enforcement", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -364,6 +374,9 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     let log: LogRaw = log_v.and_then(|v| r.parse("log", v)).unwrap_or_default();
     let usage: UsageRaw = usage_v
         .and_then(|v| r.parse("usage", v))
+        .unwrap_or_default();
+    let enforcement: EnforcementRaw = enforcement_v
+        .and_then(|v| r.parse("enforcement", v))
         .unwrap_or_default();
 
     let base = path.parent().unwrap_or(Path::new("."));
@@ -484,6 +497,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
         database: database?,
         log,
         usage,
+        enforcement: enforcement.mode,
     })
 }
 
@@ -517,6 +531,8 @@ struct PlanRaw {
     quotas: BTreeMap<String, toml::Value>,
     #[serde(default)]
     rates: BTreeMap<String, toml::Value>,
+    #[serde(default)]
+    enforcement: Enforcement,
 }
 
 #[derive(Deserialize)]
@@ -819,6 +835,7 @@ fn catalog_from_table(
             id.clone(),
             Plan {
                 name: raw.name.unwrap_or_else(|| id.clone()),
+                enforcement: raw.enforcement,
                 id,
                 upgrade_to: raw.upgrade_to,
                 features: raw.features.into_iter().collect::<BTreeSet<_>>(),

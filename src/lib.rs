@@ -9,6 +9,7 @@
 //! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
 //! - `quota`: the use cases that combine catalog, directory, store and clock.
 //! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
+//! - `reload`: hot reload of the plan catalog (SIGHUP or a change on disk).
 //! - `metrics`: the Prometheus registry and every metric, served at `/metrics`.
 //! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
 
@@ -21,6 +22,7 @@ pub mod domain;
 pub mod error;
 pub mod metrics;
 pub mod quota;
+pub mod reload;
 pub mod respond;
 pub mod shutdown;
 pub mod startup;

@@ -36,6 +36,8 @@ pub struct Metrics {
     /// 1 while the last Redis call failed, 0 once one succeeds.
     pub degraded: IntGauge,
     pub webhooks: IntCounterVec,
+    /// Plan catalog reloads by outcome (ok | rejected).
+    pub catalog_reloads: IntCounterVec,
 }
 
 impl Metrics {
@@ -117,6 +119,14 @@ impl Metrics {
             &["provider", "outcome"],
         )
         .expect("valid metric");
+        let catalog_reloads = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_catalog_reloads_total",
+                "Plan catalog reloads by outcome (ok, rejected).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_requests.clone()),
@@ -130,6 +140,7 @@ impl Metrics {
             Box::new(redis_script_reloads.clone()),
             Box::new(degraded.clone()),
             Box::new(webhooks.clone()),
+            Box::new(catalog_reloads.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -154,6 +165,7 @@ impl Metrics {
             redis_script_reloads,
             degraded,
             webhooks,
+            catalog_reloads,
         }
     }
 

@@ -18,7 +18,7 @@ use crate::domain::decision::{
     merge_charges,
 };
 use crate::domain::org::OrgId;
-use crate::domain::plan::{Catalog, Plan};
+use crate::domain::plan::{Catalog, Enforcement, Plan};
 use crate::store::{Mode, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,8 @@ pub struct Decision<'c> {
     pub eval: Evaluation<'c>,
     /// The idempotency key was seen before; nothing was applied.
     pub duplicate: bool,
+    /// Shadow enforcement applied: a denial in `eval` was counted, not enforced.
+    pub shadow: bool,
 }
 
 pub struct QuotaService {
@@ -43,6 +45,7 @@ pub struct QuotaService {
     store: Store,
     clock: Arc<dyn Clock>,
     idempotency_ttl: Duration,
+    shadow_everything: bool,
 }
 
 impl QuotaService {
@@ -59,7 +62,14 @@ impl QuotaService {
             store,
             clock,
             idempotency_ttl,
+            shadow_everything: false,
         }
+    }
+
+    /// Put every plan in shadow mode (`[enforcement] mode = "shadow"`).
+    pub fn with_enforcement(mut self, enforcement: Enforcement) -> Self {
+        self.shadow_everything = enforcement == Enforcement::Shadow;
+        self
     }
 
     /// The current catalog. Callers hold the `Arc` for the whole request, so a reload never
@@ -121,6 +131,13 @@ impl QuotaService {
         let now = self.clock.now();
         let limits = limits_for(plan, &merged, now, record.billing_anchor);
         let idem = idempotency_key.map(|k| (k, self.idempotency_ttl));
+        let shadow = matches!(mode, Mode::Check | Mode::DryRun)
+            && (self.shadow_everything || plan.enforcement == Enforcement::Shadow);
+        let mode = if shadow && mode == Mode::Check {
+            Mode::Shadow
+        } else {
+            mode
+        };
         let reply = self.store.run(org, &limits, mode, now, idem).await?;
         if reply.status == Status::Duplicate {
             return Ok(Decision {
@@ -131,13 +148,16 @@ impl QuotaService {
                     applied: false,
                 },
                 duplicate: true,
+                shadow,
             });
         }
-        let eval = evaluate(limits, &reply.limits, reply.status == Status::Applied, now);
+        let applied = matches!(reply.status, Status::Applied | Status::AppliedOverLimit);
+        let eval = evaluate(limits, &reply.limits, applied, now);
         Ok(Decision {
             plan,
             eval,
             duplicate: false,
+            shadow,
         })
     }
 
@@ -164,6 +184,7 @@ impl QuotaService {
             plan,
             eval,
             duplicate: false,
+            shadow: false,
         })
     }
 

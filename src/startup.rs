@@ -91,7 +91,8 @@ impl Application {
             store,
             options.clock,
             settings.usage.idempotency_ttl,
-        );
+        )
+        .with_enforcement(settings.enforcement);
         let state = Arc::new(AppState {
             quota,
             metrics,
@@ -99,6 +100,11 @@ impl Application {
             admin_token: settings.api.admin_token.clone(),
             service_token: settings.api.service_token.clone(),
         });
+        let reloader = tokio::spawn(crate::reload::follow(
+            settings.plans_path.clone(),
+            state.clone(),
+            stop.child_token(),
+        ));
         let listener = TcpListener::bind(settings.api.listen)
             .await
             .with_context(|| format!("binding the API listener on {}", settings.api.listen))?;
@@ -108,7 +114,10 @@ impl Application {
             api_addr,
             state,
             stop,
-            tasks: vec![("org-change follower", follower)],
+            tasks: vec![
+                ("org-change follower", follower),
+                ("catalog reloader", reloader),
+            ],
         })
     }
 

@@ -103,6 +103,17 @@ struct AllowedBody<'a> {
     usage: Vec<UsageEntry<'a>>,
 }
 
+#[derive(Serialize)]
+struct ShadowBody<'a> {
+    allowed: bool,
+    shadow: bool,
+    dry_run: bool,
+    org_id: &'a str,
+    plan: PlanRef<'a>,
+    usage: Vec<UsageEntry<'a>>,
+    would_deny: render::DenialBody<'a>,
+}
+
 /// `POST /v1/check`: may this org spend these charges? Consumes them unless `consume: false`.
 pub async fn check(
     State(state): State<SharedState>,
@@ -171,6 +182,22 @@ pub async fn check(
         charges.iter().map(|c| c.metric.id.as_str()),
     );
     if let Some(body) = render::denial_body(&catalog, org.as_str(), decision.plan, &decision.eval) {
+        if decision.shadow {
+            // Shadow enforcement: counted and reported, never blocked.
+            tracing::info!(org = %org, plan = %decision.plan.id, outcome, "shadow mode: would deny");
+            let body = ShadowBody {
+                allowed: true,
+                shadow: true,
+                dry_run: !consume,
+                org_id: org.as_str(),
+                plan: decision.plan.into(),
+                usage: render::usage_entries(&decision.eval),
+                would_deny: body,
+            };
+            let mut headers = headers;
+            headers.retry_after = None;
+            return Ok(respond::allowed(&body, &headers));
+        }
         return Ok(respond::denial(&body, &headers));
     }
     let body = AllowedBody {

@@ -327,6 +327,7 @@ mod tests {
 
     fn plan() -> Plan {
         Plan {
+            enforcement: Default::default(),
             id: "free".into(),
             name: "Free".into(),
             upgrade_to: None,

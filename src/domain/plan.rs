@@ -61,10 +61,21 @@ pub struct Rate {
     pub window_label: String,
 }
 
+/// Whether limits block, or are only counted and reported (for safe roll-outs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Enforcement {
+    #[default]
+    Enforce,
+    /// Count and report (headers, metrics, logs) what would be denied, but never deny.
+    Shadow,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Plan {
     pub id: String,
     pub name: String,
+    pub enforcement: Enforcement,
     pub upgrade_to: Option<String>,
     pub features: BTreeSet<String>,
     pub quotas: Vec<Quota>,

@@ -328,6 +328,7 @@ mod tests {
             kind: MetricKind::Counter,
         };
         let free = Plan {
+            enforcement: Default::default(),
             id: "free".into(),
             name: "Free".into(),
             upgrade_to: Some("pro".into()),
@@ -346,6 +347,7 @@ mod tests {
             }],
         };
         let pro = Plan {
+            enforcement: Default::default(),
             id: "pro".into(),
             name: "Pro".into(),
             upgrade_to: None,

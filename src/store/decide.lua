@@ -11,6 +11,8 @@
 -- ARGV[2]  mode: "check"  deny when any blocking limit would be exceeded, else apply all
 --                "dry"    the same checks, apply nothing
 --                "record" never deny, apply all (post-hoc usage reports, adjustments)
+--                "shadow" the same checks, but apply all even when one would deny (shadow
+--                         enforcement: count and report, never block)
 -- ARGV[3]  idempotency TTL in milliseconds; 0 when there is no idempotency key
 -- then 5 arguments per limit:
 --   kind    "c" counter of one period, "g" gauge level, "r" GCRA rate
@@ -23,7 +25,8 @@
 --
 -- Returns { status, then 3 integers per limit: denied, value, millis }
 --   status  0 applied, 1 denied (nothing applied), 2 dry run allowed (nothing applied),
---           3 duplicate idempotency key (nothing applied)
+--           3 duplicate idempotency key (nothing applied), 4 applied although it would have
+--           been denied (shadow mode)
 --   c / g   value = the counter or level before this call
 --   r       value = units remaining (after, when applied); millis = time until the bucket is
 --           full again, or, when denied, until this amount would fit
@@ -107,7 +110,7 @@ for i = 0, n - 1 do
   out[#out + 1] = millis
 end
 
-if denied then
+if denied and mode ~= 'shadow' then
   out[1] = 1
   if first == 2 then redis.call('DEL', KEYS[1]) end
   return out
@@ -135,4 +138,5 @@ for i = 1, n do
     redis.call('SET', s.key, math.max(0, s.current + s.amount), 'KEEPTTL')
   end
 end
+if denied then out[1] = 4 end
 return out

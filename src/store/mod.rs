@@ -37,6 +37,8 @@ pub enum Mode {
     DryRun,
     /// Never deny; apply every charge (usage reported after the fact, adjustments).
     Record,
+    /// Check, report what would be denied, but apply every charge anyway.
+    Shadow,
 }
 
 impl Mode {
@@ -45,6 +47,7 @@ impl Mode {
             Mode::Check => "check",
             Mode::DryRun => "dry",
             Mode::Record => "record",
+            Mode::Shadow => "shadow",
         }
     }
 }
@@ -55,6 +58,8 @@ pub enum Status {
     Denied,
     DryRunAllowed,
     Duplicate,
+    /// Applied, although a limit would have denied it (shadow mode).
+    AppliedOverLimit,
 }
 
 #[derive(Debug, Clone)]
@@ -268,6 +273,7 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
         Some(0) => Status::Applied,
         Some(1) => Status::Denied,
         Some(2) => Status::DryRunAllowed,
+        Some(4) => Status::AppliedOverLimit,
         Some(3) => {
             return Ok(Reply {
                 status: Status::Duplicate,

@@ -156,6 +156,10 @@ pub struct TestOptions {
     /// Redis URL the gateway uses (e.g. through a `ChaosProxy`); the harness itself always
     /// talks to the real server for assertions and clean-up.
     pub redis_url: Option<String>,
+    /// Load the catalog from this file (and reload it from there) instead of `plans`.
+    pub plans_file: Option<PathBuf>,
+    /// `[enforcement] mode = "shadow"`.
+    pub shadow: bool,
 }
 
 impl Default for TestOptions {
@@ -164,6 +168,8 @@ impl Default for TestOptions {
             plans: PLANS.into(),
             service_token: None,
             redis_url: None,
+            plans_file: None,
+            shadow: false,
         }
     }
 }
@@ -189,11 +195,20 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     admin.close().await;
     let db_url = replace_db_name(&test_database_url(), &db_name);
     let prefix = format!("qgt-{}", &id[..12]);
-    let catalog = config::catalog_from_str(&PathBuf::from("test-plans.toml"), &opts.plans)
-        .unwrap_or_else(|e| panic!("test catalog invalid: {e}"));
+    let catalog = match &opts.plans_file {
+        Some(path) => config::load_catalog(path),
+        None => config::catalog_from_str(&PathBuf::from("test-plans.toml"), &opts.plans),
+    }
+    .unwrap_or_else(|e| panic!("test catalog invalid: {e}"));
     let mut settings = test_settings(&db_url, &prefix, opts.service_token.as_deref());
     if let Some(url) = opts.redis_url {
         settings.redis.url = SecretString::from(url);
+    }
+    if let Some(path) = opts.plans_file {
+        settings.plans_path = path;
+    }
+    if opts.shadow {
+        settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
     let resources = Arc::new(Resources {
         db_name,
@@ -380,6 +395,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         usage: UsageSettings {
             idempotency_ttl: Duration::from_secs(48 * 3600),
         },
+        enforcement: Default::default(),
     }
 }
 

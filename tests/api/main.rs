@@ -8,5 +8,7 @@ mod config_validation;
 mod metrics;
 mod openapi;
 mod outage;
+mod process;
 mod propagation;
+mod reload;
 mod usage;
