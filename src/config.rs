@@ -91,9 +91,27 @@ pub struct ApiSettings {
 pub struct RedisSettings {
     pub url: SecretString,
     pub key_prefix: String,
-    /// A Redis call slower than this fails the request with 503 instead of queueing behind it.
+    /// A Redis call slower than this counts as Redis being unreachable for that request.
     pub timeout: Duration,
     pub connect_timeout: Duration,
+    /// What decisions do while Redis is unreachable.
+    pub on_error: OnRedisError,
+    /// Fraction of each limit (of what was left of it) one replica may admit on its own while
+    /// Redis is unreachable, in `local` mode. With N replicas, 1/N never over-admits.
+    pub local_share: f64,
+}
+
+/// The Redis-outage mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Enforce plans with in-memory counters on each replica; replay admitted usage later.
+    #[default]
+    Local,
+    /// Admit everything; count locally and replay later.
+    Open,
+    /// Answer 503 for metered requests.
+    Closed,
 }
 
 #[derive(Debug, Clone)]
@@ -138,6 +156,10 @@ struct RedisRaw {
     timeout: Option<String>,
     #[serde(default)]
     connect_timeout: Option<String>,
+    #[serde(default)]
+    on_error: OnRedisError,
+    #[serde(default)]
+    local_share: Option<f64>,
 }
 
 fn default_prefix() -> String {
@@ -424,7 +446,17 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             );
             ok = false;
         }
-        let timeout = duration_or(&mut r, "redis.timeout", rr.timeout, Duration::from_secs(1));
+        let timeout = duration_or(
+            &mut r,
+            "redis.timeout",
+            rr.timeout,
+            Duration::from_millis(50),
+        );
+        let local_share = rr.local_share.unwrap_or(1.0);
+        if !(local_share > 0.0 && local_share <= 1.0) {
+            r.add("redis.local_share", "must be greater than 0 and at most 1");
+            ok = false;
+        }
         let connect_timeout = duration_or(
             &mut r,
             "redis.connect_timeout",
@@ -436,6 +468,8 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             key_prefix: rr.key_prefix,
             timeout,
             connect_timeout,
+            on_error: rr.on_error,
+            local_share,
         })
     });
 

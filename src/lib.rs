@@ -7,6 +7,7 @@
 //! - `store`: Redis: key layout (`store::keys`) and the one Lua script a decision runs.
 //! - `db`: Postgres: orgs, API keys, plan changes, adjustments; migrations in `migrations/`.
 //! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
+//! - `local`: deciding while Redis is unreachable, and replaying what was admitted meanwhile.
 //! - `quota`: the use cases that combine catalog, directory, store and clock.
 //! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
 //! - `reload`: hot reload of the plan catalog (SIGHUP or a change on disk).
@@ -20,6 +21,7 @@ pub mod db;
 pub mod directory;
 pub mod domain;
 pub mod error;
+pub mod local;
 pub mod metrics;
 pub mod quota;
 pub mod reload;

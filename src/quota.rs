@@ -19,6 +19,7 @@ use crate::domain::decision::{
 };
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
+use crate::local::LocalMode;
 use crate::store::{Mode, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -46,6 +47,7 @@ pub struct QuotaService {
     clock: Arc<dyn Clock>,
     idempotency_ttl: Duration,
     shadow_everything: bool,
+    local: Arc<LocalMode>,
 }
 
 impl QuotaService {
@@ -63,7 +65,55 @@ impl QuotaService {
             clock,
             idempotency_ttl,
             shadow_everything: false,
+            local: Arc::new(LocalMode::new(
+                crate::config::OnRedisError::Closed,
+                1.0,
+                Arc::new(crate::metrics::Metrics::new()),
+            )),
         }
+    }
+
+    /// How decisions behave while Redis is unreachable (see `local`).
+    pub fn with_local_mode(mut self, local: Arc<LocalMode>) -> Self {
+        self.local = local;
+        self
+    }
+
+    pub fn local(&self) -> &Arc<LocalMode> {
+        &self.local
+    }
+
+    pub fn clock(&self) -> Arc<dyn Clock> {
+        self.clock.clone()
+    }
+
+    /// Run `limits` through Redis, or locally while Redis is unreachable (per `on_error`).
+    async fn run_limits(
+        &self,
+        org: &OrgId,
+        limits: &[crate::domain::decision::Limit<'_>],
+        mode: Mode,
+        now: chrono::DateTime<chrono::Utc>,
+        idem: Option<(&str, Duration)>,
+    ) -> Result<(Status, Vec<LimitReply>), QuotaError> {
+        if !self.local.serves_locally() {
+            match self.store.run(org, limits, mode, now, idem).await {
+                Ok(reply) => {
+                    self.local.remember(limits, &reply);
+                    return Ok((reply.status, reply.limits));
+                }
+                Err(e) if e.is_unavailable() => {
+                    self.local.trip();
+                    if self.local.on_error() == crate::config::OnRedisError::Closed {
+                        return Err(e.into());
+                    }
+                }
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let specs: Vec<_> = limits.iter().map(|l| self.store.spec(org, l)).collect();
+        let reply = self.local.decide(org, limits, &specs, mode);
+        Ok((reply.status, reply.limits))
     }
 
     /// Put every plan in shadow mode (`[enforcement] mode = "shadow"`).
@@ -138,8 +188,8 @@ impl QuotaService {
         } else {
             mode
         };
-        let reply = self.store.run(org, &limits, mode, now, idem).await?;
-        if reply.status == Status::Duplicate {
+        let (status, replies) = self.run_limits(org, &limits, mode, now, idem).await?;
+        if status == Status::Duplicate {
             return Ok(Decision {
                 plan,
                 eval: Evaluation {
@@ -151,8 +201,8 @@ impl QuotaService {
                 shadow,
             });
         }
-        let applied = matches!(reply.status, Status::Applied | Status::AppliedOverLimit);
-        let eval = evaluate(limits, &reply.limits, applied, now);
+        let applied = matches!(status, Status::Applied | Status::AppliedOverLimit);
+        let eval = evaluate(limits, &replies, applied, now);
         Ok(Decision {
             plan,
             eval,

@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::db;
 use crate::directory::OrgDirectory;
 use crate::domain::plan::Catalog;
+use crate::local::LocalMode;
 use crate::metrics::Metrics;
 use crate::quota::QuotaService;
 use crate::store::Store;
@@ -66,9 +67,7 @@ impl Application {
         }
         let metrics = Arc::new(Metrics::new());
         let store = Store::new(&settings.redis, metrics.clone()).context("Redis settings")?;
-        if let Err(e) = store.ping().await {
-            tracing::warn!(error = %e, "Redis is not reachable yet; decisions answer 503 until it is");
-        }
+        let redis_up = store.ping().await;
         let directory = Arc::new(OrgDirectory::new(pool.clone()));
         let stop = CancellationToken::new();
 
@@ -85,6 +84,20 @@ impl Application {
             tracing::warn!("org-change subscription not ready yet; serving anyway");
         }
 
+        let local = Arc::new(LocalMode::new(
+            settings.redis.on_error,
+            settings.redis.local_share,
+            metrics.clone(),
+        ));
+        if let Err(e) = redis_up {
+            tracing::warn!(error = %e, "Redis is not reachable at start-up");
+            local.trip();
+        }
+        let recovery = tokio::spawn(local.clone().recover(
+            store.clone(),
+            options.clock.clone(),
+            stop.child_token(),
+        ));
         let quota = QuotaService::new(
             catalog,
             directory,
@@ -92,7 +105,8 @@ impl Application {
             options.clock,
             settings.usage.idempotency_ttl,
         )
-        .with_enforcement(settings.enforcement);
+        .with_enforcement(settings.enforcement)
+        .with_local_mode(local.clone());
         let state = Arc::new(AppState {
             quota,
             metrics,
@@ -117,6 +131,7 @@ impl Application {
             tasks: vec![
                 ("org-change follower", follower),
                 ("catalog reloader", reloader),
+                ("redis recovery", recovery),
             ],
         })
     }

@@ -9,6 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::{OPENAPI_JSON, SharedState};
+use crate::config::OnRedisError;
 
 /// Readiness probes must answer fast even when a dependency hangs.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);
@@ -17,21 +18,24 @@ pub async fn healthz() -> Json<serde_json::Value> {
     Json(json!({ "status": "ok" }))
 }
 
-/// 200 when Redis and Postgres both answer, else 503 naming which does not.
+/// 200 when Redis and Postgres both answer, else 503 naming which does not. While Redis is
+/// unreachable in the `local` and `open` outage modes the gateway still decides, so it stays 200
+/// with `"status": "degraded"`: a load balancer must not drop every replica at once.
 pub async fn readyz(State(state): State<SharedState>) -> Response {
     let redis = tokio::time::timeout(PROBE_TIMEOUT, state.quota.store().ping());
     let pg = tokio::time::timeout(PROBE_TIMEOUT, crate::db::ping(&state.pool));
     let (redis, pg) = tokio::join!(redis, pg);
-    let redis_ok = matches!(redis, Ok(Ok(())));
+    let redis_ok = matches!(redis, Ok(Ok(()))) && !state.quota.local().is_degraded();
     let pg_ok = matches!(pg, Ok(Ok(())));
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
-    let status = if redis_ok && pg_ok {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
+    let serves_without_redis = state.quota.local().on_error() != OnRedisError::Closed;
+    let (status, label) = match (redis_ok, pg_ok) {
+        (true, true) => (StatusCode::OK, "ready"),
+        (false, true) if serves_without_redis => (StatusCode::OK, "degraded"),
+        _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
     let body = json!({
-        "status": if status == StatusCode::OK { "ready" } else { "unavailable" },
+        "status": label,
         "redis": word(redis_ok),
         "postgres": word(pg_ok),
     });

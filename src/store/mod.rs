@@ -28,6 +28,23 @@ pub enum StoreError {
     Protocol(String),
 }
 
+impl StoreError {
+    /// Redis could not be reached in time (as opposed to a script or protocol error): the
+    /// outage modes apply.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            StoreError::Timeout(_) => true,
+            StoreError::Redis(e) => {
+                e.is_io_error()
+                    || e.is_connection_dropped()
+                    || e.is_connection_refusal()
+                    || e.is_timeout()
+            }
+            StoreError::Protocol(_) => false,
+        }
+    }
+}
+
 /// How the script treats the limits it is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -67,7 +84,42 @@ pub struct Reply {
     pub status: Status,
     /// One per limit, in the order given; empty for `Duplicate`.
     pub limits: Vec<LimitReply>,
+    /// The Redis key of each limit, in the same order (empty unless from `run`).
+    pub keys: Vec<String>,
 }
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpecKind {
+    Counter,
+    Gauge,
+    Rate,
+}
+
+impl SpecKind {
+    fn as_arg(self) -> &'static str {
+        match self {
+            SpecKind::Counter => "c",
+            SpecKind::Gauge => "g",
+            SpecKind::Rate => "r",
+        }
+    }
+}
+
+/// One limit as the script sees it (see the argument contract in `decide.lua`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySpec {
+    pub key: String,
+    pub kind: SpecKind,
+    pub amount: i64,
+    /// 0: unlimited.
+    pub limit: u64,
+    pub block: bool,
+    /// Counters: expiry (Unix ms); rates: window (µs); gauges: 0.
+    pub param: i64,
+}
+
+/// How long a replayed batch's id is remembered.
+const REPLAY_IDEMPOTENCY_TTL: Duration = Duration::from_secs(48 * 3600);
 
 /// How long a period counter outlives its period, so late reads (the usage view of a just-ended
 /// period, the flusher) still find it.
@@ -88,6 +140,8 @@ pub struct Store {
     decide: std::sync::Arc<redis::Script>,
     timeout: Duration,
     metrics: std::sync::Arc<Metrics>,
+    /// False after a connection failure, until a call succeeds again (counts reconnects).
+    healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Store {
@@ -112,6 +166,7 @@ impl Store {
             decide: std::sync::Arc::new(redis::Script::new(include_str!("decide.lua"))),
             timeout: settings.timeout,
             metrics,
+            healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
         })
     }
 
@@ -137,8 +192,7 @@ impl Store {
         };
         match &result {
             Ok(_) => {
-                if self.metrics.degraded.get() != 0 {
-                    self.metrics.degraded.set(0);
+                if !self.healthy.swap(true, std::sync::atomic::Ordering::AcqRel) {
                     self.metrics.redis_reconnects.inc();
                 }
             }
@@ -152,7 +206,8 @@ impl Store {
                 };
                 self.metrics.redis_errors.with_label_values(&[kind]).inc();
                 if kind != "other" {
-                    self.metrics.degraded.set(1);
+                    self.healthy
+                        .store(false, std::sync::atomic::Ordering::Release);
                 }
             }
         }
@@ -181,6 +236,26 @@ impl Store {
         result
     }
 
+    /// The script arguments of one limit: its key, kind and expiry or window.
+    pub fn spec(&self, org: &OrgId, limit: &Limit<'_>) -> KeySpec {
+        let (kind, param) = match &limit.target {
+            Target::Counter { period, window } => (
+                SpecKind::Counter,
+                (window.end + expiry_grace(*period)).timestamp_millis(),
+            ),
+            Target::Gauge => (SpecKind::Gauge, 0),
+            Target::Rate { window, .. } => (SpecKind::Rate, window.as_micros() as i64),
+        };
+        KeySpec {
+            key: self.keys.limit(org, limit),
+            kind,
+            amount: limit.amount,
+            limit: limit.limit.unwrap_or(0),
+            block: limit.blocks(),
+            param,
+        }
+    }
+
     /// Check and/or apply `limits` of one org in one round trip.
     pub async fn run(
         &self,
@@ -190,39 +265,61 @@ impl Store {
         now: DateTime<Utc>,
         idempotency: Option<(&str, Duration)>,
     ) -> Result<Reply, StoreError> {
-        let idem_key = idempotency.map(|(key, _)| self.keys.idempotency(org, key));
-        let mut cmd = redis::Cmd::with_capacity(4 + limits.len() * 6 + 2, 64 + limits.len() * 96);
+        let specs: Vec<KeySpec> = limits.iter().map(|l| self.spec(org, l)).collect();
+        let idem = idempotency.map(|(key, ttl)| (self.keys.idempotency(org, key), ttl));
+        let mut reply = self.eval_specs(&specs, mode, now, idem).await?;
+        reply.keys = specs.into_iter().map(|s| s.key).collect();
+        Ok(reply)
+    }
+
+    /// Add usage counted while Redis was unreachable (see `local`). The batch carries its own
+    /// idempotency key, so a replay retried after a timeout that did reach Redis is not counted
+    /// twice.
+    pub async fn replay(
+        &self,
+        org: &OrgId,
+        specs: &[KeySpec],
+        batch_id: &str,
+        now: DateTime<Utc>,
+    ) -> Result<Status, StoreError> {
+        let idem = Some((self.keys.idempotency(org, batch_id), REPLAY_IDEMPOTENCY_TTL));
+        Ok(self
+            .eval_specs(specs, Mode::Record, now, idem)
+            .await?
+            .status)
+    }
+
+    async fn eval_specs(
+        &self,
+        specs: &[KeySpec],
+        mode: Mode,
+        now: DateTime<Utc>,
+        idempotency: Option<(String, Duration)>,
+    ) -> Result<Reply, StoreError> {
+        let mut cmd = redis::Cmd::with_capacity(4 + specs.len() * 6 + 2, 64 + specs.len() * 96);
         cmd.arg("EVALSHA")
             .arg(self.decide.get_hash())
-            .arg(limits.len() + usize::from(idem_key.is_some()));
-        if let Some(k) = &idem_key {
+            .arg(specs.len() + usize::from(idempotency.is_some()));
+        if let Some((k, _)) = &idempotency {
             cmd.arg(k);
         }
-        for limit in limits {
-            cmd.arg(self.keys.limit(org, limit));
+        for spec in specs {
+            cmd.arg(&spec.key);
         }
         cmd.arg(now.timestamp_micros()).arg(mode.as_arg());
-        match idempotency {
+        match &idempotency {
             Some((_, ttl)) => cmd.arg(ttl.as_millis() as u64),
             None => cmd.arg(0),
         };
-        for limit in limits {
-            let block = if limit.blocks() { "1" } else { "0" };
-            let (kind, param) = match &limit.target {
-                Target::Counter { period, window } => {
-                    ("c", (window.end + expiry_grace(*period)).timestamp_millis())
-                }
-                Target::Gauge => ("g", 0),
-                Target::Rate { window, .. } => ("r", window.as_micros() as i64),
-            };
-            cmd.arg(kind)
-                .arg(limit.amount)
-                .arg(limit.limit.unwrap_or(0))
-                .arg(block)
-                .arg(param);
+        for spec in specs {
+            cmd.arg(spec.kind.as_arg())
+                .arg(spec.amount)
+                .arg(spec.limit)
+                .arg(if spec.block { "1" } else { "0" })
+                .arg(spec.param);
         }
         let raw = self.eval_decide(&cmd).await?;
-        parse_reply(&raw, limits.len())
+        parse_reply(&raw, specs.len())
     }
 
     /// Current values of counters and gauges (rates read as 0), one `MGET` for one org.
@@ -278,6 +375,7 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
             return Ok(Reply {
                 status: Status::Duplicate,
                 limits: Vec::new(),
+                keys: Vec::new(),
             });
         }
         other => return Err(StoreError::Protocol(format!("status {other:?}"))),
@@ -296,5 +394,9 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
             millis: c[2],
         })
         .collect();
-    Ok(Reply { status, limits })
+    Ok(Reply {
+        status,
+        limits,
+        keys: Vec::new(),
+    })
 }

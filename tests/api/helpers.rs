@@ -160,6 +160,9 @@ pub struct TestOptions {
     pub plans_file: Option<PathBuf>,
     /// `[enforcement] mode = "shadow"`.
     pub shadow: bool,
+    /// `[redis] on_error` and `local_share`.
+    pub on_error: quota_gateway::config::OnRedisError,
+    pub local_share: f64,
 }
 
 impl Default for TestOptions {
@@ -170,6 +173,8 @@ impl Default for TestOptions {
             redis_url: None,
             plans_file: None,
             shadow: false,
+            on_error: Default::default(),
+            local_share: 1.0,
         }
     }
 }
@@ -207,6 +212,8 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     if let Some(path) = opts.plans_file {
         settings.plans_path = path;
     }
+    settings.redis.on_error = opts.on_error;
+    settings.redis.local_share = opts.local_share;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -382,6 +389,8 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             key_prefix: prefix.into(),
             timeout: Duration::from_secs(2),
             connect_timeout: Duration::from_secs(2),
+            on_error: Default::default(),
+            local_share: 1.0,
         },
         database: DatabaseSettings {
             url: SecretString::from(db_url.to_string()),

@@ -1,22 +1,69 @@
-//! Redis faults: a lost connection answers 503 JSON and recovers by itself; a flushed script
-//! cache is reloaded transparently.
+//! Redis faults, through a TCP proxy the test cuts (the shared Redis keeps serving other tests):
+//! `closed` answers 503, `local` enforces per replica, `open` admits; in both of the latter every
+//! admitted unit reaches Redis once it is back. A flushed script cache is reloaded transparently.
 
 use std::time::Duration;
 
-use serde_json::json;
+use futures_util::future::join_all;
+use quota_gateway::config::OnRedisError;
+use serde_json::{Value, json};
 
 use crate::helpers::{
-    ChaosProxy, TestOptions, eventually, host_port, json, spawn_app, spawn_app_with, test_redis_url,
+    ChaosProxy, TestApp, TestOptions, eventually, host_port, json, spawn_app, spawn_app_with,
+    test_redis_url,
 };
 
-#[tokio::test]
-async fn redis_loss_answers_503_and_recovers_without_a_restart() {
+async fn behind_proxy(
+    on_error: OnRedisError,
+    local_share: f64,
+    plans: Option<&str>,
+) -> (ChaosProxy, TestApp) {
     let proxy = ChaosProxy::start(&host_port(&test_redis_url())).await;
-    let app = spawn_app_with(TestOptions {
+    let mut opts = TestOptions {
         redis_url: Some(format!("redis://{}/0", proxy.addr)),
+        on_error,
+        local_share,
         ..Default::default()
+    };
+    if let Some(p) = plans {
+        opts.plans = p.into();
+    }
+    let app = spawn_app_with(opts).await;
+    (proxy, app)
+}
+
+/// The counter of `metric`'s calendar month, read from Redis directly.
+async fn redis_month(app: &TestApp, org: &str, metric: &str) -> i64 {
+    let keys = app.redis_keys().await;
+    let key = keys
+        .iter()
+        .find(|k| k.contains(&format!("{{{org}}}:c:{metric}:month:")));
+    match key {
+        Some(k) => app.redis_get(k).await.unwrap().parse().unwrap(),
+        None => 0,
+    }
+}
+
+async fn statuses(app: &TestApp, n: usize, body: Value) -> Vec<u16> {
+    join_all((0..n).map(|_| app.check(body.clone())))
+        .await
+        .iter()
+        .map(|r| r.status().as_u16())
+        .collect()
+}
+
+async fn wait_recovered(app: &TestApp) {
+    let ok = eventually(Duration::from_secs(10), || async {
+        let r = app.get("/readyz").await;
+        r.status() == 200 && json(r).await["status"] == "ready"
     })
     .await;
+    assert!(ok.is_some(), "the gateway leaves degraded mode on its own");
+}
+
+#[tokio::test]
+async fn closed_mode_answers_503_and_recovers_without_a_restart() {
+    let (proxy, app) = behind_proxy(OnRedisError::Closed, 1.0, None).await;
     let body = json!({"org_id": "acme", "metric": "requests"});
     assert_eq!(app.check(body.clone()).await.status(), 200);
 
@@ -39,17 +86,144 @@ async fn redis_loss_answers_503_and_recovers_without_a_restart() {
     })
     .await;
     assert!(back.is_some(), "the gateway reconnects on its own");
+    wait_recovered(&app).await;
+    assert_eq!(
+        redis_month(&app, "acme", "requests").await,
+        2,
+        "the failed check was not counted"
+    );
+}
+
+#[tokio::test]
+async fn local_mode_enforces_what_was_left_and_replays_every_admitted_unit() {
+    // Free: 20 requests a month, 10 a second; 1000 tokens.
+    let (proxy, app) = behind_proxy(OnRedisError::Local, 1.0, None).await;
+    let body = json!({"org_id": "acme", "metric": "requests"});
+    assert_eq!(
+        app.check(json!({"org_id": "acme", "metric": "requests", "amount": 9}))
+            .await
+            .status(),
+        200
+    );
+    app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(
+        app.check(json!({"org_id": "acme", "metric": "requests", "amount": 6}))
+            .await
+            .status(),
+        200
+    );
+
+    proxy.cut();
+    let during = statuses(&app, 8, body.clone()).await;
+    assert_eq!(
+        during.iter().filter(|s| **s == 200).count(),
+        5,
+        "{during:?}"
+    );
+    assert_eq!(
+        during.iter().filter(|s| **s == 402).count(),
+        3,
+        "{during:?}"
+    );
+    let r = app
+        .post(
+            "/v1/usage",
+            &json!({"org_id": "acme", "metric": "tokens", "amount": 250}),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "usage reports are kept too");
+    let ready = app.get("/readyz").await;
+    assert_eq!(ready.status(), 200, "degraded, but still deciding");
+    assert_eq!(
+        json(ready).await,
+        json!({"status": "degraded", "redis": "unreachable", "postgres": "ok"})
+    );
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("quota_gateway_degraded 1"), "{metrics}");
+
+    proxy.restore();
+    wait_recovered(&app).await;
+    assert_eq!(redis_month(&app, "acme", "requests").await, 20);
+    assert_eq!(redis_month(&app, "acme", "tokens").await, 250);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("quota_gateway_degraded 0"));
+    app.clock.advance(chrono::Duration::seconds(1));
+    assert_eq!(
+        app.check(body).await.status(),
+        402,
+        "Redis knows the org is at its limit"
+    );
+}
+
+#[tokio::test]
+async fn local_mode_admits_only_its_share_of_what_was_left() {
+    let (proxy, app) = behind_proxy(OnRedisError::Local, 0.5, None).await;
+    assert_eq!(
+        app.check(json!({"org_id": "acme", "metric": "requests", "amount": 10}))
+            .await
+            .status(),
+        200
+    );
+    proxy.cut();
+    app.clock.advance(chrono::Duration::seconds(1));
+    let during = statuses(&app, 8, json!({"org_id": "acme", "metric": "requests"})).await;
+    assert_eq!(
+        during.iter().filter(|s| **s == 200).count(),
+        5,
+        "half of the 10 left: {during:?}"
+    );
+    proxy.restore();
+    wait_recovered(&app).await;
+    assert_eq!(redis_month(&app, "acme", "requests").await, 15);
+}
+
+#[tokio::test]
+async fn local_mode_applies_rates_per_replica() {
+    let plans = r#"
+default_plan = "free"
+[metrics]
+requests = { unit = "request" }
+[plans.free]
+rates = { requests = { limit = 10, window = "10s" } }
+"#;
+    let (proxy, app) = behind_proxy(OnRedisError::Local, 1.0, Some(plans)).await;
+    proxy.cut();
+    let during = statuses(&app, 25, json!({"org_id": "acme", "metric": "requests"})).await;
+    assert_eq!(
+        during.iter().filter(|s| **s == 200).count(),
+        10,
+        "{during:?}"
+    );
+    assert_eq!(
+        during.iter().filter(|s| **s == 429).count(),
+        15,
+        "{during:?}"
+    );
+    proxy.restore();
+    wait_recovered(&app).await;
+    assert_eq!(redis_month(&app, "acme", "requests").await, 10);
+}
+
+#[tokio::test]
+async fn open_mode_admits_everything_and_still_counts_it() {
+    let (proxy, app) = behind_proxy(OnRedisError::Open, 1.0, None).await;
+    proxy.cut();
+    let during = statuses(&app, 30, json!({"org_id": "acme", "metric": "requests"})).await;
+    assert!(during.iter().all(|s| *s == 200), "{during:?}");
     assert_eq!(app.get("/readyz").await.status(), 200);
-    // Exactly the two admitted checks were counted (the failed one was not).
-    let usage = json(app.get("/v1/orgs/acme/usage").await).await;
-    let requests = usage["usage"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["metric"] == "requests")
-        .unwrap()
-        .clone();
-    assert_eq!(requests["current"], 2);
+    proxy.restore();
+    wait_recovered(&app).await;
+    assert_eq!(
+        redis_month(&app, "acme", "requests").await,
+        30,
+        "nothing admitted is lost"
+    );
+    assert_eq!(
+        app.check(json!({"org_id": "acme", "metric": "requests"}))
+            .await
+            .status(),
+        402
+    );
 }
 
 #[tokio::test]
@@ -66,4 +240,9 @@ async fn a_flushed_script_cache_is_reloaded_transparently() {
     let r = app.check(body).await;
     assert_eq!(r.status(), 200);
     assert_eq!(json(r).await["usage"][0]["current"], 2);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("quota_gateway_redis_script_reloads_total 1"),
+        "{metrics}"
+    );
 }
