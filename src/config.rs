@@ -85,6 +85,9 @@ pub struct ApiSettings {
     pub admin_token: SecretString,
     /// `None`: `/v1/*` is open (the gateway is expected on a private network).
     pub service_token: Option<SecretString>,
+    /// Per-client-IP limit on `/admin/*` and `/webhooks/*` (requests per second, burst).
+    pub guard_per_second: std::num::NonZeroU32,
+    pub guard_burst: std::num::NonZeroU32,
 }
 
 #[derive(Debug, Clone)]
@@ -144,6 +147,10 @@ struct ApiRaw {
     admin_token: String,
     #[serde(default)]
     service_token: String,
+    #[serde(default)]
+    guard_per_second: Option<i64>,
+    #[serde(default)]
+    guard_burst: Option<i64>,
 }
 
 #[derive(Deserialize)]
@@ -416,7 +423,21 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             })
             .ok()?;
         let admin = env.admin_token.clone().unwrap_or(a.admin_token);
+        let mut positive = |key: &str, v: Option<i64>, default: u32| match v {
+            None => std::num::NonZeroU32::new(default),
+            Some(n) => match u32::try_from(n).ok().and_then(std::num::NonZeroU32::new) {
+                Some(n) => Some(n),
+                None => {
+                    r.add(key, "must be a positive whole number");
+                    None
+                }
+            },
+        };
+        let guard_per_second = positive("api.guard_per_second", a.guard_per_second, 100)?;
+        let guard_burst = positive("api.guard_burst", a.guard_burst, 200)?;
         Some(ApiSettings {
+            guard_per_second,
+            guard_burst,
             listen,
             admin_token: SecretString::from(admin),
             service_token: (!a.service_token.is_empty())

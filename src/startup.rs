@@ -12,7 +12,7 @@ use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::{self, AppState, SharedState};
+use crate::api::{self, AppState, FloodGuard, SharedState};
 use crate::clock::{Clock, SystemClock};
 use crate::config::Settings;
 use crate::db;
@@ -113,6 +113,7 @@ impl Application {
             pool,
             admin_token: settings.api.admin_token.clone(),
             service_token: settings.api.service_token.clone(),
+            guard: FloodGuard::new(settings.api.guard_per_second, settings.api.guard_burst),
         });
         let reloader = tokio::spawn(crate::reload::follow(
             settings.plans_path.clone(),
@@ -167,9 +168,12 @@ impl Application {
         });
         tracing::info!(api = %self.api_addr, "quota-gateway listening");
         let router = api::router(self.state.clone());
-        let served = axum::serve(self.listener, router)
-            .with_graceful_shutdown(stop.clone().cancelled_owned())
-            .await;
+        let served = axum::serve(
+            self.listener,
+            router.into_make_service_with_connect_info::<SocketAddr>(),
+        )
+        .with_graceful_shutdown(stop.clone().cancelled_owned())
+        .await;
         stop.cancel();
         for (name, task) in self.tasks {
             match tokio::time::timeout(Duration::from_secs(5), task).await {

@@ -7,6 +7,7 @@
 mod admin;
 mod auth;
 mod extract;
+mod guard;
 mod health;
 mod observe;
 mod v1;
@@ -24,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::quota::QuotaService;
 
 pub use extract::ApiJson;
+pub use guard::FloodGuard;
 
 /// Shared state of every handler.
 pub struct AppState {
@@ -32,6 +34,7 @@ pub struct AppState {
     pub pool: PgPool,
     pub admin_token: SecretString,
     pub service_token: Option<SecretString>,
+    pub guard: FloodGuard,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -114,6 +117,10 @@ pub fn router(state: SharedState) -> Router {
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             auth::require_tokens,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard::flood_guard,
         ))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),

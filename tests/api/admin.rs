@@ -249,3 +249,31 @@ async fn health_and_readiness() {
         json!({"status": "ready", "redis": "ok", "postgres": "ok"})
     );
 }
+
+#[tokio::test]
+async fn floods_of_admin_calls_are_limited_per_address_but_checks_are_not() {
+    let app = spawn_app_with(TestOptions {
+        guard: Some((1, 5)),
+        ..Default::default()
+    })
+    .await;
+    let mut codes = Vec::new();
+    for _ in 0..8 {
+        codes.push(
+            app.admin(Method::GET, "/admin/orgs/acme", None)
+                .await
+                .status()
+                .as_u16(),
+        );
+    }
+    assert_eq!(codes, [200, 200, 200, 200, 200, 429, 429, 429]);
+    let r = app.admin(Method::GET, "/admin/orgs/acme", None).await;
+    assert_eq!(r.headers()["retry-after"], "1");
+    assert_eq!(json(r).await["error"], "too_many_requests");
+    for _ in 0..20 {
+        let r = app
+            .check(json!({"org_id": "acme", "metric": "requests", "consume": false}))
+            .await;
+        assert_eq!(r.status(), 200);
+    }
+}

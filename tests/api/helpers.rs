@@ -163,6 +163,8 @@ pub struct TestOptions {
     /// `[redis] on_error` and `local_share`.
     pub on_error: quota_gateway::config::OnRedisError,
     pub local_share: f64,
+    /// `[api] guard_per_second` and `guard_burst`.
+    pub guard: Option<(u32, u32)>,
 }
 
 impl Default for TestOptions {
@@ -175,6 +177,7 @@ impl Default for TestOptions {
             shadow: false,
             on_error: Default::default(),
             local_share: 1.0,
+            guard: None,
         }
     }
 }
@@ -211,6 +214,10 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     }
     if let Some(path) = opts.plans_file {
         settings.plans_path = path;
+    }
+    if let Some((per_second, burst)) = opts.guard {
+        settings.api.guard_per_second = std::num::NonZeroU32::new(per_second).unwrap();
+        settings.api.guard_burst = std::num::NonZeroU32::new(burst).unwrap();
     }
     settings.redis.on_error = opts.on_error;
     settings.redis.local_share = opts.local_share;
@@ -383,6 +390,8 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             listen: "127.0.0.1:0".parse().unwrap(),
             admin_token: SecretString::from(ADMIN_TOKEN),
             service_token: service_token.map(SecretString::from),
+            guard_per_second: std::num::NonZeroU32::new(100).unwrap(),
+            guard_burst: std::num::NonZeroU32::new(200).unwrap(),
         },
         redis: RedisSettings {
             url: SecretString::from(test_redis_url()),
