@@ -1,0 +1,202 @@
+#!/usr/bin/env bash
+# The load benchmark: one command, one run, one table.
+#
+#   benches/load/run.sh [--duration SECONDS] [--connections N] [--soak MINUTES]
+#
+# Starts a tiny upstream (nginx answering 200), nginx as a plain reverse proxy to it, and the
+# gateway (release build) against the local Redis and Postgres, then drives each with wrk over
+# loopback and prints requests/s, p50, p99, p99.9, errors and Redis commands per request for:
+#   1. the upstream directly
+#   2. nginx as a plain reverse proxy (no metering)
+#   3. the gateway proxy, every request metered (api_key identity, two limits per request)
+#   4. /v1/check directly
+#   5. redis-benchmark running the decide script with the same arguments (the ceiling for 4)
+# Quote the ratios between rows; absolute numbers on a shared machine mean little.
+# --soak MINUTES then drives the gateway at half its measured peak for that long, sampling its
+# RSS and open fds every 10 s.
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+DURATION=10
+CONNS=64
+SOAK=0
+while [ $# -gt 0 ]; do
+  case $1 in
+    --duration) DURATION=$2; shift 2 ;;
+    --connections) CONNS=$2; shift 2 ;;
+    --soak) SOAK=$2; shift 2 ;;
+    *) echo "unknown argument $1" >&2; exit 64 ;;
+  esac
+done
+
+for tool in wrk nginx; do
+  if ! command -v "$tool" >/dev/null 2>&1; then
+    echo "installing $tool"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
+  fi
+done
+bash "$ROOT/scripts/services.sh" >/dev/null
+(cd "$ROOT" && cargo build --release --quiet --bin quota-gateway)
+
+WORK=$(mktemp -d)
+UP=18081; NGX=18082; API=18090; PXY=18091
+PREFIX="qgbench-$$"
+DB="quota_gateway_bench_$$"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  [ -f "$WORK/up.pid" ] && kill "$(cat "$WORK/up.pid")" 2>/dev/null || true
+  [ -f "$WORK/ngx.pid" ] && kill "$(cat "$WORK/ngx.pid")" 2>/dev/null || true
+  redis-cli --scan --pattern "$PREFIX:*" | xargs -r -n 500 redis-cli DEL >/dev/null 2>&1 || true
+  psql -h 127.0.0.1 -U postgres -qc "DROP DATABASE IF EXISTS $DB WITH (FORCE)" >/dev/null 2>&1 || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+cat > "$WORK/up.conf" <<NGX
+worker_processes 1;
+pid $WORK/up.pid;
+error_log $WORK/up.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  server { listen 127.0.0.1:$UP; location / { return 200 "ok\n"; } }
+}
+NGX
+cat > "$WORK/ngx.conf" <<NGX
+worker_processes auto;
+pid $WORK/ngx.pid;
+error_log $WORK/ngx.err;
+events { worker_connections 4096; }
+http {
+  access_log off;
+  upstream up { server 127.0.0.1:$UP; keepalive 128; }
+  server {
+    listen 127.0.0.1:$NGX;
+    location / {
+      proxy_pass http://up;
+      proxy_http_version 1.1;
+      proxy_set_header Connection "";
+    }
+  }
+}
+NGX
+nginx -c "$WORK/up.conf" -p "$WORK"
+nginx -c "$WORK/ngx.conf" -p "$WORK"
+
+cat > "$WORK/plans.toml" <<TOML
+default_plan = "bench"
+[metrics]
+requests = { unit = "request" }
+[plans.bench]
+quotas = { requests = { limit = 1000000000000, period = "month" } }
+rates  = { requests = { limit = 1000000000, window = "1s" } }
+TOML
+cat > "$WORK/gateway.toml" <<TOML
+plans = "plans.toml"
+[api]
+listen = "127.0.0.1:$API"
+admin_token = "bench-admin"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+key_prefix = "$PREFIX"
+[database]
+url = "postgres://postgres@127.0.0.1:5432/$DB"
+[log]
+level = "warn"
+[proxy]
+listen = "127.0.0.1:$PXY"
+upstream = "http://127.0.0.1:$UP"
+[identity]
+mode = "api_key"
+[proxy.default_route]
+charges = [{ metric = "requests", amount = 1 }]
+TOML
+"$ROOT/target/release/quota-gateway" serve --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
+GW=$!
+PIDS+=("$GW")
+for _ in $(seq 1 100); do
+  curl -fs "http://127.0.0.1:$API/readyz" >/dev/null 2>&1 && break
+  sleep 0.2
+done
+curl -fs "http://127.0.0.1:$API/readyz" >/dev/null || { cat "$WORK/gateway.log"; exit 1; }
+KEY=$(curl -fs -X POST "http://127.0.0.1:$API/admin/orgs/bench/keys" \
+  -H 'authorization: Bearer bench-admin' -H 'content-type: application/json' -d '{"name":"bench"}' \
+  | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+
+redis_calls() {
+  redis-cli INFO commandstats | tr -d '\r' | awk -F'[:=,]' \
+    '/^cmdstat_/ && $1 != "cmdstat_info" { n += $3 } END { print n + 0 }'
+}
+
+ROWS=()
+# run NAME URL [BODY] [AUTH]
+run() {
+  local name=$1 url=$2 body=${3:-} auth=${4:-}
+  local before after out
+  before=$(redis_calls)
+  out=$(QG_BODY="$body" QG_AUTH="$auth" wrk -t2 -c"$CONNS" -d"${DURATION}s" -s "$ROOT/benches/load/report.lua" "$url" | grep QG_RESULT)
+  after=$(redis_calls)
+  local requests seconds errors p50 p99 p999
+  requests=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' <<<"$out")
+  seconds=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$out")
+  errors=$(sed -n 's/.*errors=\([0-9]*\).*/\1/p' <<<"$out")
+  p50=$(sed -n 's/.* p50=\([0-9]*\).*/\1/p' <<<"$out")
+  p99=$(sed -n 's/.* p99=\([0-9]*\).*/\1/p' <<<"$out")
+  p999=$(sed -n 's/.* p999=\([0-9]*\).*/\1/p' <<<"$out")
+  local rps per
+  rps=$(awk -v r="$requests" -v s="$seconds" 'BEGIN { printf "%.0f", r / s }')
+  per=$(awk -v a="$after" -v b="$before" -v r="$requests" 'BEGIN { printf "%.2f", (a - b) / r }')
+  ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s' "$name" "$rps" "$p50" "$p99" "$p999" "$errors" "$per")")
+  LAST_RPS=$rps; LAST_P99=$p99
+}
+
+run "1. upstream (nginx return 200)" "http://127.0.0.1:$UP/"
+run "2. nginx reverse proxy" "http://127.0.0.1:$NGX/"; NGX_RPS=$LAST_RPS; NGX_P99=$LAST_P99
+run "3. gateway proxy, metered" "http://127.0.0.1:$PXY/" "" "Bearer $KEY"; GW_RPS=$LAST_RPS; GW_P99=$LAST_P99
+run "4. /v1/check" "http://127.0.0.1:$API/v1/check" '{"org_id":"bench","metric":"requests"}'; CHECK_RPS=$LAST_RPS
+
+# 5. The decide script itself, with the arguments a /v1/check of the bench plan sends.
+SHA=$(redis-cli SCRIPT LOAD "$(cat "$ROOT/src/store/decide.lua")")
+MONTH=$(date -u +%Y-%m-01T00:00:00Z)
+START=$(date -u -d "$MONTH" +%s)
+NEXT=$(date -u -d "$MONTH +1 month +7 days" +%s)
+NOW_US=$(($(date +%s) * 1000000))
+RB=$(redis-benchmark -h 127.0.0.1 -p 6379 -c "$CONNS" -n 200000 --csv EVALSHA "$SHA" 2 \
+  "$PREFIX:{rb}:c:requests:month:$START" "$PREFIX:{rb}:r:requests:1000" \
+  "$NOW_US" check 0 c 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
+RB_RPS=$(awk -F'","' '{ printf "%.0f", $2 }' <<<"$RB")
+RB_P50=$(awk -F'","' '{ printf "%.0f", $5 * 1000 }' <<<"$RB")
+RB_P99=$(awk -F'","' '{ printf "%.0f", $7 * 1000 }' <<<"$RB")
+ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s' "5. redis-benchmark EVALSHA decide" "$RB_RPS" "$RB_P50" "$RB_P99" "-" "-" "1.00")")
+
+echo
+printf '%-34s %10s %9s %9s %9s %8s %10s\n' "target ($CONNS connections, ${DURATION}s)" "req/s" "p50 µs" "p99 µs" "p99.9 µs" "errors" "redis/req"
+for r in "${ROWS[@]}"; do echo "$r"; done
+echo
+awk -v g="$GW_RPS" -v n="$NGX_RPS" -v gp="$GW_P99" -v np="$NGX_P99" -v c="$CHECK_RPS" -v rb="$RB_RPS" 'BEGIN {
+  printf "gateway / nginx throughput: %.2f   (target >= 0.80)\n", g / n
+  printf "gateway / nginx p99:        %.2f   (target <= 1.50)\n", gp / np
+  printf "/v1/check / redis-benchmark: %.2f  (target >= 0.50)\n", c / rb
+}'
+
+if [ "$SOAK" != "0" ]; then
+  HALF=$((GW_RPS / 2))
+  DELAY=$(awk -v c="$CONNS" -v h="$HALF" 'BEGIN { d = c * 1000 / h; printf "%d", (d < 1 ? 1 : d) }')
+  echo
+  echo "soak: ${SOAK} min at ~${HALF} req/s (each connection paced ${DELAY} ms)"
+  QG_AUTH="Bearer $KEY" QG_DELAY_MS=$DELAY wrk -t2 -c"$CONNS" -d"$((SOAK * 60))s" \
+    -s "$ROOT/benches/load/report.lua" "http://127.0.0.1:$PXY/" >"$WORK/soak.out" &
+  WRK=$!
+  printf '%8s %12s %8s\n' "t (s)" "RSS (KiB)" "fds"
+  FIRST_RSS=""; FIRST_FDS=""
+  for t in $(seq 0 10 $((SOAK * 60))); do
+    RSS=$(awk '/VmRSS/ { print $2 }' "/proc/$GW/status")
+    FDS=$(ls "/proc/$GW/fd" | wc -l)
+    [ -z "$FIRST_RSS" ] && [ "$t" -ge 10 ] && FIRST_RSS=$RSS && FIRST_FDS=$FDS
+    printf '%8s %12s %8s\n' "$t" "$RSS" "$FDS"
+    sleep 10
+  done
+  wait "$WRK" || true
+  grep QG_RESULT "$WORK/soak.out" || true
+  awk -v a="$FIRST_RSS" -v b="$RSS" -v fa="$FIRST_FDS" -v fb="$FDS" 'BEGIN {
+    printf "RSS growth after warm-up: %.1f %% (target <= 10 %%); fds: %d -> %d\n", (b - a) * 100 / a, fa, fb }'
+fi
