@@ -102,6 +102,30 @@ pub struct RedisSettings {
     /// Fraction of each limit (of what was left of it) one replica may admit on its own while
     /// Redis is unreachable, in `local` mode. With N replicas, 1/N never over-admits.
     pub local_share: f64,
+    /// A single Redis (or a managed primary with replicas) or a Redis Cluster.
+    pub mode: RedisMode,
+}
+
+impl RedisSettings {
+    /// The node URLs: one for standalone; for a cluster, `url` may list several seeds
+    /// separated by commas.
+    pub fn seeds(&self) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        self.url
+            .expose_secret()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
 }
 
 /// The Redis-outage mode.
@@ -167,6 +191,8 @@ struct RedisRaw {
     on_error: OnRedisError,
     #[serde(default)]
     local_share: Option<f64>,
+    #[serde(default)]
+    mode: RedisMode,
 }
 
 fn default_prefix() -> String {
@@ -448,12 +474,15 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     let redis = redis.and_then(|rr| {
         let url = env.redis_url.clone().unwrap_or(rr.url);
         let mut ok = true;
-        if let Err(e) = redis::Client::open(url.as_str()) {
-            r.add(
-                "redis.url",
-                format!("not a valid Redis URL ({})", e),
-            );
-            ok = false;
+        let seeds: Vec<&str> = match rr.mode {
+            RedisMode::Standalone => vec![url.as_str()],
+            RedisMode::Cluster => url.split(',').map(str::trim).collect(),
+        };
+        for seed in seeds {
+            if let Err(e) = redis::Client::open(seed) {
+                r.add("redis.url", format!("not a valid Redis URL ({e})"));
+                ok = false;
+            }
         }
         if rr.key_prefix.is_empty()
             || rr
@@ -491,6 +520,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             connect_timeout,
             on_error: rr.on_error,
             local_share,
+            mode: rr.mode,
         })
     });
 

@@ -4,18 +4,18 @@
 //! sent over a multiplexed connection so that concurrent decisions are pipelined on one socket
 //! instead of each waiting for a pooled connection.
 
+pub mod connection;
 pub mod keys;
 
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
-use secrecy::ExposeSecret;
 
-use crate::config::RedisSettings;
+use crate::config::{RedisMode, RedisSettings};
 use crate::domain::decision::{Limit, LimitReply, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
+pub use connection::Conn;
 pub use keys::Keys;
 
 #[derive(Debug, thiserror::Error)]
@@ -134,7 +134,7 @@ fn expiry_grace(period: crate::domain::period::Period) -> chrono::Duration {
 
 #[derive(Clone)]
 pub struct Store {
-    conn: ConnectionManager,
+    conn: Conn,
     client: redis::Client,
     keys: Keys,
     decide: std::sync::Arc<redis::Script>,
@@ -152,13 +152,17 @@ impl Store {
         settings: &RedisSettings,
         metrics: std::sync::Arc<Metrics>,
     ) -> Result<Self, StoreError> {
-        let client = redis::Client::open(settings.url.expose_secret())?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(settings.connect_timeout))
-            .set_response_timeout(Some(settings.timeout))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_secs(2));
-        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
+        let seeds = settings.seeds();
+        // Pub/sub needs a connection of its own; in a cluster any node hears every PUBLISH.
+        let client = redis::Client::open(seeds[0].as_str())?;
+        let conn = match settings.mode {
+            RedisMode::Standalone => {
+                Conn::standalone(client.clone(), settings.connect_timeout, settings.timeout)?
+            }
+            RedisMode::Cluster => {
+                Conn::cluster(&seeds, settings.connect_timeout, settings.timeout)?
+            }
+        };
         Ok(Self {
             conn,
             client,
