@@ -3,7 +3,7 @@
 use futures_util::future::join_all;
 use serde_json::json;
 
-use crate::helpers::{TestOptions, json, spawn_app, spawn_app_with};
+use crate::helpers::{TestOptions, json, spawn_app, spawn_app_with, usage_entry};
 
 const QUOTA_ONLY: &str = r#"
 default_plan = "free"
@@ -252,12 +252,7 @@ async fn several_charges_are_all_or_nothing() {
     );
 
     let usage = json(app.get("/v1/orgs/acme/usage").await).await;
-    let requests = usage["usage"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["metric"] == "requests")
-        .unwrap();
+    let requests = usage_entry(&usage, "metric", "requests");
     assert_eq!(requests["current"], 0, "the request charge was not applied");
 
     let r = app
@@ -302,13 +297,7 @@ quotas = { requests = { limit = 5, period = "day", overage = "allow" } }
         .await;
     assert_eq!(r.status(), 200);
     let body = json(r).await;
-    let day = body["usage"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["period"] == "day")
-        .unwrap()
-        .clone();
+    let day = usage_entry(&body, "period", "day");
     assert_eq!(day["current"], 8);
     assert_eq!(day["remaining"], 0);
     assert_eq!(day["overage"], "allow");
@@ -393,13 +382,7 @@ quotas = { requests = [{ limit = 3, period = "minute" }, { limit = 5, period = "
         .await;
     assert_eq!(r.status(), 200);
     let body = json(r).await;
-    let month = body["usage"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["period"] == "month")
-        .unwrap()
-        .clone();
+    let month = usage_entry(&body, "period", "month");
     assert_eq!(month["current"], 1);
     assert_eq!(
         month["resets_at"].as_str().unwrap(),
@@ -442,13 +425,7 @@ async fn gauges_go_up_and_down_and_never_below_zero() {
         .await;
     assert_eq!(r.status(), 200);
     let usage = json(app.get("/v1/orgs/acme/usage").await).await;
-    let projects = usage["usage"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["metric"] == "projects")
-        .unwrap()
-        .clone();
+    let projects = usage_entry(&usage, "metric", "projects");
     assert_eq!(projects["current"], 0);
     assert_eq!(projects["kind"], "gauge");
 

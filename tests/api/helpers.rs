@@ -590,3 +590,14 @@ pub fn host_port(url: &str) -> String {
     let rest = rest.rsplit('@').next().unwrap_or(rest);
     rest.split(['/', '?']).next().unwrap_or(rest).to_string()
 }
+
+/// The entry of a `usage` array whose `field` equals `value` (e.g. `"metric", "tokens"`).
+pub fn usage_entry(body: &Value, field: &str, value: &str) -> Value {
+    body["usage"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no usage array in {body}"))
+        .iter()
+        .find(|u| u[field] == value)
+        .unwrap_or_else(|| panic!("no usage entry with {field} = {value} in {body}"))
+        .clone()
+}

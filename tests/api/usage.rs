@@ -2,15 +2,10 @@
 
 use serde_json::json;
 
-use crate::helpers::{json, spawn_app};
+use crate::helpers::{json, spawn_app, usage_entry};
 
-fn entry<'a>(usage: &'a serde_json::Value, metric: &str) -> &'a serde_json::Value {
-    usage["usage"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|u| u["metric"] == metric)
-        .unwrap_or_else(|| panic!("no {metric} entry in {usage}"))
+fn entry(usage: &serde_json::Value, metric: &str) -> serde_json::Value {
+    usage_entry(usage, "metric", metric)
 }
 
 #[tokio::test]
