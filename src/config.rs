@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::period::Period;
 use crate::domain::plan::{Catalog, Metric, MetricKind, Overage, Plan, Quota, Rate};
+use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteAction, RouteTable};
 
 /// One thing wrong with a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -74,6 +75,8 @@ pub struct Settings {
     pub database: DatabaseSettings,
     pub log: LogSettings,
     pub usage: UsageSettings,
+    /// `None` when `[proxy]` is absent: only the API listener runs.
+    pub proxy: Option<ProxySettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -112,6 +115,65 @@ pub struct LogSettings {
 pub struct UsageSettings {
     /// How long an idempotency key of `POST /v1/usage` is remembered.
     pub idempotency_ttl: Duration,
+}
+
+/// `[proxy]`, `[identity]` and `[[routes]]`: the metering reverse proxy.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    /// Default upstream (`http://host:port`); a route may name its own.
+    pub upstream: http::Uri,
+    pub connect_timeout: Duration,
+    /// The whole upstream exchange up to the response headers; past it the client gets a 504.
+    pub request_timeout: Duration,
+    /// How long a shutdown waits for in-flight requests before closing them.
+    pub drain_timeout: Duration,
+    pub refund_on: RefundOn,
+    pub identity: IdentitySettings,
+    pub routes: RouteTable,
+}
+
+/// Outcomes after which a request's charges are given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefundOn {
+    pub server_error: bool,
+    pub connect_error: bool,
+    pub timeout: bool,
+}
+
+impl Default for RefundOn {
+    fn default() -> Self {
+        Self {
+            server_error: true,
+            connect_error: true,
+            timeout: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityMode {
+    /// `Authorization: Bearer <key>` or `x-api-key`, resolved through `api_keys`.
+    ApiKey,
+    /// The org id is in a header set by a trusted auth layer in front of the gateway.
+    Header,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub mode: IdentityMode,
+    /// The org header: read in `header` mode, removed from clients in `api_key` mode.
+    pub header: http::HeaderName,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            mode: IdentityMode::ApiKey,
+            header: http::HeaderName::from_static("x-org-id"),
+        }
+    }
 }
 
 // ---- raw file shapes ----------------------------------------------------------------------
@@ -166,6 +228,90 @@ struct LogRaw {
 struct UsageRaw {
     #[serde(default)]
     idempotency_ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyRaw {
+    listen: String,
+    upstream: String,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+    #[serde(default)]
+    request_timeout: Option<String>,
+    #[serde(default)]
+    drain_timeout: Option<String>,
+    #[serde(default)]
+    refund_on: Option<Vec<RefundOnRaw>>,
+    #[serde(default)]
+    default_route: Option<ActionRaw>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+enum RefundOnRaw {
+    #[serde(rename = "5xx")]
+    ServerError,
+    #[serde(rename = "connect_error")]
+    ConnectError,
+    #[serde(rename = "timeout")]
+    Timeout,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct IdentityRaw {
+    #[serde(default)]
+    mode: Option<IdentityMode>,
+    #[serde(default)]
+    header: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteRaw {
+    #[serde(default)]
+    method: Option<String>,
+    path: String,
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    charges: Vec<ChargeRaw>,
+    #[serde(default)]
+    report: Vec<ReportRaw>,
+    #[serde(default)]
+    unmetered: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActionRaw {
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    charges: Vec<ChargeRaw>,
+    #[serde(default)]
+    report: Vec<ReportRaw>,
+    #[serde(default)]
+    unmetered: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChargeRaw {
+    metric: String,
+    #[serde(default = "one")]
+    amount: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportRaw {
+    header: String,
+    metric: String,
 }
 
 /// Collects problems for one file.
@@ -305,6 +451,11 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<(Settings, Catalog), Conf
     let catalog = settings
         .as_ref()
         .and_then(|s| load_catalog_into(&s.plans_path, &mut problems));
+    if let (Some(s), Some(c)) = (&settings, &catalog)
+        && let Err(e) = check_against_catalog(s, c)
+    {
+        problems.extend(e.problems);
+    }
     match (settings, catalog) {
         (Some(s), Some(c)) if problems.is_empty() => Ok((s, c)),
         _ => Err(ConfigError { problems }),
@@ -354,6 +505,9 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     let db_v = section(&mut r, "database", true);
     let log_v = section(&mut r, "log", false);
     let usage_v = section(&mut r, "usage", false);
+    let proxy_v = section(&mut r, "proxy", false);
+    let identity_v = section(&mut r, "identity", false);
+    let routes_v = section(&mut r, "routes", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -476,6 +630,8 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
         );
     }
 
+    let proxy = proxy_settings(&mut r, proxy_v, identity_v, routes_v);
+
     Some(Settings {
         config_path: path.to_path_buf(),
         plans_path: plans_path?,
@@ -484,7 +640,286 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
         database: database?,
         log,
         usage,
+        proxy,
     })
+}
+
+/// `[proxy]` with its `[identity]` and `[[routes]]`; `None` when the proxy is not configured (or
+/// invalid, in which case the problems are in `r`).
+fn proxy_settings(
+    r: &mut Report<'_>,
+    proxy_v: Option<toml::Value>,
+    identity_v: Option<toml::Value>,
+    routes_v: Option<toml::Value>,
+) -> Option<ProxySettings> {
+    let Some(proxy_v) = proxy_v else {
+        if identity_v.is_some() {
+            r.add("identity", "only used by the proxy: add a [proxy] section");
+        }
+        if routes_v.is_some() {
+            r.add("routes", "only used by the proxy: add a [proxy] section");
+        }
+        return None;
+    };
+    let before = r.problems.len();
+    let raw: Option<ProxyRaw> = r.parse("proxy", proxy_v);
+    let identity: IdentityRaw = identity_v
+        .and_then(|v| r.parse("identity", v))
+        .unwrap_or_default();
+    let identity = IdentitySettings {
+        mode: identity.mode.unwrap_or(IdentityMode::ApiKey),
+        header: match identity.header {
+            None => IdentitySettings::default().header,
+            Some(h) => http::HeaderName::from_bytes(h.as_bytes()).unwrap_or_else(|_| {
+                r.add(
+                    "identity.header",
+                    format!("`{h}` is not a valid header name"),
+                );
+                IdentitySettings::default().header
+            }),
+        },
+    };
+
+    let mut routes = Vec::new();
+    match routes_v {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            for (i, v) in items.into_iter().enumerate() {
+                let key = format!("routes[{i}]");
+                let Some(rr) = r.parse::<RouteRaw>(&key, v) else {
+                    continue;
+                };
+                let method = rr.method.as_deref().and_then(|m| {
+                    let upper = m.to_ascii_uppercase();
+                    http::Method::from_bytes(upper.as_bytes())
+                        .map_err(|_| {
+                            r.add(
+                                format!("{key}.method"),
+                                format!("`{m}` is not an HTTP method"),
+                            )
+                        })
+                        .ok()
+                });
+                let path = PathPattern::parse(&rr.path)
+                    .map_err(|e| r.add(format!("{key}.path"), e))
+                    .ok();
+                let action = route_action(
+                    r,
+                    &key,
+                    ActionRaw {
+                        upstream: rr.upstream,
+                        charges: rr.charges,
+                        report: rr.report,
+                        unmetered: rr.unmetered,
+                    },
+                );
+                if let Some(path) = path {
+                    routes.push(Route {
+                        method,
+                        path,
+                        action,
+                    });
+                }
+            }
+        }
+        Some(_) => r.add("routes", "must be an array of tables ([[routes]])"),
+    }
+
+    let raw = raw?;
+    let default_route = raw
+        .default_route
+        .map(|a| route_action(r, "proxy.default_route", a));
+    let listen = raw
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|e| {
+            r.add(
+                "proxy.listen",
+                format!("`{}` is not host:port ({e})", raw.listen),
+            )
+        })
+        .ok();
+    let upstream = parse_upstream(r, "proxy.upstream", &raw.upstream);
+    let connect_timeout = duration_or(
+        r,
+        "proxy.connect_timeout",
+        raw.connect_timeout,
+        Duration::from_secs(2),
+    );
+    let request_timeout = duration_or(
+        r,
+        "proxy.request_timeout",
+        raw.request_timeout,
+        Duration::from_secs(60),
+    );
+    let drain_timeout = duration_or(
+        r,
+        "proxy.drain_timeout",
+        raw.drain_timeout,
+        Duration::from_secs(30),
+    );
+    let refund_on = match raw.refund_on {
+        None => RefundOn::default(),
+        Some(list) => {
+            let mut on = RefundOn {
+                server_error: false,
+                connect_error: false,
+                timeout: false,
+            };
+            for item in list {
+                match item {
+                    RefundOnRaw::ServerError => on.server_error = true,
+                    RefundOnRaw::ConnectError => on.connect_error = true,
+                    RefundOnRaw::Timeout => on.timeout = true,
+                }
+            }
+            on
+        }
+    };
+    if r.problems.len() > before {
+        return None;
+    }
+    Some(ProxySettings {
+        listen: listen?,
+        upstream: upstream?,
+        connect_timeout,
+        request_timeout,
+        drain_timeout,
+        refund_on,
+        identity,
+        routes: RouteTable {
+            routes,
+            default_route,
+        },
+    })
+}
+
+fn route_action(r: &mut Report<'_>, key: &str, raw: ActionRaw) -> RouteAction {
+    let upstream = raw
+        .upstream
+        .as_deref()
+        .and_then(|u| parse_upstream(r, &format!("{key}.upstream"), u));
+    if raw.unmetered && !(raw.charges.is_empty() && raw.report.is_empty()) {
+        r.add(
+            key,
+            "an unmetered route cannot have charges or report headers",
+        );
+    }
+    if !raw.unmetered && raw.charges.is_empty() {
+        r.add(
+            format!("{key}.charges"),
+            "missing: give at least one charge, or set unmetered = true",
+        );
+    }
+    let charges = raw
+        .charges
+        .into_iter()
+        .enumerate()
+        .map(|(j, c)| {
+            if !(1..=(1i64 << 53)).contains(&c.amount) {
+                r.add(
+                    format!("{key}.charges[{j}].amount"),
+                    "must be an integer between 1 and 2^53",
+                );
+            }
+            ChargeSpec {
+                metric: c.metric,
+                amount: c.amount,
+            }
+        })
+        .collect();
+    let report = raw
+        .report
+        .into_iter()
+        .enumerate()
+        .filter_map(|(j, rep)| {
+            let header = http::HeaderName::from_bytes(rep.header.as_bytes())
+                .map_err(|_| {
+                    r.add(
+                        format!("{key}.report[{j}].header"),
+                        format!("`{}` is not a valid header name", rep.header),
+                    )
+                })
+                .ok()?;
+            Some(ReportSpec {
+                header,
+                metric: rep.metric,
+            })
+        })
+        .collect();
+    RouteAction {
+        upstream,
+        charges,
+        report,
+        unmetered: raw.unmetered,
+    }
+}
+
+/// An upstream is `http://host:port` (TLS to the upstream is out of scope: the gateway is a
+/// sidecar on a private network).
+fn parse_upstream(r: &mut Report<'_>, key: &str, raw: &str) -> Option<http::Uri> {
+    let uri = match raw.parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            r.add(key, format!("`{raw}` is not a URL ({e})"));
+            return None;
+        }
+    };
+    let reason = if uri.scheme_str() != Some("http") {
+        Some("must be an http:// URL (put TLS termination in front of the upstream)")
+    } else if uri.authority().is_none() {
+        Some("must name a host, e.g. http://127.0.0.1:3000")
+    } else if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        Some("must be scheme and host only (no path or query): request paths are kept as sent")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => {
+            r.add(key, format!("`{raw}` {reason}"));
+            None
+        }
+        None => Some(uri),
+    }
+}
+
+/// Metrics named by proxy routes must be declared counters of the catalog.
+fn check_proxy_metrics(
+    file: &Path,
+    proxy: &ProxySettings,
+    catalog: &Catalog,
+    problems: &mut Vec<Problem>,
+) {
+    for (key, metric) in proxy.routes.metric_names() {
+        let reason = match catalog.metric(metric) {
+            None => format!(
+                "undeclared metric `{metric}` (declare it under [metrics] in the plan catalog)"
+            ),
+            Some(m) if m.kind == MetricKind::Gauge => {
+                format!("`{metric}` is a gauge (a level); the proxy charges counters only")
+            }
+            Some(_) => continue,
+        };
+        problems.push(Problem {
+            file: file.to_path_buf(),
+            key,
+            reason,
+        });
+    }
+}
+
+/// Check settings that depend on the catalog (route metrics); used by `load` and by callers that
+/// build `Settings` in code.
+pub fn check_against_catalog(settings: &Settings, catalog: &Catalog) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    if let Some(proxy) = &settings.proxy {
+        check_proxy_metrics(&settings.config_path, proxy, catalog, &mut problems);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
+    }
 }
 
 // ---- plan catalog ---------------------------------------------------------------------------

@@ -8,6 +8,8 @@
 //! - `db`: Postgres: orgs, API keys, plan changes, adjustments; migrations in `migrations/`.
 //! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
 //! - `quota`: the use cases that combine catalog, directory, store and clock.
+//! - `proxy`: the metering reverse proxy on `[proxy].listen` (identify → decide → forward →
+//!   record), with route matching, header hygiene and API-key identity in submodules.
 //! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
 //! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
 
@@ -18,6 +20,7 @@ pub mod db;
 pub mod directory;
 pub mod domain;
 pub mod error;
+pub mod proxy;
 pub mod quota;
 pub mod respond;
 pub mod shutdown;

@@ -18,6 +18,7 @@ use crate::config::Settings;
 use crate::db;
 use crate::directory::OrgDirectory;
 use crate::domain::plan::Catalog;
+use crate::proxy::{ProxyServer, ProxyState};
 use crate::quota::QuotaService;
 use crate::store::Store;
 
@@ -46,6 +47,8 @@ pub struct Application {
     state: SharedState,
     stop: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
+    /// The reverse proxy, when `[proxy]` is configured.
+    proxy: Option<ProxyServer>,
 }
 
 impl Application {
@@ -95,6 +98,12 @@ impl Application {
             admin_token: settings.api.admin_token.clone(),
             service_token: settings.api.service_token.clone(),
         });
+        crate::config::check_against_catalog(&settings, &state.quota.catalog())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let proxy = match settings.proxy.clone() {
+            Some(p) => Some(ProxyServer::bind(p, state.clone()).await?),
+            None => None,
+        };
         let listener = TcpListener::bind(settings.api.listen)
             .await
             .with_context(|| format!("binding the API listener on {}", settings.api.listen))?;
@@ -105,7 +114,18 @@ impl Application {
             state,
             stop,
             tasks: vec![("org-change follower", follower)],
+            proxy,
         })
+    }
+
+    /// The proxy's bound address (`None` without `[proxy]`).
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(ProxyServer::local_addr)
+    }
+
+    /// The proxy's state (counters), when the proxy is configured.
+    pub fn proxy_state(&self) -> Option<Arc<ProxyState>> {
+        self.proxy.as_ref().map(ProxyServer::state)
     }
 
     pub fn api_addr(&self) -> SocketAddr {
@@ -137,12 +157,22 @@ impl Application {
                 }
             }
         });
-        tracing::info!(api = %self.api_addr, "quota-gateway listening");
+        tracing::info!(api = %self.api_addr, proxy = ?self.proxy_addr(), "quota-gateway listening");
+        // The proxy drains on its own (up to `[proxy] drain_timeout`) while the API does the same.
+        let proxy = self
+            .proxy
+            .map(|p| tokio::spawn(p.serve(stop.child_token())));
         let router = api::router(self.state.clone());
         let served = axum::serve(self.listener, router)
             .with_graceful_shutdown(stop.clone().cancelled_owned())
             .await;
         stop.cancel();
+        if let Some(proxy) = proxy {
+            match proxy.await {
+                Ok(()) => tracing::info!(task = "proxy", "stopped"),
+                Err(e) => tracing::error!(task = "proxy", error = %e, "task failed"),
+            }
+        }
         for (name, task) in self.tasks {
             match tokio::time::timeout(Duration::from_secs(5), task).await {
                 Ok(Ok(())) => tracing::info!(task = name, "stopped"),

@@ -6,4 +6,5 @@ mod admin;
 mod check;
 mod config_validation;
 mod propagation;
+mod proxy;
 mod usage;
