@@ -1332,4 +1332,203 @@ mod tests {
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("-1s").is_err());
     }
+
+    const PLANS_TOML: &str = r#"
+default_plan = "free"
+[metrics]
+requests = { unit = "request" }
+tokens = { unit = "token" }
+projects = { unit = "project", kind = "gauge" }
+[plans.free]
+quotas = { requests = { limit = 10, period = "month" } }
+"#;
+
+    const BASE: &str = r#"
+plans = "plans.toml"
+[api]
+listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+[database]
+url = "postgres://postgres@127.0.0.1:5432/x"
+"#;
+
+    fn load_text(gateway: &str) -> Result<(Settings, Catalog), ConfigError> {
+        let dir = std::env::temp_dir().join(format!("qg-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("plans.toml"), PLANS_TOML).unwrap();
+        std::fs::write(dir.join("gateway.toml"), format!("{BASE}{gateway}")).unwrap();
+        let r = load(&dir.join("gateway.toml"), &EnvOverrides::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    fn keys_of(e: ConfigError) -> Vec<(String, String)> {
+        e.problems.into_iter().map(|p| (p.key, p.reason)).collect()
+    }
+
+    #[test]
+    fn proxy_is_optional() {
+        let (s, _) = load_text("").unwrap();
+        assert!(s.proxy.is_none());
+    }
+
+    #[test]
+    fn loads_the_documented_proxy_example() {
+        let (s, _) = load_text(
+            r#"
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:3000"
+connect_timeout = "2s"
+request_timeout = "60s"
+refund_on = ["5xx", "connect_error", "timeout"]
+
+[identity]
+mode = "api_key"
+header = "x-org-id"
+
+[[routes]]
+method = "post"
+path = "/v1/chat/*"
+charges = [{ metric = "requests", amount = 1 }]
+report  = [{ header = "x-usage-tokens", metric = "tokens" }]
+
+[[routes]]
+path = "/health"
+unmetered = true
+upstream = "http://127.0.0.1:3001/"
+
+[proxy.default_route]
+charges = [{ metric = "requests" }]
+"#,
+        )
+        .unwrap();
+        let p = s.proxy.unwrap();
+        assert_eq!(p.listen.port(), 8080);
+        assert_eq!(p.drain_timeout, Duration::from_secs(30));
+        assert_eq!(p.refund_on, RefundOn::default());
+        assert_eq!(p.identity.mode, IdentityMode::ApiKey);
+        assert_eq!(p.routes.routes.len(), 2);
+        assert_eq!(p.routes.routes[0].method, Some(http::Method::POST));
+        assert_eq!(
+            p.routes.routes[0].path,
+            PathPattern::Prefix("/v1/chat".into())
+        );
+        assert_eq!(p.routes.routes[0].action.report[0].metric, "tokens");
+        assert!(p.routes.routes[1].action.unmetered);
+        assert!(p.routes.routes[1].action.upstream.is_some());
+        assert_eq!(p.routes.default_route.unwrap().charges[0].amount, 1);
+    }
+
+    #[test]
+    fn reports_every_proxy_problem_with_its_key() {
+        let err = load_text(
+            r#"
+[proxy]
+listen = "nowhere"
+upstream = "https://127.0.0.1:3000"
+drain_timeout = "0s"
+
+[identity]
+mode = "header"
+header = "bad header"
+
+[[routes]]
+method = "GE T"
+path = "v1/*"
+charges = [{ metric = "nope" }]
+
+[[routes]]
+path = "/a/*/b"
+upstream = "http://127.0.0.1:3000/base"
+charges = [{ metric = "projects", amount = 0 }]
+report = [{ header = "x y", metric = "tokens" }, { header = "x-used", metric = "missing" }]
+
+[[routes]]
+path = "/h"
+unmetered = true
+charges = [{ metric = "requests" }]
+
+[[routes]]
+path = "/x"
+colour = "blue"
+
+[proxy.default_route]
+"#,
+        )
+        .unwrap_err();
+        let got = keys_of(err);
+        let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        for expected in [
+            "identity.header",
+            "routes[0].method",
+            "routes[0].path",
+            "routes[1].path",
+            "routes[1].upstream",
+            "routes[1].charges[0].amount",
+            "routes[1].report[0].header",
+            "routes[2]",
+            "routes[3].colour",
+            "proxy.default_route.charges",
+            "proxy.listen",
+            "proxy.upstream",
+            "proxy.drain_timeout",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not in {got:#?}");
+        }
+    }
+
+    #[test]
+    fn route_metrics_must_be_declared_counters() {
+        let err = load_text(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:3000"
+[[routes]]
+path = "/a"
+charges = [{ metric = "nope" }, { metric = "projects" }]
+report = [{ header = "x-used", metric = "missing" }]
+"#,
+        )
+        .unwrap_err();
+        let got = keys_of(err);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert_eq!(got[0].0, "routes[0].charges[0].metric");
+        assert!(got[0].1.contains("undeclared metric `nope`"));
+        assert_eq!(got[1].0, "routes[0].charges[1].metric");
+        assert!(got[1].1.contains("gauge"));
+        assert_eq!(got[2].0, "routes[0].report[0].metric");
+    }
+
+    #[test]
+    fn proxy_sections_need_a_proxy() {
+        let err = load_text(
+            r#"
+[identity]
+mode = "api_key"
+[[routes]]
+path = "/a"
+unmetered = true
+"#,
+        )
+        .unwrap_err();
+        let keys: Vec<String> = err.problems.into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, vec!["identity", "routes"]);
+    }
+
+    #[test]
+    fn refund_on_accepts_only_known_outcomes() {
+        let err = load_text(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:3000"
+refund_on = ["6xx"]
+"#,
+        )
+        .unwrap_err();
+        assert!(err.problems[0].key.starts_with("proxy.refund_on"), "{err}");
+    }
 }
