@@ -161,6 +161,8 @@ pub struct TestOptions {
     pub service_token: Option<String>,
     /// Run the reverse proxy with these settings (see `proxy_settings`).
     pub proxy: Option<ProxySettings>,
+    /// Point the gateway at another Redis (a private server for measurements).
+    pub redis_url: Option<String>,
 }
 
 impl Default for TestOptions {
@@ -169,6 +171,7 @@ impl Default for TestOptions {
             plans: PLANS.into(),
             service_token: None,
             proxy: None,
+            redis_url: None,
         }
     }
 }
@@ -198,6 +201,9 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
         .unwrap_or_else(|e| panic!("test catalog invalid: {e}"));
     let mut settings = test_settings(&db_url, &prefix, opts.service_token.as_deref());
     settings.proxy = opts.proxy;
+    if let Some(url) = opts.redis_url {
+        settings.redis.url = SecretString::from(url);
+    }
     let resources = Arc::new(Resources {
         db_name,
         prefix: prefix.clone(),
@@ -545,7 +551,7 @@ pub struct Received {
 }
 
 /// A small real HTTP/1.1 upstream on 127.0.0.1:0. Paths:
-/// `/stream` (body driven by `stream_sender`), `/sink` (counts the request body),
+/// `/tiny` (answers "ok", not recorded), `/stream` (body driven by `stream_sender`), `/sink` (counts the request body),
 /// `/download/<bytes>`, `/status/<code>`, `/slow/<ms>`, `/report/<value>` (answers
 /// `x-usage-tokens: <value>`), `/hop` (answers with hop-by-hop headers), `/ws` (WebSocket echo);
 /// anything else echoes the request body.
@@ -642,7 +648,10 @@ async fn upstream_handle(
         body: Vec::new(),
     };
     let arg = |prefix: &str| path.strip_prefix(prefix).map(str::to_string);
-    let response = if path == "/stream" {
+    let response = if path == "/tiny" {
+        // Not recorded: load tests send this path by the hundred thousand.
+        http::Response::new(Body::from("ok"))
+    } else if path == "/stream" {
         received.lock().unwrap().push(record);
         let rx = stream.lock().unwrap().take().expect("stream_sender set");
         let body = futures_util::stream::unfold(rx, |mut rx| async move {

@@ -856,3 +856,133 @@ async fn one_gib_each_way_with_bounded_memory() {
         "RSS grew by more than 64 MiB"
     );
 }
+
+fn wrk(url: &str, header: Option<&str>) -> String {
+    let mut cmd = std::process::Command::new("wrk");
+    cmd.args(["-t2", "-c32", "-d8s", "--latency"]);
+    if let Some(h) = header {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.arg(url).output().expect("wrk installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn wrk_requests(out: &str) -> u64 {
+    out.lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Total calls per command from `INFO commandstats`.
+async fn commandstats(conn: &mut redis::aio::MultiplexedConnection) -> Vec<(String, u64)> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await
+        .unwrap();
+    info.lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest
+                .strip_prefix("calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((name.to_string(), calls))
+        })
+        .collect()
+}
+
+/// Requests/s and latency straight to the upstream and through the proxy in one run, plus Redis
+/// commands per proxied request, against a private `redis-server` so other suites sharing the
+/// main Redis do not skew the counts. Prints figures; asserts nothing about speed. Run with
+/// `cargo test --release --test api measure_with_wrk -- --ignored --nocapture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_with_wrk() {
+    let port = closed_port().await.port();
+    let mut redis_server = std::process::Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server installed");
+    let redis_url = format!("redis://127.0.0.1:{port}/0");
+    let client = redis::Client::open(redis_url.as_str()).unwrap();
+    let mut conn = None;
+    for _ in 0..50 {
+        if let Ok(c) = client.get_multiplexed_async_connection().await {
+            conn = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut conn = conn.expect("private redis up");
+
+    let up = spawn_upstream().await;
+    let app = spawn_app_with(TestOptions {
+        proxy: Some(proxy_settings(up.addr)),
+        redis_url: Some(redis_url),
+        ..TestOptions::default()
+    })
+    .await;
+    app.set_plan("acme", "enterprise").await;
+    let (_, key) = app.create_key("acme").await;
+    let header = format!("x-api-key: {key}");
+    let warm = app
+        .client
+        .get(app.proxy_url("/tiny"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(warm.status(), 200);
+
+    let direct_url = format!("http://{}/tiny", up.addr);
+    let direct = tokio::task::spawn_blocking(move || wrk(&direct_url, None))
+        .await
+        .unwrap();
+    let before = commandstats(&mut conn).await;
+    let proxied_url = app.proxy_url("/tiny");
+    let proxied = tokio::task::spawn_blocking(move || wrk(&proxied_url, Some(&header)))
+        .await
+        .unwrap();
+    let after = commandstats(&mut conn).await;
+
+    let proxied_requests = wrk_requests(&proxied);
+    let mut delta: Vec<(String, u64)> = after
+        .iter()
+        .map(|(name, n)| {
+            let was = before
+                .iter()
+                .find(|(b, _)| b == name)
+                .map_or(0, |(_, c)| *c);
+            (name.clone(), n - was)
+        })
+        .filter(|(name, n)| *n > 0 && name != "info")
+        .collect();
+    delta.sort();
+    let total: u64 = delta.iter().map(|(_, n)| n).sum();
+    println!("--- direct to upstream ---\n{direct}");
+    println!("--- through the proxy ---\n{proxied}");
+    println!(
+        "redis commands during the proxied run: {delta:?}; {total} for {proxied_requests} requests = {:.3} per request",
+        total as f64 / proxied_requests.max(1) as f64
+    );
+    // wrk drops what is in flight when it stops, so the gateway may have metered a few more.
+    assert!(
+        app.usage_of("acme", "requests").await as u64 > proxied_requests,
+        "every proxied request was metered"
+    );
+    let _ = redis_server.kill();
+    let _ = redis_server.wait();
+}
