@@ -65,6 +65,25 @@ pub struct ProxyStats {
     pub malformed_reports: AtomicU64,
     /// Requests whose charges were given back.
     pub refunds: AtomicU64,
+    /// Requests being handled right now (up to the response headers).
+    pub in_flight: AtomicU64,
+}
+
+/// Counts a request in `in_flight` for as long as its future lives, including when hyper drops
+/// it because the client went away.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 pub struct ProxyState {
@@ -157,7 +176,10 @@ impl ProxyServer {
                 let force = state.force.clone();
                 let service = service_fn(move |req| {
                     let state = state.clone();
-                    async move { Ok::<_, Infallible>(handle(state, peer, req).await) }
+                    async move {
+                        let _counted = InFlight::new(&state.stats.in_flight);
+                        Ok::<_, Infallible>(handle(state.clone(), peer, req).await)
+                    }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                 tokio::pin!(conn);

@@ -986,3 +986,55 @@ async fn measure_with_wrk() {
     let _ = redis_server.kill();
     let _ = redis_server.wait();
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_early_leaves_nothing_behind() {
+    let up = spawn_upstream().await;
+    let app = app_with(&up, |p| p.request_timeout = Duration::from_secs(30)).await;
+    let (_, key) = app.create_key("acme").await;
+    let state = app.proxy_state.clone().unwrap();
+    let in_flight = || {
+        state
+            .stats
+            .in_flight
+            .load(std::sync::atomic::Ordering::Relaxed)
+    };
+
+    // Waiting for response headers: the client hangs up, the exchange is dropped.
+    let mut sock = tokio::net::TcpStream::connect(app.proxy_addr.unwrap())
+        .await
+        .unwrap();
+    sock.write_all(
+        format!("GET /slow/20000 HTTP/1.1\r\nHost: t\r\nx-api-key: {key}\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    eventually(Duration::from_secs(3), || async { up.count() == 1 }).await;
+    assert_eq!(in_flight(), 1);
+    drop(sock);
+    let gone = eventually(Duration::from_secs(2), || async { in_flight() == 0 }).await;
+    assert!(gone.is_some(), "the request future outlived its client");
+
+    // Mid-body: the upstream's response is abandoned, so its writes start failing.
+    let tx = up.stream_sender();
+    let client = reqwest::Client::new();
+    let mut r = client
+        .get(app.proxy_url("/stream"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    tx.send(bytes::Bytes::from_static(b"first")).await.unwrap();
+    assert_eq!(r.chunk().await.unwrap().unwrap().as_ref(), b"first");
+    drop(r);
+    drop(client);
+    let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+    let closed = tokio::time::timeout(Duration::from_secs(5), async {
+        while tx.send(chunk.clone()).await.is_ok() {}
+    })
+    .await;
+    assert!(
+        closed.is_ok(),
+        "the upstream body is still being pulled after the client left"
+    );
+}
