@@ -304,7 +304,10 @@ async fn handle(
         }
     }
     record_reports(&state, &catalog, &org, action, &mut response);
-    respond::insert_ratelimit_headers(response.headers_mut(), &limit_headers);
+    // After a refund the decision's remaining counts are stale: better none than wrong ones.
+    if !refund {
+        respond::insert_ratelimit_headers(response.headers_mut(), &limit_headers);
+    }
     response
 }
 

@@ -971,7 +971,16 @@ async fn measure_with_wrk() {
         .filter(|(name, n)| *n > 0 && name != "info")
         .collect();
     delta.sort();
+    // Commands a script runs are counted too; round trips are the EVALSHA calls.
     let total: u64 = delta.iter().map(|(_, n)| n).sum();
+    let evalsha = delta
+        .iter()
+        .find(|(name, _)| name == "evalsha")
+        .map_or(0, |(_, n)| *n);
+    println!(
+        "EVALSHA (round trips) per proxied request: {:.3}",
+        evalsha as f64 / proxied_requests.max(1) as f64
+    );
     println!("--- direct to upstream ---\n{direct}");
     println!("--- through the proxy ---\n{proxied}");
     println!(
