@@ -553,6 +553,9 @@ async fn forward(
     parts
         .headers
         .insert(headers::X_REQUEST_ID.clone(), request_id);
+    // The client's connection keeps its own protocol version: an HTTP/1.0 upstream must not
+    // turn the client's HTTP/1.1 response into 1.0.
+    parts.version = Version::default();
     Ok(Forwarded {
         response: Response::from_parts(parts, Body::new(body)),
     })

@@ -551,7 +551,8 @@ pub struct Received {
 }
 
 /// A small real HTTP/1.1 upstream on 127.0.0.1:0. Paths:
-/// `/tiny` (answers "ok", not recorded), `/stream` (body driven by `stream_sender`), `/sink` (counts the request body),
+/// `/tiny` (answers "ok", not recorded), `/stream` (body driven by `stream_sender`),
+/// `/echo-stream` (streams the request body back as it arrives), `/sink` (counts the request body),
 /// `/download/<bytes>`, `/status/<code>`, `/slow/<ms>`, `/report/<value>` (answers
 /// `x-usage-tokens: <value>`), `/hop` (answers with hop-by-hop headers), `/ws` (WebSocket echo);
 /// anything else echoes the request body.
@@ -651,6 +652,10 @@ async fn upstream_handle(
     let response = if path == "/tiny" {
         // Not recorded: load tests send this path by the hundred thousand.
         http::Response::new(Body::from("ok"))
+    } else if path == "/echo-stream" {
+        // Echo the request body frame by frame while it is still arriving.
+        received.lock().unwrap().push(record);
+        http::Response::new(Body::new(req.into_body()))
     } else if path == "/stream" {
         received.lock().unwrap().push(record);
         let rx = stream.lock().unwrap().take().expect("stream_sender set");

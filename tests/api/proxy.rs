@@ -146,6 +146,47 @@ async fn streams_the_response_as_it_arrives() {
 }
 
 #[tokio::test]
+async fn streams_the_request_body_as_it_is_sent() {
+    let up = spawn_upstream().await;
+    let app = app_with(&up, |_| {}).await;
+    let (_, key) = app.create_key("acme").await;
+    let (tx, rx) = tokio::sync::mpsc::channel::<bytes::Bytes>(1);
+    let upload = futures_util::stream::unfold(rx, |mut rx| async move {
+        rx.recv()
+            .await
+            .map(|b| (Ok::<_, std::io::Error>(hyper::body::Frame::data(b)), rx))
+    });
+    let request = app
+        .client
+        .post(app.proxy_url("/echo-stream"))
+        .header("x-api-key", &key)
+        .body(reqwest::Body::wrap(http_body_util::StreamBody::new(upload)))
+        .send();
+    let pending = tokio::spawn(request);
+    tx.send(bytes::Bytes::from_static(b"ping")).await.unwrap();
+    // The upload is still open, yet its first chunk made it to the upstream and back.
+    let mut r = tokio::time::timeout(Duration::from_secs(5), pending)
+        .await
+        .expect("response headers before the upload finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let first = tokio::time::timeout(Duration::from_secs(5), r.chunk())
+        .await
+        .expect("echoed chunk before the upload finished")
+        .unwrap()
+        .unwrap();
+    assert_eq!(first.as_ref(), b"ping");
+    tx.send(bytes::Bytes::from_static(b"pong")).await.unwrap();
+    drop(tx);
+    let mut rest = Vec::new();
+    while let Some(c) = r.chunk().await.unwrap() {
+        rest.extend_from_slice(&c);
+    }
+    assert_eq!(rest, b"pong");
+}
+
+#[tokio::test]
 async fn missing_unknown_and_revoked_keys_get_401_and_nothing_is_forwarded() {
     let up = spawn_upstream().await;
     let app = app_with(&up, |_| {}).await;
@@ -1046,4 +1087,37 @@ async fn a_client_that_leaves_early_leaves_nothing_behind() {
         closed.is_ok(),
         "the upstream body is still being pulled after the client left"
     );
+}
+
+#[tokio::test]
+async fn an_http10_upstream_does_not_downgrade_the_client() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut sock, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = sock.read(&mut buf).await;
+                let _ = sock
+                    .write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                    .await;
+            });
+        }
+    });
+    let up = spawn_upstream().await;
+    let app = app_with(&up, |p| {
+        p.upstream = format!("http://{addr}").parse().unwrap()
+    })
+    .await;
+    let (_, key) = app.create_key("acme").await;
+    let r = app
+        .client
+        .get(app.proxy_url("/old"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(r.version(), http::Version::HTTP_11);
+    assert_eq!(r.text().await.unwrap(), "ok");
 }
