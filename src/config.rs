@@ -17,6 +17,7 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::period::Period;
 use crate::domain::plan::{Catalog, Enforcement, Metric, MetricKind, Overage, Plan, Quota, Rate};
+use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteAction, RouteTable};
 
 /// One thing wrong with a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -76,6 +77,8 @@ pub struct Settings {
     pub usage: UsageSettings,
     /// `shadow`: no plan's limits block (overrides every plan's own setting).
     pub enforcement: Enforcement,
+    /// `None` when `[proxy]` is absent: only the API listener runs.
+    pub proxy: Option<ProxySettings>,
 }
 
 #[derive(Debug, Clone)]
@@ -161,6 +164,65 @@ pub struct UsageSettings {
     pub idempotency_ttl: Duration,
 }
 
+/// `[proxy]`, `[identity]` and `[[routes]]`: the metering reverse proxy.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    /// Default upstream (`http://host:port`); a route may name its own.
+    pub upstream: http::Uri,
+    pub connect_timeout: Duration,
+    /// The whole upstream exchange up to the response headers; past it the client gets a 504.
+    pub request_timeout: Duration,
+    /// How long a shutdown waits for in-flight requests before closing them.
+    pub drain_timeout: Duration,
+    pub refund_on: RefundOn,
+    pub identity: IdentitySettings,
+    pub routes: RouteTable,
+}
+
+/// Outcomes after which a request's charges are given back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RefundOn {
+    pub server_error: bool,
+    pub connect_error: bool,
+    pub timeout: bool,
+}
+
+impl Default for RefundOn {
+    fn default() -> Self {
+        Self {
+            server_error: true,
+            connect_error: true,
+            timeout: true,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IdentityMode {
+    /// `Authorization: Bearer <key>` or `x-api-key`, resolved through `api_keys`.
+    ApiKey,
+    /// The org id is in a header set by a trusted auth layer in front of the gateway.
+    Header,
+}
+
+#[derive(Debug, Clone)]
+pub struct IdentitySettings {
+    pub mode: IdentityMode,
+    /// The org header: read in `header` mode, removed from clients in `api_key` mode.
+    pub header: http::HeaderName,
+}
+
+impl Default for IdentitySettings {
+    fn default() -> Self {
+        Self {
+            mode: IdentityMode::ApiKey,
+            header: http::HeaderName::from_static("x-org-id"),
+        }
+    }
+}
+
 // ---- raw file shapes ----------------------------------------------------------------------
 
 #[derive(Deserialize)]
@@ -230,6 +292,90 @@ struct EnforcementRaw {
 struct UsageRaw {
     #[serde(default)]
     idempotency_ttl: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProxyRaw {
+    listen: String,
+    upstream: String,
+    #[serde(default)]
+    connect_timeout: Option<String>,
+    #[serde(default)]
+    request_timeout: Option<String>,
+    #[serde(default)]
+    drain_timeout: Option<String>,
+    #[serde(default)]
+    refund_on: Option<Vec<RefundOnRaw>>,
+    #[serde(default)]
+    default_route: Option<ActionRaw>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+enum RefundOnRaw {
+    #[serde(rename = "5xx")]
+    ServerError,
+    #[serde(rename = "connect_error")]
+    ConnectError,
+    #[serde(rename = "timeout")]
+    Timeout,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct IdentityRaw {
+    #[serde(default)]
+    mode: Option<IdentityMode>,
+    #[serde(default)]
+    header: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RouteRaw {
+    #[serde(default)]
+    method: Option<String>,
+    path: String,
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    charges: Vec<ChargeRaw>,
+    #[serde(default)]
+    report: Vec<ReportRaw>,
+    #[serde(default)]
+    unmetered: bool,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ActionRaw {
+    #[serde(default)]
+    upstream: Option<String>,
+    #[serde(default)]
+    charges: Vec<ChargeRaw>,
+    #[serde(default)]
+    report: Vec<ReportRaw>,
+    #[serde(default)]
+    unmetered: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChargeRaw {
+    metric: String,
+    #[serde(default = "one")]
+    amount: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReportRaw {
+    header: String,
+    metric: String,
 }
 
 /// Collects problems for one file.
@@ -369,6 +515,11 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<(Settings, Catalog), Conf
     let catalog = settings
         .as_ref()
         .and_then(|s| load_catalog_into(&s.plans_path, &mut problems));
+    if let (Some(s), Some(c)) = (&settings, &catalog)
+        && let Err(e) = check_against_catalog(s, c)
+    {
+        problems.extend(e.problems);
+    }
     match (settings, catalog) {
         (Some(s), Some(c)) if problems.is_empty() => Ok((s, c)),
         _ => Err(ConfigError { problems }),
@@ -419,6 +570,9 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     let log_v = section(&mut r, "log", false);
     let usage_v = section(&mut r, "usage", false);
     let enforcement_v = section(&mut r, "enforcement", false);
+    let proxy_v = section(&mut r, "proxy", false);
+    let identity_v = section(&mut r, "identity", false);
+    let routes_v = section(&mut r, "routes", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -574,6 +728,8 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
         );
     }
 
+    let proxy = proxy_settings(&mut r, proxy_v, identity_v, routes_v);
+
     Some(Settings {
         config_path: path.to_path_buf(),
         plans_path: plans_path?,
@@ -583,7 +739,286 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
         log,
         usage,
         enforcement: enforcement.mode,
+        proxy,
     })
+}
+
+/// `[proxy]` with its `[identity]` and `[[routes]]`; `None` when the proxy is not configured (or
+/// invalid, in which case the problems are in `r`).
+fn proxy_settings(
+    r: &mut Report<'_>,
+    proxy_v: Option<toml::Value>,
+    identity_v: Option<toml::Value>,
+    routes_v: Option<toml::Value>,
+) -> Option<ProxySettings> {
+    let Some(proxy_v) = proxy_v else {
+        if identity_v.is_some() {
+            r.add("identity", "only used by the proxy: add a [proxy] section");
+        }
+        if routes_v.is_some() {
+            r.add("routes", "only used by the proxy: add a [proxy] section");
+        }
+        return None;
+    };
+    let before = r.problems.len();
+    let raw: Option<ProxyRaw> = r.parse("proxy", proxy_v);
+    let identity: IdentityRaw = identity_v
+        .and_then(|v| r.parse("identity", v))
+        .unwrap_or_default();
+    let identity = IdentitySettings {
+        mode: identity.mode.unwrap_or(IdentityMode::ApiKey),
+        header: match identity.header {
+            None => IdentitySettings::default().header,
+            Some(h) => http::HeaderName::from_bytes(h.as_bytes()).unwrap_or_else(|_| {
+                r.add(
+                    "identity.header",
+                    format!("`{h}` is not a valid header name"),
+                );
+                IdentitySettings::default().header
+            }),
+        },
+    };
+
+    let mut routes = Vec::new();
+    match routes_v {
+        None => {}
+        Some(toml::Value::Array(items)) => {
+            for (i, v) in items.into_iter().enumerate() {
+                let key = format!("routes[{i}]");
+                let Some(rr) = r.parse::<RouteRaw>(&key, v) else {
+                    continue;
+                };
+                let method = rr.method.as_deref().and_then(|m| {
+                    let upper = m.to_ascii_uppercase();
+                    http::Method::from_bytes(upper.as_bytes())
+                        .map_err(|_| {
+                            r.add(
+                                format!("{key}.method"),
+                                format!("`{m}` is not an HTTP method"),
+                            )
+                        })
+                        .ok()
+                });
+                let path = PathPattern::parse(&rr.path)
+                    .map_err(|e| r.add(format!("{key}.path"), e))
+                    .ok();
+                let action = route_action(
+                    r,
+                    &key,
+                    ActionRaw {
+                        upstream: rr.upstream,
+                        charges: rr.charges,
+                        report: rr.report,
+                        unmetered: rr.unmetered,
+                    },
+                );
+                if let Some(path) = path {
+                    routes.push(Route {
+                        method,
+                        path,
+                        action,
+                    });
+                }
+            }
+        }
+        Some(_) => r.add("routes", "must be an array of tables ([[routes]])"),
+    }
+
+    let raw = raw?;
+    let default_route = raw
+        .default_route
+        .map(|a| route_action(r, "proxy.default_route", a));
+    let listen = raw
+        .listen
+        .parse::<SocketAddr>()
+        .map_err(|e| {
+            r.add(
+                "proxy.listen",
+                format!("`{}` is not host:port ({e})", raw.listen),
+            )
+        })
+        .ok();
+    let upstream = parse_upstream(r, "proxy.upstream", &raw.upstream);
+    let connect_timeout = duration_or(
+        r,
+        "proxy.connect_timeout",
+        raw.connect_timeout,
+        Duration::from_secs(2),
+    );
+    let request_timeout = duration_or(
+        r,
+        "proxy.request_timeout",
+        raw.request_timeout,
+        Duration::from_secs(60),
+    );
+    let drain_timeout = duration_or(
+        r,
+        "proxy.drain_timeout",
+        raw.drain_timeout,
+        Duration::from_secs(30),
+    );
+    let refund_on = match raw.refund_on {
+        None => RefundOn::default(),
+        Some(list) => {
+            let mut on = RefundOn {
+                server_error: false,
+                connect_error: false,
+                timeout: false,
+            };
+            for item in list {
+                match item {
+                    RefundOnRaw::ServerError => on.server_error = true,
+                    RefundOnRaw::ConnectError => on.connect_error = true,
+                    RefundOnRaw::Timeout => on.timeout = true,
+                }
+            }
+            on
+        }
+    };
+    if r.problems.len() > before {
+        return None;
+    }
+    Some(ProxySettings {
+        listen: listen?,
+        upstream: upstream?,
+        connect_timeout,
+        request_timeout,
+        drain_timeout,
+        refund_on,
+        identity,
+        routes: RouteTable {
+            routes,
+            default_route,
+        },
+    })
+}
+
+fn route_action(r: &mut Report<'_>, key: &str, raw: ActionRaw) -> RouteAction {
+    let upstream = raw
+        .upstream
+        .as_deref()
+        .and_then(|u| parse_upstream(r, &format!("{key}.upstream"), u));
+    if raw.unmetered && !(raw.charges.is_empty() && raw.report.is_empty()) {
+        r.add(
+            key,
+            "an unmetered route cannot have charges or report headers",
+        );
+    }
+    if !raw.unmetered && raw.charges.is_empty() {
+        r.add(
+            format!("{key}.charges"),
+            "missing: give at least one charge, or set unmetered = true",
+        );
+    }
+    let charges = raw
+        .charges
+        .into_iter()
+        .enumerate()
+        .map(|(j, c)| {
+            if !(1..=(1i64 << 53)).contains(&c.amount) {
+                r.add(
+                    format!("{key}.charges[{j}].amount"),
+                    "must be an integer between 1 and 2^53",
+                );
+            }
+            ChargeSpec {
+                metric: c.metric,
+                amount: c.amount,
+            }
+        })
+        .collect();
+    let report = raw
+        .report
+        .into_iter()
+        .enumerate()
+        .filter_map(|(j, rep)| {
+            let header = http::HeaderName::from_bytes(rep.header.as_bytes())
+                .map_err(|_| {
+                    r.add(
+                        format!("{key}.report[{j}].header"),
+                        format!("`{}` is not a valid header name", rep.header),
+                    )
+                })
+                .ok()?;
+            Some(ReportSpec {
+                header,
+                metric: rep.metric,
+            })
+        })
+        .collect();
+    RouteAction {
+        upstream,
+        charges,
+        report,
+        unmetered: raw.unmetered,
+    }
+}
+
+/// An upstream is `http://host:port` (TLS to the upstream is out of scope: the gateway is a
+/// sidecar on a private network).
+fn parse_upstream(r: &mut Report<'_>, key: &str, raw: &str) -> Option<http::Uri> {
+    let uri = match raw.parse::<http::Uri>() {
+        Ok(u) => u,
+        Err(e) => {
+            r.add(key, format!("`{raw}` is not a URL ({e})"));
+            return None;
+        }
+    };
+    let reason = if uri.scheme_str() != Some("http") {
+        Some("must be an http:// URL (put TLS termination in front of the upstream)")
+    } else if uri.authority().is_none() {
+        Some("must name a host, e.g. http://127.0.0.1:3000")
+    } else if !matches!(uri.path(), "" | "/") || uri.query().is_some() {
+        Some("must be scheme and host only (no path or query): request paths are kept as sent")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => {
+            r.add(key, format!("`{raw}` {reason}"));
+            None
+        }
+        None => Some(uri),
+    }
+}
+
+/// Metrics named by proxy routes must be declared counters of the catalog.
+fn check_proxy_metrics(
+    file: &Path,
+    proxy: &ProxySettings,
+    catalog: &Catalog,
+    problems: &mut Vec<Problem>,
+) {
+    for (key, metric) in proxy.routes.metric_names() {
+        let reason = match catalog.metric(metric) {
+            None => format!(
+                "undeclared metric `{metric}` (declare it under [metrics] in the plan catalog)"
+            ),
+            Some(m) if m.kind == MetricKind::Gauge => {
+                format!("`{metric}` is a gauge (a level); the proxy charges counters only")
+            }
+            Some(_) => continue,
+        };
+        problems.push(Problem {
+            file: file.to_path_buf(),
+            key,
+            reason,
+        });
+    }
+}
+
+/// Check settings that depend on the catalog (route metrics); used by `load` and by callers that
+/// build `Settings` in code.
+pub fn check_against_catalog(settings: &Settings, catalog: &Catalog) -> Result<(), ConfigError> {
+    let mut problems = Vec::new();
+    if let Some(proxy) = &settings.proxy {
+        check_proxy_metrics(&settings.config_path, proxy, catalog, &mut problems);
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(ConfigError { problems })
+    }
 }
 
 // ---- plan catalog ---------------------------------------------------------------------------
@@ -1003,5 +1438,204 @@ mod tests {
         assert!(parse_duration("s").is_err());
         assert!(parse_duration("1w").is_err());
         assert!(parse_duration("-1s").is_err());
+    }
+
+    const PLANS_TOML: &str = r#"
+default_plan = "free"
+[metrics]
+requests = { unit = "request" }
+tokens = { unit = "token" }
+projects = { unit = "project", kind = "gauge" }
+[plans.free]
+quotas = { requests = { limit = 10, period = "month" } }
+"#;
+
+    const BASE: &str = r#"
+plans = "plans.toml"
+[api]
+listen = "127.0.0.1:0"
+[redis]
+url = "redis://127.0.0.1:6379/0"
+[database]
+url = "postgres://postgres@127.0.0.1:5432/x"
+"#;
+
+    fn load_text(gateway: &str) -> Result<(Settings, Catalog), ConfigError> {
+        let dir = std::env::temp_dir().join(format!("qg-config-{}", uuid::Uuid::new_v4()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("plans.toml"), PLANS_TOML).unwrap();
+        std::fs::write(dir.join("gateway.toml"), format!("{BASE}{gateway}")).unwrap();
+        let r = load(&dir.join("gateway.toml"), &EnvOverrides::default());
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    fn keys_of(e: ConfigError) -> Vec<(String, String)> {
+        e.problems.into_iter().map(|p| (p.key, p.reason)).collect()
+    }
+
+    #[test]
+    fn proxy_is_optional() {
+        let (s, _) = load_text("").unwrap();
+        assert!(s.proxy.is_none());
+    }
+
+    #[test]
+    fn loads_the_documented_proxy_example() {
+        let (s, _) = load_text(
+            r#"
+[proxy]
+listen = "127.0.0.1:8080"
+upstream = "http://127.0.0.1:3000"
+connect_timeout = "2s"
+request_timeout = "60s"
+refund_on = ["5xx", "connect_error", "timeout"]
+
+[identity]
+mode = "api_key"
+header = "x-org-id"
+
+[[routes]]
+method = "post"
+path = "/v1/chat/*"
+charges = [{ metric = "requests", amount = 1 }]
+report  = [{ header = "x-usage-tokens", metric = "tokens" }]
+
+[[routes]]
+path = "/health"
+unmetered = true
+upstream = "http://127.0.0.1:3001/"
+
+[proxy.default_route]
+charges = [{ metric = "requests" }]
+"#,
+        )
+        .unwrap();
+        let p = s.proxy.unwrap();
+        assert_eq!(p.listen.port(), 8080);
+        assert_eq!(p.drain_timeout, Duration::from_secs(30));
+        assert_eq!(p.refund_on, RefundOn::default());
+        assert_eq!(p.identity.mode, IdentityMode::ApiKey);
+        assert_eq!(p.routes.routes.len(), 2);
+        assert_eq!(p.routes.routes[0].method, Some(http::Method::POST));
+        assert_eq!(
+            p.routes.routes[0].path,
+            PathPattern::Prefix("/v1/chat".into())
+        );
+        assert_eq!(p.routes.routes[0].action.report[0].metric, "tokens");
+        assert!(p.routes.routes[1].action.unmetered);
+        assert!(p.routes.routes[1].action.upstream.is_some());
+        assert_eq!(p.routes.default_route.unwrap().charges[0].amount, 1);
+    }
+
+    #[test]
+    fn reports_every_proxy_problem_with_its_key() {
+        let err = load_text(
+            r#"
+[proxy]
+listen = "nowhere"
+upstream = "https://127.0.0.1:3000"
+drain_timeout = "0s"
+
+[identity]
+mode = "header"
+header = "bad header"
+
+[[routes]]
+method = "GE T"
+path = "v1/*"
+charges = [{ metric = "nope" }]
+
+[[routes]]
+path = "/a/*/b"
+upstream = "http://127.0.0.1:3000/base"
+charges = [{ metric = "projects", amount = 0 }]
+report = [{ header = "x y", metric = "tokens" }, { header = "x-used", metric = "missing" }]
+
+[[routes]]
+path = "/h"
+unmetered = true
+charges = [{ metric = "requests" }]
+
+[[routes]]
+path = "/x"
+colour = "blue"
+
+[proxy.default_route]
+"#,
+        )
+        .unwrap_err();
+        let got = keys_of(err);
+        let keys: Vec<&str> = got.iter().map(|(k, _)| k.as_str()).collect();
+        for expected in [
+            "identity.header",
+            "routes[0].method",
+            "routes[0].path",
+            "routes[1].path",
+            "routes[1].upstream",
+            "routes[1].charges[0].amount",
+            "routes[1].report[0].header",
+            "routes[2]",
+            "routes[3].colour",
+            "proxy.default_route.charges",
+            "proxy.listen",
+            "proxy.upstream",
+            "proxy.drain_timeout",
+        ] {
+            assert!(keys.contains(&expected), "{expected} not in {got:#?}");
+        }
+    }
+
+    #[test]
+    fn route_metrics_must_be_declared_counters() {
+        let err = load_text(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:3000"
+[[routes]]
+path = "/a"
+charges = [{ metric = "nope" }, { metric = "projects" }]
+report = [{ header = "x-used", metric = "missing" }]
+"#,
+        )
+        .unwrap_err();
+        let got = keys_of(err);
+        assert_eq!(got.len(), 3, "{got:#?}");
+        assert_eq!(got[0].0, "routes[0].charges[0].metric");
+        assert!(got[0].1.contains("undeclared metric `nope`"));
+        assert_eq!(got[1].0, "routes[0].charges[1].metric");
+        assert!(got[1].1.contains("gauge"));
+        assert_eq!(got[2].0, "routes[0].report[0].metric");
+    }
+
+    #[test]
+    fn proxy_sections_need_a_proxy() {
+        let err = load_text(
+            r#"
+[identity]
+mode = "api_key"
+[[routes]]
+path = "/a"
+unmetered = true
+"#,
+        )
+        .unwrap_err();
+        let keys: Vec<String> = err.problems.into_iter().map(|p| p.key).collect();
+        assert_eq!(keys, vec!["identity", "routes"]);
+    }
+
+    #[test]
+    fn refund_on_accepts_only_known_outcomes() {
+        let err = load_text(
+            r#"
+[proxy]
+listen = "127.0.0.1:0"
+upstream = "http://127.0.0.1:3000"
+refund_on = ["6xx"]
+"#,
+        )
+        .unwrap_err();
+        assert!(err.problems[0].key.starts_with("proxy.refund_on"), "{err}");
     }
 }

@@ -35,6 +35,14 @@ pub struct OrgDirectory {
     cache: RwLock<HashMap<OrgId, (Arc<OrgRecord>, Instant)>>,
     epoch: AtomicU64,
     subscribed: AtomicBool,
+    dependents: RwLock<Vec<Arc<dyn OrgCache>>>,
+}
+
+/// Another per-org cache that must forget an org whenever the directory does (the proxy's API-key
+/// cache), so one announcement on the change channel covers both.
+pub trait OrgCache: Send + Sync {
+    fn invalidate_org(&self, org: &str);
+    fn invalidate_all(&self);
 }
 
 /// What is announced on the channel.
@@ -59,7 +67,22 @@ impl OrgDirectory {
             cache: RwLock::new(HashMap::new()),
             epoch: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
+            dependents: RwLock::new(Vec::new()),
         }
+    }
+
+    /// Have `cache` invalidated together with this directory.
+    pub fn register(&self, cache: Arc<dyn OrgCache>) {
+        if let Ok(mut d) = self.dependents.write() {
+            d.push(cache);
+        }
+    }
+
+    fn dependents(&self) -> Vec<Arc<dyn OrgCache>> {
+        self.dependents
+            .read()
+            .map(|d| d.clone())
+            .unwrap_or_default()
     }
 
     pub async fn get(&self, org: &OrgId) -> Result<Arc<OrgRecord>, DbError> {
@@ -93,12 +116,18 @@ impl OrgDirectory {
         if let Ok(mut cache) = self.cache.write() {
             cache.retain(|k, _| k.as_str() != org);
         }
+        for d in self.dependents() {
+            d.invalidate_org(org);
+        }
     }
 
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::AcqRel);
         if let Ok(mut cache) = self.cache.write() {
             cache.clear();
+        }
+        for d in self.dependents() {
+            d.invalidate_all();
         }
     }
 

@@ -9,6 +9,8 @@
 //! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
 //! - `local`: deciding while Redis is unreachable, and replaying what was admitted meanwhile.
 //! - `quota`: the use cases that combine catalog, directory, store and clock.
+//! - `proxy`: the metering reverse proxy on `[proxy].listen` (identify → decide → forward →
+//!   record), with route matching, header hygiene and API-key identity in submodules.
 //! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
 //! - `reload`: hot reload of the plan catalog (SIGHUP or a change on disk).
 //! - `metrics`: the Prometheus registry and every metric, served at `/metrics`.
@@ -23,6 +25,7 @@ pub mod domain;
 pub mod error;
 pub mod local;
 pub mod metrics;
+pub mod proxy;
 pub mod quota;
 pub mod reload;
 pub mod respond;

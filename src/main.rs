@@ -79,6 +79,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::CheckConfig { config } => match config::load(&config, &env) {
             Ok((settings, catalog)) => {
                 print_summary(&config, &settings.plans_path, &catalog);
+                print_proxy_summary(&settings);
                 ExitCode::SUCCESS
             }
             Err(e) => {
@@ -197,5 +198,52 @@ fn print_summary(config: &Path, plans: &Path, catalog: &Catalog) {
             let f: Vec<&str> = p.features.iter().map(String::as_str).collect();
             println!("    features: {}", f.join(", "));
         }
+    }
+}
+
+fn print_proxy_summary(settings: &config::Settings) {
+    use quota_gateway::proxy::routes::{PathPattern, RouteAction};
+    let Some(p) = &settings.proxy else {
+        println!();
+        println!("proxy: off (no [proxy] section)");
+        return;
+    };
+    let describe = |a: &RouteAction| {
+        let target = a
+            .upstream
+            .as_ref()
+            .map(|u| format!(" -> {u}"))
+            .unwrap_or_default();
+        if a.unmetered {
+            return format!("unmetered{target}");
+        }
+        let charges: Vec<String> = a
+            .charges
+            .iter()
+            .map(|c| format!("{} x{}", c.metric, c.amount))
+            .collect();
+        let reports: Vec<String> = a
+            .report
+            .iter()
+            .map(|r| format!(" report {}: {}", r.header, r.metric))
+            .collect();
+        format!("charge {}{}{target}", charges.join(", "), reports.concat())
+    };
+    println!();
+    println!(
+        "proxy: {} -> {} (identity: {:?}, header {})",
+        p.listen, p.upstream, p.identity.mode, p.identity.header
+    );
+    for r in &p.routes.routes {
+        let method = r.method.as_ref().map_or("*", |m| m.as_str());
+        let path = match &r.path {
+            PathPattern::Exact(path) => path.clone(),
+            PathPattern::Prefix(prefix) => format!("{prefix}/*"),
+        };
+        println!("  {method:<7} {path:<24} {}", describe(&r.action));
+    }
+    match &p.routes.default_route {
+        Some(a) => println!("  default                          {}", describe(a)),
+        None => println!("  default                          404 (no default route)"),
     }
 }

@@ -238,6 +238,38 @@ impl QuotaService {
         })
     }
 
+    /// Give back what a proxied request was charged when the upstream failed it (`refund_on`).
+    /// Only period counters and the meter are credited; rates keep the attempt, so a failing
+    /// upstream cannot become a way around a rate limit. Counters never drop below zero (the
+    /// script clamps).
+    pub async fn refund<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+    ) -> Result<(), QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let now = self.clock.now();
+        let credits: Vec<Charge<'c>> = merge_charges(charges)
+            .into_iter()
+            .map(|c| Charge {
+                metric: c.metric,
+                amount: -c.amount,
+            })
+            .collect();
+        let limits: Vec<_> = limits_for(plan, &credits, now, record.billing_anchor)
+            .into_iter()
+            .filter(|l| !l.is_rate())
+            .collect();
+        if limits.is_empty() {
+            return Ok(());
+        }
+        self.store
+            .run(org, &limits, Mode::Record, now, None)
+            .await?;
+        Ok(())
+    }
+
     /// The org's current usage: one state per declared metric (the limit nearest exhaustion when a
     /// metric has several, the calendar-month meter when it has none).
     pub async fn usage<'c>(

@@ -6,14 +6,14 @@
 //! The file is polled (size, mtime, then content) rather than watched with inotify, which misses
 //! the rename an editor or a ConfigMap update does.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
 use crate::api::SharedState;
-use crate::config::{self, ConfigError};
+use crate::config::{self, ConfigError, Settings};
 
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
@@ -40,6 +40,7 @@ fn stat(path: &Path) -> Option<(Option<SystemTime>, u64)> {
 /// Read and validate the catalog at `path` and swap it in when its content changed.
 fn reload_if_changed(
     path: &Path,
+    settings: &Settings,
     state: &SharedState,
     seen: &mut Seen,
     force: bool,
@@ -77,12 +78,16 @@ fn reload_if_changed(
     }
     seen.digest = digest;
     let catalog = config::catalog_from_str(path, &text)?;
+    // The rest of the configuration must still hold with the new catalog (proxy routes name
+    // metrics, for instance).
+    config::check_against_catalog(settings, &catalog)?;
     state.quota.replace_catalog(catalog);
     Ok(Reloaded::Replaced)
 }
 
 /// Follow SIGHUP and the file until `stop` fires.
-pub async fn follow(path: PathBuf, state: SharedState, stop: CancellationToken) {
+pub async fn follow(settings: Settings, state: SharedState, stop: CancellationToken) {
+    let path = settings.plans_path.clone();
     let mut seen = Seen::default();
     if let Ok(text) = std::fs::read(&path) {
         seen.digest = Sha256::digest(&text).to_vec();
@@ -121,7 +126,7 @@ pub async fn follow(path: PathBuf, state: SharedState, stop: CancellationToken) 
                 true
             }
         };
-        match reload_if_changed(&path, &state, &mut seen, force) {
+        match reload_if_changed(&path, &settings, &state, &mut seen, force) {
             Ok(Reloaded::Replaced) => {
                 let catalog = state.quota.catalog();
                 state

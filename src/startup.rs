@@ -20,6 +20,7 @@ use crate::directory::OrgDirectory;
 use crate::domain::plan::Catalog;
 use crate::local::LocalMode;
 use crate::metrics::Metrics;
+use crate::proxy::{ProxyServer, ProxyState};
 use crate::quota::QuotaService;
 use crate::store::Store;
 
@@ -48,6 +49,8 @@ pub struct Application {
     state: SharedState,
     stop: CancellationToken,
     tasks: Vec<(&'static str, JoinHandle<()>)>,
+    /// The reverse proxy, when `[proxy]` is configured.
+    proxy: Option<ProxyServer>,
 }
 
 impl Application {
@@ -115,8 +118,14 @@ impl Application {
             service_token: settings.api.service_token.clone(),
             guard: FloodGuard::new(settings.api.guard_per_second, settings.api.guard_burst),
         });
+        crate::config::check_against_catalog(&settings, &state.quota.catalog())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let proxy = match settings.proxy.clone() {
+            Some(p) => Some(ProxyServer::bind(p, state.clone()).await?),
+            None => None,
+        };
         let reloader = tokio::spawn(crate::reload::follow(
-            settings.plans_path.clone(),
+            settings.clone(),
             state.clone(),
             stop.child_token(),
         ));
@@ -134,7 +143,18 @@ impl Application {
                 ("catalog reloader", reloader),
                 ("redis recovery", recovery),
             ],
+            proxy,
         })
+    }
+
+    /// The proxy's bound address (`None` without `[proxy]`).
+    pub fn proxy_addr(&self) -> Option<SocketAddr> {
+        self.proxy.as_ref().map(ProxyServer::local_addr)
+    }
+
+    /// The proxy's state (counters), when the proxy is configured.
+    pub fn proxy_state(&self) -> Option<Arc<ProxyState>> {
+        self.proxy.as_ref().map(ProxyServer::state)
     }
 
     pub fn api_addr(&self) -> SocketAddr {
@@ -166,7 +186,11 @@ impl Application {
                 }
             }
         });
-        tracing::info!(api = %self.api_addr, "quota-gateway listening");
+        tracing::info!(api = %self.api_addr, proxy = ?self.proxy_addr(), "quota-gateway listening");
+        // The proxy drains on its own (up to `[proxy] drain_timeout`) while the API does the same.
+        let proxy = self
+            .proxy
+            .map(|p| tokio::spawn(p.serve(stop.child_token())));
         let router = api::router(self.state.clone());
         let served = axum::serve(
             self.listener,
@@ -175,6 +199,12 @@ impl Application {
         .with_graceful_shutdown(stop.clone().cancelled_owned())
         .await;
         stop.cancel();
+        if let Some(proxy) = proxy {
+            match proxy.await {
+                Ok(()) => tracing::info!(task = "proxy", "stopped"),
+                Err(e) => tracing::error!(task = "proxy", error = %e, "task failed"),
+            }
+        }
         for (name, task) in self.tasks {
             match tokio::time::timeout(Duration::from_secs(5), task).await {
                 Ok(Ok(())) => tracing::info!(task = name, "stopped"),

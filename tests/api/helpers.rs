@@ -18,7 +18,10 @@ use quota_gateway::config::{
     self, ApiSettings, DatabaseSettings, LogFormat, LogSettings, RedisSettings, Settings,
     UsageSettings,
 };
+use quota_gateway::config::{IdentitySettings, ProxySettings, RefundOn};
 use quota_gateway::domain::plan::Catalog;
+use quota_gateway::proxy::ProxyState;
+use quota_gateway::proxy::routes::{ChargeSpec, RouteAction, RouteTable};
 use quota_gateway::startup::{Application, Options};
 use secrecy::SecretString;
 use serde_json::Value;
@@ -198,6 +201,9 @@ pub struct TestApp {
     stop: CancellationToken,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
     resources: Arc<Resources>,
+    /// The reverse proxy's address when `TestOptions::proxy` was set.
+    pub proxy_addr: Option<SocketAddr>,
+    pub proxy_state: Option<Arc<ProxyState>>,
 }
 
 pub struct TestOptions {
@@ -215,6 +221,8 @@ pub struct TestOptions {
     pub local_share: f64,
     /// `[api] guard_per_second` and `guard_burst`.
     pub guard: Option<(u32, u32)>,
+    /// Run the reverse proxy with these settings (see `proxy_settings`).
+    pub proxy: Option<ProxySettings>,
 }
 
 impl Default for TestOptions {
@@ -228,6 +236,7 @@ impl Default for TestOptions {
             on_error: Default::default(),
             local_share: 1.0,
             guard: None,
+            proxy: None,
         }
     }
 }
@@ -274,6 +283,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
         settings.api.guard_per_second = std::num::NonZeroU32::new(per_second).unwrap();
         settings.api.guard_burst = std::num::NonZeroU32::new(burst).unwrap();
     }
+    settings.proxy = opts.proxy;
     settings.redis.on_error = opts.on_error;
     settings.redis.local_share = opts.local_share;
     if opts.shadow {
@@ -397,6 +407,8 @@ async fn start(
     .await
     .expect("application builds");
     let addr = app.api_addr();
+    let proxy_addr = app.proxy_addr();
+    let proxy_state = app.proxy_state();
     let stop = app.stop_token();
     let task = tokio::spawn(app.run_until_stopped(std::future::pending()));
     let pool = PgPoolOptions::new()
@@ -418,6 +430,8 @@ async fn start(
         stop,
         task: Some(task),
         resources,
+        proxy_addr,
+        proxy_state,
     }
 }
 
@@ -459,6 +473,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             idempotency_ttl: Duration::from_secs(48 * 3600),
         },
         enforcement: Default::default(),
+        proxy: None,
     }
 }
 
@@ -600,4 +615,320 @@ pub fn usage_entry(body: &Value, field: &str, value: &str) -> Value {
         .find(|u| u[field] == value)
         .unwrap_or_else(|| panic!("no usage entry with {field} = {value} in {body}"))
         .clone()
+}
+
+// ---- reverse proxy ------------------------------------------------------------------------
+
+/// Proxy settings for tests: port 0, short timeouts, every request charged one `requests`.
+pub fn proxy_settings(upstream: SocketAddr) -> ProxySettings {
+    ProxySettings {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        upstream: format!("http://{upstream}").parse().unwrap(),
+        connect_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(5),
+        drain_timeout: Duration::from_secs(5),
+        refund_on: RefundOn::default(),
+        identity: IdentitySettings::default(),
+        routes: RouteTable {
+            routes: Vec::new(),
+            default_route: Some(RouteAction {
+                upstream: None,
+                charges: vec![ChargeSpec {
+                    metric: "requests".into(),
+                    amount: 1,
+                }],
+                report: Vec::new(),
+                unmetered: false,
+            }),
+        },
+    }
+}
+
+/// A port nothing listens on (bound, then released).
+pub async fn closed_port() -> SocketAddr {
+    let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    drop(l);
+    addr
+}
+
+impl TestApp {
+    pub fn proxy_url(&self, path: &str) -> String {
+        format!(
+            "http://{}{}",
+            self.proxy_addr.expect("app spawned with a proxy"),
+            path
+        )
+    }
+
+    /// Create an API key for `org` through the admin API; returns (key id, key).
+    pub async fn create_key(&self, org: &str) -> (String, String) {
+        let r = self
+            .admin(
+                reqwest::Method::POST,
+                &format!("/admin/orgs/{org}/keys"),
+                Some(&serde_json::json!({ "name": "test" })),
+            )
+            .await;
+        assert_eq!(r.status(), 201, "create key");
+        let v = json(r).await;
+        (
+            v["id"].as_str().unwrap().to_string(),
+            v["key"].as_str().unwrap().to_string(),
+        )
+    }
+
+    /// `current` of one metric in the org's usage view (read from Redis).
+    pub async fn usage_of(&self, org: &str, metric: &str) -> i64 {
+        let v = json(self.get(&format!("/v1/orgs/{org}/usage")).await).await;
+        v["usage"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|u| u["metric"] == metric)
+            .unwrap_or_else(|| panic!("no usage entry for {metric}: {v}"))["current"]
+            .as_i64()
+            .unwrap()
+    }
+
+    /// Cancel the stop token (what SIGTERM does) without waiting.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+
+    /// Wait for `run_until_stopped` to return (after `stop`).
+    pub async fn wait_stopped(&mut self, timeout: Duration) -> Option<anyhow::Result<()>> {
+        let task = self.task.take()?;
+        match tokio::time::timeout(timeout, task).await {
+            Ok(Ok(r)) => Some(r),
+            _ => None,
+        }
+    }
+}
+
+/// One request as the test upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: http::HeaderMap,
+    /// Collected only on echo paths.
+    pub body: Vec<u8>,
+}
+
+/// A small real HTTP/1.1 upstream on 127.0.0.1:0. Paths:
+/// `/tiny` (answers "ok", not recorded), `/stream` (body driven by `stream_sender`),
+/// `/echo-stream` (streams the request body back as it arrives), `/sink` (counts the request body),
+/// `/download/<bytes>`, `/status/<code>`, `/slow/<ms>`, `/report/<value>` (answers
+/// `x-usage-tokens: <value>`), `/hop` (answers with hop-by-hop headers), `/ws` (WebSocket echo);
+/// anything else echoes the request body.
+pub struct TestUpstream {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    stream: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>>,
+    stop: CancellationToken,
+}
+
+impl Drop for TestUpstream {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl TestUpstream {
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    pub fn last(&self) -> Received {
+        self.received
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream received a request")
+    }
+
+    /// The sender feeding the next `/stream` response; dropping it ends that body.
+    pub fn stream_sender(&self) -> tokio::sync::mpsc::Sender<bytes::Bytes> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        *self.stream.lock().unwrap() = Some(rx);
+        tx
+    }
+}
+
+pub async fn spawn_upstream() -> TestUpstream {
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = TestUpstream {
+        addr,
+        received: Arc::new(Mutex::new(Vec::new())),
+        stream: Arc::new(Mutex::new(None)),
+        stop: CancellationToken::new(),
+    };
+    let received = up.received.clone();
+    let stream = up.stream.clone();
+    let stop = up.stop.clone();
+    tokio::spawn(async move {
+        loop {
+            let (sock, _) = tokio::select! {
+                _ = stop.cancelled() => return,
+                a = listener.accept() => match a { Ok(a) => a, Err(_) => continue },
+            };
+            let received = received.clone();
+            let stream = stream.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let svc = hyper::service::service_fn(move |req| {
+                    upstream_handle(req, received.clone(), stream.clone())
+                });
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(sock), svc)
+                    .with_upgrades();
+                tokio::select! {
+                    _ = conn => {}
+                    _ = stop.cancelled() => {}
+                }
+            });
+        }
+    });
+    up
+}
+
+async fn upstream_handle(
+    mut req: http::Request<hyper::body::Incoming>,
+    received: Arc<Mutex<Vec<Received>>>,
+    stream: Arc<Mutex<Option<tokio::sync::mpsc::Receiver<bytes::Bytes>>>>,
+) -> Result<http::Response<axum::body::Body>, std::convert::Infallible> {
+    use axum::body::Body;
+    use http_body_util::BodyExt;
+    let path = req.uri().path().to_string();
+    let mut record = Received {
+        method: req.method().clone(),
+        uri: req.uri().clone(),
+        headers: req.headers().clone(),
+        body: Vec::new(),
+    };
+    let arg = |prefix: &str| path.strip_prefix(prefix).map(str::to_string);
+    let response = if path == "/tiny" {
+        // Not recorded: load tests send this path by the hundred thousand.
+        http::Response::new(Body::from("ok"))
+    } else if path == "/echo-stream" {
+        // Echo the request body frame by frame while it is still arriving.
+        received.lock().unwrap().push(record);
+        http::Response::new(Body::new(req.into_body()))
+    } else if path == "/stream" {
+        received.lock().unwrap().push(record);
+        let rx = stream.lock().unwrap().take().expect("stream_sender set");
+        let body = futures_util::stream::unfold(rx, |mut rx| async move {
+            rx.recv()
+                .await
+                .map(|b| (Ok::<_, std::convert::Infallible>(b), rx))
+        });
+        http::Response::new(Body::from_stream(body))
+    } else if path == "/sink" {
+        received.lock().unwrap().push(record);
+        let mut body = req.into_body();
+        let mut n: u64 = 0;
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame.map(|f| f.into_data()) {
+                n += data.map(|d| d.len() as u64).unwrap_or(0);
+            } else {
+                break;
+            }
+        }
+        http::Response::new(Body::from(n.to_string()))
+    } else if let Some(n) = arg("/download/") {
+        received.lock().unwrap().push(record);
+        let total: u64 = n.parse().unwrap();
+        let chunk = bytes::Bytes::from(vec![b'x'; 64 * 1024]);
+        let body = futures_util::stream::unfold(0u64, move |sent| {
+            let chunk = chunk.clone();
+            async move {
+                if sent >= total {
+                    return None;
+                }
+                let len = (total - sent).min(chunk.len() as u64) as usize;
+                Some((
+                    Ok::<_, std::convert::Infallible>(chunk.slice(..len)),
+                    sent + len as u64,
+                ))
+            }
+        });
+        http::Response::new(Body::from_stream(body))
+    } else if let Some(code) = arg("/status/") {
+        received.lock().unwrap().push(record);
+        let mut r = http::Response::new(Body::from("upstream says no"));
+        *r.status_mut() = http::StatusCode::from_u16(code.parse().unwrap()).unwrap();
+        r
+    } else if let Some(ms) = arg("/slow/") {
+        received.lock().unwrap().push(record);
+        tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
+        http::Response::new(Body::from("finally"))
+    } else if let Some(v) = arg("/report/") {
+        received.lock().unwrap().push(record);
+        http::Response::builder()
+            .header("x-usage-tokens", v)
+            .body(Body::from("reported"))
+            .unwrap()
+    } else if path == "/hop" {
+        received.lock().unwrap().push(record);
+        http::Response::builder()
+            .header("connection", "x-up-hop")
+            .header("x-up-hop", "1")
+            .header("keep-alive", "timeout=5")
+            .header("x-up-normal", "1")
+            .body(Body::from("hop"))
+            .unwrap()
+    } else if path == "/ws" {
+        received.lock().unwrap().push(record);
+        let key = req
+            .headers()
+            .get("sec-websocket-key")
+            .cloned()
+            .expect("websocket key");
+        let accept = tokio_tungstenite::tungstenite::handshake::derive_accept_key(key.as_bytes());
+        let on_upgrade = hyper::upgrade::on(&mut req);
+        tokio::spawn(async move {
+            use futures_util::{SinkExt, StreamExt};
+            let Ok(upgraded) = on_upgrade.await else {
+                return;
+            };
+            let mut ws = tokio_tungstenite::WebSocketStream::from_raw_socket(
+                hyper_util::rt::TokioIo::new(upgraded),
+                tokio_tungstenite::tungstenite::protocol::Role::Server,
+                None,
+            )
+            .await;
+            while let Some(Ok(msg)) = ws.next().await {
+                if msg.is_close() {
+                    break;
+                }
+                if ws.send(msg).await.is_err() {
+                    break;
+                }
+            }
+        });
+        http::Response::builder()
+            .status(101)
+            .header("connection", "upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-accept", accept)
+            .body(Body::empty())
+            .unwrap()
+    } else {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        record.body = body.to_vec();
+        received.lock().unwrap().push(record);
+        http::Response::builder()
+            .header("x-upstream", "yes")
+            .body(Body::from(body))
+            .unwrap()
+    };
+    Ok(response)
 }

@@ -10,5 +10,6 @@ mod openapi;
 mod outage;
 mod process;
 mod propagation;
+mod proxy;
 mod reload;
 mod usage;

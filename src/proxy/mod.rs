@@ -1,0 +1,595 @@
+//! The metering reverse proxy on `[proxy].listen`.
+//!
+//! Every request goes through the same four steps, in this order:
+//! 1. **identify**: route first (an unmetered route skips everything else), then the org from the
+//!    API key or the trusted header. Nothing reaches the quota engine without an org, and nothing
+//!    reaches the upstream without having been identified.
+//! 2. **decide**: charge the route's metrics in one Redis round trip (`QuotaService::decide`,
+//!    `Mode::Check`). A denial is answered here with the same code as `/v1/check`, so the upstream
+//!    never sees traffic the org may not spend. Charging *before* forwarding is what makes the
+//!    limits exact under concurrency; the price is a refund when the upstream fails (step 4).
+//! 3. **forward**: header hygiene, then the request body streams to the upstream and the response
+//!    body back, both as hyper `Incoming` bodies (never collected), so memory stays bounded by
+//!    hyper's buffers whatever the size.
+//! 4. **record**: after the upstream's response headers: refund per `refund_on` on 5xx, connect
+//!    errors and timeouts; usage the upstream reports in headers is recorded in a tracked
+//!    background task (it never delays or fails the client's response).
+//!
+//! Connections are served by hyper-util's auto builder (HTTP/1.1 with keep-alive, or HTTP/2 by
+//! prior knowledge), upstream connections come from one pooled keep-alive client.
+
+pub mod headers;
+pub mod identity;
+pub mod routes;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use axum::body::Body;
+use axum::response::IntoResponse;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri, Version};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::api::SharedState;
+use crate::config::{IdentityMode, ProxySettings};
+use crate::domain::decision::Charge;
+use crate::domain::org::OrgId;
+use crate::domain::plan::Catalog;
+use crate::domain::render;
+use crate::error::{ApiError, error_response};
+use crate::respond;
+use crate::store::Mode;
+use identity::{Identifier, IdentityError};
+use routes::{ChargeSpec, RouteAction};
+
+/// Largest reported usage accepted from an upstream header (amounts must stay exact in Lua).
+const MAX_REPORTED: u64 = 1 << 53;
+
+/// Counters a test or an operator can read (Prometheus comes later).
+#[derive(Default)]
+pub struct ProxyStats {
+    /// Upstream usage-report headers that were not a non-negative integer.
+    pub malformed_reports: AtomicU64,
+    /// Requests whose charges were given back.
+    pub refunds: AtomicU64,
+    /// Requests being handled right now (up to the response headers).
+    pub in_flight: AtomicU64,
+}
+
+/// Counts a request in `in_flight` for as long as its future lives, including when hyper drops
+/// it because the client went away.
+struct InFlight<'a>(&'a AtomicU64);
+
+impl<'a> InFlight<'a> {
+    fn new(counter: &'a AtomicU64) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct ProxyState {
+    settings: ProxySettings,
+    app: SharedState,
+    identifier: Identifier,
+    client: Client<HttpConnector, Incoming>,
+    /// Work that outlives a response: usage recording and WebSocket tunnels. Shutdown waits for
+    /// it within the drain time.
+    tasks: TaskTracker,
+    /// Cancelled when the drain time is over: whatever is still running is cut.
+    force: CancellationToken,
+    pub stats: ProxyStats,
+}
+
+/// The bound proxy listener, ready to serve.
+pub struct ProxyServer {
+    listener: TcpListener,
+    addr: SocketAddr,
+    state: Arc<ProxyState>,
+}
+
+impl ProxyServer {
+    pub async fn bind(settings: ProxySettings, app: SharedState) -> anyhow::Result<Self> {
+        let listener = TcpListener::bind(settings.listen)
+            .await
+            .with_context(|| format!("binding the proxy listener on {}", settings.listen))?;
+        let addr = listener.local_addr()?;
+        let mut connector = HttpConnector::new();
+        connector.set_connect_timeout(Some(settings.connect_timeout));
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+        let identifier = Identifier::new(
+            settings.identity.clone(),
+            app.pool.clone(),
+            app.quota.directory(),
+        );
+        let state = Arc::new(ProxyState {
+            settings,
+            app,
+            identifier,
+            client,
+            tasks: TaskTracker::new(),
+            force: CancellationToken::new(),
+            stats: ProxyStats::default(),
+        });
+        Ok(Self {
+            listener,
+            addr,
+            state,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn state(&self) -> Arc<ProxyState> {
+        self.state.clone()
+    }
+
+    /// Accept connections until `stop` fires, then stop accepting, let in-flight exchanges finish
+    /// for up to `drain_timeout`, and cut whatever is left.
+    pub async fn serve(self, stop: CancellationToken) {
+        let Self {
+            listener, state, ..
+        } = self;
+        let builder = auto::Builder::new(TokioExecutor::new());
+        let conns = TaskTracker::new();
+        loop {
+            let (stream, peer) = tokio::select! {
+                _ = stop.cancelled() => break,
+                accepted = listener.accept() => match accepted {
+                    Ok(a) => a,
+                    Err(e) => {
+                        // Usually EMFILE: back off instead of spinning.
+                        tracing::warn!(error = %e, "proxy accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+            };
+            let _ = stream.set_nodelay(true);
+            let state = state.clone();
+            let stop = stop.clone();
+            let builder = builder.clone();
+            conns.spawn(async move {
+                let force = state.force.clone();
+                let service = service_fn(move |req| {
+                    let state = state.clone();
+                    async move {
+                        let _counted = InFlight::new(&state.stats.in_flight);
+                        Ok::<_, Infallible>(handle(state.clone(), peer, req).await)
+                    }
+                });
+                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                tokio::pin!(conn);
+                // A client that goes away ends `conn`, which drops the request future and with it
+                // the upstream exchange: nothing is left behind.
+                let result = tokio::select! {
+                    r = conn.as_mut() => r,
+                    _ = stop.cancelled() => {
+                        conn.as_mut().graceful_shutdown();
+                        tokio::select! {
+                            r = conn.as_mut() => r,
+                            _ = force.cancelled() => Ok(()),
+                        }
+                    }
+                };
+                if let Err(e) = result {
+                    tracing::debug!(error = %e, "proxy connection ended with an error");
+                }
+            });
+        }
+        drop(listener);
+        conns.close();
+        state.tasks.close();
+        let drain = state.settings.drain_timeout;
+        let drained = tokio::time::timeout(drain, async {
+            conns.wait().await;
+            state.tasks.wait().await;
+        })
+        .await;
+        match drained {
+            Ok(()) => tracing::info!("proxy drained"),
+            Err(_) => {
+                tracing::warn!(?drain, "proxy drain time over; closing what is left");
+                state.force.cancel();
+                let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
+            }
+        }
+    }
+}
+
+fn json_error(status: StatusCode, error: &str, message: &str) -> Response<Body> {
+    error_response(status, error, message)
+}
+
+/// Steps 1–4 for one request (see the module docs for why in this order).
+async fn handle(
+    state: Arc<ProxyState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+) -> Response<Body> {
+    let Some(action) = state.settings.routes.find(req.method(), req.uri().path()) else {
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "no_route",
+            "no proxy route matches this request",
+        );
+    };
+    if action.unmetered {
+        return forward(&state, peer, req, action, None)
+            .await
+            .map(|f| f.response)
+            .unwrap_or_else(|e| e.response());
+    }
+
+    // 1. identify
+    let identified = match state.identifier.identify(req.headers()).await {
+        Ok(i) => i,
+        Err(IdentityError::Unauthorized(msg)) => {
+            return ApiError::Unauthorized(msg).into_response();
+        }
+        Err(IdentityError::Db(e)) => return ApiError::Db(e).into_response(),
+    };
+    let org = identified.org.clone();
+
+    // 2. decide
+    let catalog = state.app.quota.catalog();
+    let charges = match resolve(&catalog, &action.charges) {
+        Ok(c) => c,
+        Err(metric) => return misconfigured(&metric),
+    };
+    let decision = match state
+        .app
+        .quota
+        .decide(&catalog, &org, &charges, Mode::Check, None)
+        .await
+    {
+        Ok(d) => d,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    let limit_headers = render::ratelimit_headers(&decision.eval);
+    if let Some(body) = render::denial_body(&catalog, org.as_str(), decision.plan, &decision.eval) {
+        return respond::denial(&body, &limit_headers);
+    }
+
+    // 3. forward
+    let upstream = Upstream {
+        identified: &identified,
+        plan_id: &decision.plan.id,
+    };
+    let forwarded = forward(&state, peer, req, action, Some(upstream)).await;
+
+    // 4. record
+    let refund_on = state.settings.refund_on;
+    let (mut response, refund) = match forwarded {
+        Ok(f) => {
+            let failed = f.response.status().is_server_error();
+            (f.response, failed && refund_on.server_error)
+        }
+        Err(e) => {
+            let refund = match e {
+                ForwardError::Connect => refund_on.connect_error,
+                ForwardError::Timeout => refund_on.timeout,
+                ForwardError::Upstream => refund_on.server_error,
+            };
+            (e.response(), refund)
+        }
+    };
+    if refund {
+        state.stats.refunds.fetch_add(1, Ordering::Relaxed);
+        if let Err(e) = state.app.quota.refund(&catalog, &org, &charges).await {
+            tracing::error!(error = %e, org = %org, "cannot refund a failed proxied request");
+        }
+    }
+    record_reports(&state, &catalog, &org, action, &mut response);
+    // After a refund the decision's remaining counts are stale: better none than wrong ones.
+    if !refund {
+        respond::insert_ratelimit_headers(response.headers_mut(), &limit_headers);
+    }
+    response
+}
+
+/// The route's charges against the current catalog; `Err(metric)` when a metric vanished in a
+/// catalog reload (configuration checks make this impossible at start-up).
+fn resolve<'c>(catalog: &'c Catalog, specs: &[ChargeSpec]) -> Result<Vec<Charge<'c>>, String> {
+    specs
+        .iter()
+        .map(|s| {
+            catalog
+                .metric(&s.metric)
+                .map(|metric| Charge {
+                    metric,
+                    amount: s.amount,
+                })
+                .ok_or_else(|| s.metric.clone())
+        })
+        .collect()
+}
+
+fn misconfigured(metric: &str) -> Response<Body> {
+    tracing::error!(
+        metric,
+        "a proxy route charges a metric the catalog no longer declares"
+    );
+    json_error(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "misconfigured",
+        "the gateway's route configuration does not match its plan catalog",
+    )
+}
+
+/// Take the usage-report headers off the upstream response and record valid values in the
+/// background, once per exchange (the idempotency key is generated here, never client-chosen).
+fn record_reports(
+    state: &Arc<ProxyState>,
+    catalog: &Arc<Catalog>,
+    org: &OrgId,
+    action: &RouteAction,
+    response: &mut Response<Body>,
+) {
+    if action.report.is_empty() {
+        return;
+    }
+    let mut reported: Vec<(String, i64)> = Vec::new();
+    for spec in &action.report {
+        let Some(raw) = response.headers_mut().remove(&spec.header) else {
+            continue;
+        };
+        match raw
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|n| *n <= MAX_REPORTED)
+        {
+            Some(0) => {}
+            Some(n) => reported.push((spec.metric.clone(), n as i64)),
+            None => {
+                state
+                    .stats
+                    .malformed_reports
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    header = %spec.header,
+                    org = %org,
+                    "upstream reported usage that is not a non-negative integer; ignored"
+                );
+            }
+        }
+    }
+    if reported.is_empty() {
+        return;
+    }
+    let exchange = format!("proxy:{}", uuid::Uuid::new_v4().simple());
+    let state2 = state.clone();
+    let catalog = catalog.clone();
+    let org = org.clone();
+    state.tasks.spawn(async move {
+        let charges: Vec<Charge<'_>> = reported
+            .iter()
+            .filter_map(|(m, amount)| {
+                catalog.metric(m).map(|metric| Charge {
+                    metric,
+                    amount: *amount,
+                })
+            })
+            .collect();
+        if let Err(e) = state2
+            .app
+            .quota
+            .decide(&catalog, &org, &charges, Mode::Record, Some(&exchange))
+            .await
+        {
+            tracing::error!(error = %e, org = %org, "cannot record usage reported by the upstream");
+        }
+    });
+}
+
+/// What the gateway tells the upstream about a metered request.
+struct Upstream<'a> {
+    identified: &'a identity::Identified,
+    plan_id: &'a str,
+}
+
+struct Forwarded {
+    response: Response<Body>,
+}
+
+enum ForwardError {
+    Connect,
+    Timeout,
+    /// The connection broke before response headers arrived.
+    Upstream,
+}
+
+impl ForwardError {
+    fn response(&self) -> Response<Body> {
+        match self {
+            ForwardError::Connect => json_error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                "the upstream service could not be reached",
+            ),
+            ForwardError::Upstream => json_error(
+                StatusCode::BAD_GATEWAY,
+                "upstream_error",
+                "the upstream service closed the connection without a response",
+            ),
+            ForwardError::Timeout => json_error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                "the upstream service did not answer in time",
+            ),
+        }
+    }
+}
+
+async fn forward(
+    state: &Arc<ProxyState>,
+    peer: SocketAddr,
+    mut req: Request<Incoming>,
+    action: &RouteAction,
+    meta: Option<Upstream<'_>>,
+) -> Result<Forwarded, ForwardError> {
+    let upgrade = headers::upgrade_request(req.headers());
+    let client_upgrade = upgrade.as_ref().map(|_| hyper::upgrade::on(&mut req));
+    let (mut parts, body) = req.into_parts();
+
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned)
+        .or_else(|| parts.uri.authority().map(|a| a.as_str().to_owned()));
+    let request_id = headers::request_id(&parts.headers);
+    let h = &mut parts.headers;
+    headers::remove_hop_by_hop(h);
+    h.remove(&headers::X_ORG_ID);
+    h.remove(&headers::X_PLAN_ID);
+    let identity = state.identifier.settings();
+    if identity.mode == IdentityMode::ApiKey {
+        h.remove(&identity.header);
+    }
+    headers::set_forwarded(
+        h,
+        &headers::ClientInfo {
+            peer,
+            host: host.as_deref(),
+        },
+    );
+    h.insert(headers::X_REQUEST_ID.clone(), request_id.clone());
+    if let Some(meta) = &meta {
+        if let Some(cred) = &meta.identified.credential_header {
+            h.remove(cred);
+        }
+        if let Ok(v) = HeaderValue::from_str(meta.identified.org.as_str()) {
+            h.insert(headers::X_ORG_ID.clone(), v);
+        }
+        if let Ok(v) = HeaderValue::from_str(meta.plan_id) {
+            h.insert(headers::X_PLAN_ID.clone(), v);
+        }
+    }
+    // `Host` is kept as the client sent it; an HTTP/2 client sent `:authority` instead.
+    if !h.contains_key(header::HOST)
+        && let Some(v) = host.as_deref().and_then(|h| HeaderValue::from_str(h).ok())
+    {
+        h.insert(header::HOST, v);
+    }
+    if let Some(u) = &upgrade {
+        headers::set_upgrade(h, u.clone());
+    }
+    let base = action.upstream.as_ref().unwrap_or(&state.settings.upstream);
+    parts.uri = upstream_uri(base, &parts.uri).map_err(|_| ForwardError::Upstream)?;
+    parts.version = Version::HTTP_11;
+
+    let exchange = state.client.request(Request::from_parts(parts, body));
+    let mut response = match tokio::time::timeout(state.settings.request_timeout, exchange).await {
+        Err(_) => return Err(ForwardError::Timeout),
+        Ok(Err(e)) if e.is_connect() => {
+            tracing::warn!(error = %e, "cannot connect to the upstream");
+            return Err(ForwardError::Connect);
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(error = %e, "upstream exchange failed");
+            return Err(ForwardError::Upstream);
+        }
+        Ok(Ok(r)) => r,
+    };
+
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let (Some(client_upgrade), Some(u)) = (client_upgrade, upgrade)
+    {
+        let upstream_upgrade = hyper::upgrade::on(&mut response);
+        let force = state.force.clone();
+        state.tasks.spawn(async move {
+            let tunnel = async {
+                let (client, upstream) = tokio::try_join!(client_upgrade, upstream_upgrade)?;
+                let mut client = TokioIo::new(client);
+                let mut upstream = TokioIo::new(upstream);
+                tokio::io::copy_bidirectional(&mut client, &mut upstream).await?;
+                Ok::<_, anyhow::Error>(())
+            };
+            tokio::select! {
+                r = tunnel => if let Err(e) = r {
+                    tracing::debug!(error = %e, "upgraded connection ended with an error");
+                },
+                _ = force.cancelled() => {}
+            }
+        });
+        let (mut parts, _) = response.into_parts();
+        headers::remove_hop_by_hop(&mut parts.headers);
+        headers::set_upgrade(&mut parts.headers, u);
+        parts
+            .headers
+            .insert(headers::X_REQUEST_ID.clone(), request_id);
+        return Ok(Forwarded {
+            response: Response::from_parts(parts, Body::empty()),
+        });
+    }
+
+    let (mut parts, body) = response.into_parts();
+    headers::remove_hop_by_hop(&mut parts.headers);
+    parts
+        .headers
+        .insert(headers::X_REQUEST_ID.clone(), request_id);
+    // The client's connection keeps its own protocol version: an HTTP/1.0 upstream must not
+    // turn the client's HTTP/1.1 response into 1.0.
+    parts.version = Version::default();
+    Ok(Forwarded {
+        response: Response::from_parts(parts, Body::new(body)),
+    })
+}
+
+/// The upstream's scheme and authority with the client's path and query, unchanged.
+fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error> {
+    let mut b = Uri::builder();
+    if let Some(s) = base.scheme() {
+        b = b.scheme(s.clone());
+    }
+    if let Some(a) = base.authority() {
+        b = b.authority(a.clone());
+    }
+    b.path_and_query(client.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .build()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keeps_path_and_query_byte_for_byte() {
+        let base: Uri = "http://127.0.0.1:3000".parse().unwrap();
+        let client: Uri = "/v1/a%20b/c?x=1&y=%2F&x=2".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&base, &client).unwrap().to_string(),
+            "http://127.0.0.1:3000/v1/a%20b/c?x=1&y=%2F&x=2"
+        );
+        let h2: Uri = "http://gateway.local/x?q".parse().unwrap();
+        assert_eq!(
+            upstream_uri(&base, &h2).unwrap().to_string(),
+            "http://127.0.0.1:3000/x?q"
+        );
+    }
+}
