@@ -26,7 +26,7 @@ use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use axum::body::Body;
@@ -45,7 +45,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::api::SharedState;
 use crate::config::{IdentityMode, ProxySettings};
-use crate::domain::decision::Charge;
+use crate::domain::decision::{Charge, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
 use crate::domain::render;
@@ -178,7 +178,7 @@ impl ProxyServer {
                     let state = state.clone();
                     async move {
                         let _counted = InFlight::new(&state.stats.in_flight);
-                        Ok::<_, Infallible>(handle(state.clone(), peer, req).await)
+                        Ok::<_, Infallible>(observed(state.clone(), peer, req).await)
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -224,11 +224,70 @@ fn json_error(status: StatusCode, error: &str, message: &str) -> Response<Body> 
     error_response(status, error, message)
 }
 
-/// Steps 1–4 for one request (see the module docs for why in this order).
-async fn handle(
+/// What one proxied request did, for its log line and the metrics.
+struct Observation {
+    outcome: &'static str,
+    org: Option<OrgId>,
+    plan: Option<String>,
+    /// When the request was handed to the upstream (the gateway's overhead ends here).
+    forwarded_at: Option<Instant>,
+}
+
+/// One request with its timing, metrics and one info log line (never a key or a body).
+async fn observed(
     state: Arc<ProxyState>,
     peer: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let started = Instant::now();
+    // Fix the request id now, so the log line and the upstream see the same one.
+    if !req.headers().contains_key(&headers::X_REQUEST_ID) {
+        let id = headers::request_id(req.headers());
+        req.headers_mut().insert(headers::X_REQUEST_ID.clone(), id);
+    }
+    let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
+    let method = req.method().clone();
+    let route = state
+        .settings
+        .routes
+        .route_label(req.method(), req.uri().path());
+    let mut obs = Observation {
+        outcome: "error",
+        org: None,
+        plan: None,
+        forwarded_at: None,
+    };
+    let response = handle(&state, peer, req, &mut obs).await;
+    let metrics = &state.app.metrics;
+    let elapsed = started.elapsed();
+    metrics
+        .proxy_request_duration
+        .observe(elapsed.as_secs_f64());
+    if let Some(at) = obs.forwarded_at {
+        metrics
+            .proxy_overhead
+            .observe(at.duration_since(started).as_secs_f64());
+    }
+    tracing::info!(
+        method = %method,
+        route = %route,
+        status = response.status().as_u16(),
+        org = obs.org.as_ref().map(OrgId::as_str).unwrap_or("-"),
+        plan = obs.plan.as_deref().unwrap_or("-"),
+        decision = obs.outcome,
+        latency_ms = elapsed.as_secs_f64() * 1000.0,
+        request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+        "proxied"
+    );
+    response
+}
+
+/// Steps 1–4 for one request (see the module docs for why in this order).
+async fn handle(
+    state: &Arc<ProxyState>,
+    peer: SocketAddr,
     req: Request<Incoming>,
+    obs: &mut Observation,
 ) -> Response<Body> {
     let Some(action) = state.settings.routes.find(req.method(), req.uri().path()) else {
         return json_error(
@@ -238,8 +297,10 @@ async fn handle(
         );
     };
     if action.unmetered {
-        return forward(&state, peer, req, action, None)
-            .await
+        obs.outcome = "unmetered";
+        obs.forwarded_at = Some(Instant::now());
+        let forwarded = timed_forward(state, peer, req, action, None).await;
+        return forwarded
             .map(|f| f.response)
             .unwrap_or_else(|e| e.response());
     }
@@ -248,11 +309,17 @@ async fn handle(
     let identified = match state.identifier.identify(req.headers()).await {
         Ok(i) => i,
         Err(IdentityError::Unauthorized(msg)) => {
+            obs.outcome = "unauthorized";
+            state
+                .app
+                .metrics
+                .decision("proxy", "unauthorized", "", [""]);
             return ApiError::Unauthorized(msg).into_response();
         }
         Err(IdentityError::Db(e)) => return ApiError::Db(e).into_response(),
     };
     let org = identified.org.clone();
+    obs.org = Some(org.clone());
 
     // 2. decide
     let catalog = state.app.quota.catalog();
@@ -269,9 +336,27 @@ async fn handle(
         Ok(d) => d,
         Err(e) => return ApiError::from(e).into_response(),
     };
-    let limit_headers = render::ratelimit_headers(&decision.eval);
+    let mut limit_headers = render::ratelimit_headers(&decision.eval);
+    let outcome = match decision.eval.outcome {
+        Outcome::Allowed => "allowed",
+        Outcome::QuotaExceeded(_) => "quota_exceeded",
+        Outcome::RateLimited(_) => "rate_limited",
+    };
+    obs.outcome = outcome;
+    obs.plan = Some(decision.plan.id.clone());
+    state.app.metrics.decision(
+        "proxy",
+        outcome,
+        &decision.plan.id,
+        charges.iter().map(|c| c.metric.id.as_str()),
+    );
     if let Some(body) = render::denial_body(&catalog, org.as_str(), decision.plan, &decision.eval) {
-        return respond::denial(&body, &limit_headers);
+        if !decision.shadow {
+            return respond::denial(&body, &limit_headers);
+        }
+        // Shadow enforcement: counted and reported, forwarded anyway.
+        tracing::info!(org = %org, plan = %decision.plan.id, outcome, "shadow mode: would deny");
+        limit_headers.retry_after = None;
     }
 
     // 3. forward
@@ -279,7 +364,8 @@ async fn handle(
         identified: &identified,
         plan_id: &decision.plan.id,
     };
-    let forwarded = forward(&state, peer, req, action, Some(upstream)).await;
+    obs.forwarded_at = Some(Instant::now());
+    let forwarded = timed_forward(state, peer, req, action, Some(upstream)).await;
 
     // 4. record
     let refund_on = state.settings.refund_on;
@@ -298,12 +384,13 @@ async fn handle(
         }
     };
     if refund {
+        obs.outcome = "refunded";
         state.stats.refunds.fetch_add(1, Ordering::Relaxed);
         if let Err(e) = state.app.quota.refund(&catalog, &org, &charges).await {
             tracing::error!(error = %e, org = %org, "cannot refund a failed proxied request");
         }
     }
-    record_reports(&state, &catalog, &org, action, &mut response);
+    record_reports(state, &catalog, &org, action, &mut response);
     // After a refund the decision's remaining counts are stale: better none than wrong ones.
     if !refund {
         respond::insert_ratelimit_headers(response.headers_mut(), &limit_headers);
@@ -443,6 +530,36 @@ impl ForwardError {
             ),
         }
     }
+}
+
+/// `forward`, with the upstream's response time and status class in the metrics.
+async fn timed_forward(
+    state: &Arc<ProxyState>,
+    peer: SocketAddr,
+    req: Request<Incoming>,
+    action: &RouteAction,
+    meta: Option<Upstream<'_>>,
+) -> Result<Forwarded, ForwardError> {
+    let started = Instant::now();
+    let result = forward(state, peer, req, action, meta).await;
+    let metrics = &state.app.metrics;
+    metrics
+        .upstream_duration
+        .observe(started.elapsed().as_secs_f64());
+    let class = match &result {
+        Ok(f) => match f.response.status().as_u16() {
+            100..=199 => "1xx",
+            200..=299 => "2xx",
+            300..=399 => "3xx",
+            400..=499 => "4xx",
+            _ => "5xx",
+        },
+        Err(ForwardError::Connect) => "connect_error",
+        Err(ForwardError::Timeout) => "timeout",
+        Err(ForwardError::Upstream) => "upstream_error",
+    };
+    metrics.upstream_responses.with_label_values(&[class]).inc();
+    result
 }
 
 async fn forward(

@@ -96,7 +96,34 @@ pub struct RouteTable {
     pub default_route: Option<RouteAction>,
 }
 
+/// The route a request matched, for logs: its pattern, or `default`.
+pub enum RouteLabel<'a> {
+    Pattern(&'a PathPattern),
+    Default,
+    None,
+}
+
+impl std::fmt::Display for RouteLabel<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RouteLabel::Pattern(PathPattern::Exact(p)) => f.write_str(p),
+            RouteLabel::Pattern(PathPattern::Prefix(p)) => write!(f, "{p}/*"),
+            RouteLabel::Default => f.write_str("default"),
+            RouteLabel::None => f.write_str("-"),
+        }
+    }
+}
+
 impl RouteTable {
+    /// Which route `find` would pick, as a label (no allocation until it is formatted).
+    pub fn route_label(&self, method: &Method, path: &str) -> RouteLabel<'_> {
+        match self.routes.iter().find(|r| r.matches(method, path)) {
+            Some(r) => RouteLabel::Pattern(&r.path),
+            None if self.default_route.is_some() => RouteLabel::Default,
+            None => RouteLabel::None,
+        }
+    }
+
     /// The action for a request: the first matching route's, else the default route's.
     pub fn find(&self, method: &Method, path: &str) -> Option<&RouteAction> {
         self.routes

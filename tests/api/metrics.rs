@@ -94,3 +94,145 @@ async fn decisions_and_latencies_are_counted_without_org_ids() {
         ) >= 1.0
     );
 }
+
+#[tokio::test]
+async fn proxied_requests_are_counted_and_timed() {
+    use crate::helpers::{
+        TestOptions, closed_port, proxy_settings, spawn_app_with, spawn_upstream,
+    };
+    let up = spawn_upstream().await;
+    let app = spawn_app_with(TestOptions {
+        proxy: Some(proxy_settings(up.addr)),
+        ..Default::default()
+    })
+    .await;
+    let (_, key) = app.create_key("acme").await;
+    for _ in 0..3 {
+        let r = app
+            .client
+            .get(app.proxy_url("/things"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    let r = app
+        .client
+        .get(app.proxy_url("/things"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let s = scrape(&app).await;
+    let allowed = [
+        ("source", "proxy"),
+        ("outcome", "allowed"),
+        ("plan", "free"),
+        ("metric", "requests"),
+    ];
+    assert_eq!(counter(&s, "quota_gateway_decisions_total", &allowed), 3.0);
+    assert_eq!(
+        counter(
+            &s,
+            "quota_gateway_decisions_total",
+            &[("source", "proxy"), ("outcome", "unauthorized")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        counter(
+            &s,
+            "quota_gateway_upstream_responses_total",
+            &[("class", "2xx")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        counter(
+            &s,
+            "quota_gateway_proxy_request_duration_seconds_count",
+            &[]
+        ),
+        4.0
+    );
+    assert_eq!(
+        counter(&s, "quota_gateway_proxy_overhead_seconds_count", &[]),
+        3.0
+    );
+    assert_eq!(
+        counter(&s, "quota_gateway_upstream_duration_seconds_count", &[]),
+        3.0
+    );
+
+    // An upstream that refuses connections is a connect error, not a 5xx response.
+    let dead = spawn_app_with(TestOptions {
+        proxy: Some(proxy_settings(closed_port().await)),
+        ..Default::default()
+    })
+    .await;
+    let (_, key) = dead.create_key("acme").await;
+    let r = dead
+        .client
+        .get(dead.proxy_url("/things"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 502);
+    let s = scrape(&dead).await;
+    assert_eq!(
+        counter(
+            &s,
+            "quota_gateway_upstream_responses_total",
+            &[("class", "connect_error")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test]
+async fn the_proxy_forwards_in_shadow_mode() {
+    use crate::helpers::{TestOptions, proxy_settings, spawn_app_with, spawn_upstream};
+    let up = spawn_upstream().await;
+    let plans = r#"
+default_plan = "free"
+[metrics]
+requests = { unit = "request" }
+[plans.free]
+enforcement = "shadow"
+quotas = { requests = { limit = 2, period = "month" } }
+"#;
+    let app = spawn_app_with(TestOptions {
+        plans: plans.into(),
+        proxy: Some(proxy_settings(up.addr)),
+        ..Default::default()
+    })
+    .await;
+    let (_, key) = app.create_key("acme").await;
+    for _ in 0..4 {
+        let r = app
+            .client
+            .get(app.proxy_url("/things"))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "shadow mode never blocks");
+    }
+    assert_eq!(up.count(), 4);
+    assert_eq!(
+        app.usage_of("acme", "requests").await,
+        4,
+        "and still counts"
+    );
+    let s = scrape(&app).await;
+    assert_eq!(
+        counter(
+            &s,
+            "quota_gateway_decisions_total",
+            &[("source", "proxy"), ("outcome", "quota_exceeded")]
+        ),
+        2.0
+    );
+}
