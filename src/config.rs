@@ -79,6 +79,66 @@ pub struct Settings {
     pub enforcement: Enforcement,
     /// `None` when `[proxy]` is absent: only the API listener runs.
     pub proxy: Option<ProxySettings>,
+    /// `None` when `[billing]` is absent: the webhook endpoints answer 404.
+    pub billing: Option<BillingSettings>,
+}
+
+/// `[billing]`: how payment-provider webhooks drive plans.
+#[derive(Debug, Clone)]
+pub struct BillingSettings {
+    /// past_due / on_hold keep the paid plan this long.
+    pub grace_period: Duration,
+    /// false: never move an org to a lower plan without an operator.
+    pub auto_downgrade: bool,
+    pub providers: Vec<BillingProvider>,
+}
+
+impl BillingSettings {
+    pub fn provider(&self, kind: &ProviderKind) -> Option<&BillingProvider> {
+        self.providers.iter().find(|p| &p.kind == kind)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderKind {
+    Stripe,
+    Dodo,
+    Polar,
+    /// `[billing.standard.<name>]`: our normalized event, signed with Standard Webhooks.
+    Standard(String),
+}
+
+impl ProviderKind {
+    /// The name stored with events and subscriptions (`stripe`, `standard:<name>`).
+    pub fn key(&self) -> String {
+        match self {
+            ProviderKind::Stripe => "stripe".into(),
+            ProviderKind::Dodo => "dodo".into(),
+            ProviderKind::Polar => "polar".into(),
+            ProviderKind::Standard(n) => format!("standard:{n}"),
+        }
+    }
+
+    /// Label for metrics: bounded, so every standard endpoint shares one.
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            ProviderKind::Stripe => "stripe",
+            ProviderKind::Dodo => "dodo",
+            ProviderKind::Polar => "polar",
+            ProviderKind::Standard(_) => "standard",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct BillingProvider {
+    pub kind: ProviderKind,
+    /// Several during a rotation; any one may have signed.
+    pub secrets: Vec<SecretString>,
+    /// Dotted path of the org id on the provider's object (`metadata.org_id`).
+    pub org_id_from: String,
+    /// Provider product / price id → plan id.
+    pub plans: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone)]
@@ -494,6 +554,7 @@ pub struct EnvOverrides {
     pub redis_url: Option<String>,
     pub database_url: Option<String>,
     pub api_listen: Option<String>,
+    pub stripe_webhook_secret: Option<String>,
 }
 
 impl EnvOverrides {
@@ -504,6 +565,7 @@ impl EnvOverrides {
             redis_url: get("REDIS_URL"),
             database_url: get("DATABASE_URL"),
             api_listen: get("QG_API_LISTEN"),
+            stripe_webhook_secret: get("QG_STRIPE_WEBHOOK_SECRET"),
         }
     }
 }
@@ -573,6 +635,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     let proxy_v = section(&mut r, "proxy", false);
     let identity_v = section(&mut r, "identity", false);
     let routes_v = section(&mut r, "routes", false);
+    let billing_v = section(&mut r, "billing", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -729,6 +792,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     }
 
     let proxy = proxy_settings(&mut r, proxy_v, identity_v, routes_v);
+    let billing = billing_v.and_then(|v| billing_settings(&mut r, v, env));
 
     Some(Settings {
         config_path: path.to_path_buf(),
@@ -740,6 +804,127 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
         usage,
         enforcement: enforcement.mode,
         proxy,
+        billing,
+    })
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BillingRaw {
+    #[serde(default)]
+    grace_period: Option<String>,
+    #[serde(default)]
+    auto_downgrade: Option<bool>,
+    #[serde(default)]
+    stripe: Option<ProviderRaw>,
+    #[serde(default)]
+    dodo: Option<ProviderRaw>,
+    #[serde(default)]
+    polar: Option<ProviderRaw>,
+    #[serde(default)]
+    standard: BTreeMap<String, ProviderRaw>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProviderRaw {
+    #[serde(default)]
+    secrets: Vec<String>,
+    #[serde(default)]
+    org_id_from: Option<String>,
+    #[serde(default)]
+    plans: BTreeMap<String, String>,
+}
+
+fn billing_settings(
+    r: &mut Report<'_>,
+    v: toml::Value,
+    env: &EnvOverrides,
+) -> Option<BillingSettings> {
+    use crate::webhooks::signature::{StandardKeyEncoding, standard_key};
+    let raw: BillingRaw = r.parse("billing", v)?;
+    let grace_period = duration_or(
+        r,
+        "billing.grace_period",
+        raw.grace_period,
+        Duration::from_secs(72 * 3600),
+    );
+    let mut providers = Vec::new();
+    let mut add = |r: &mut Report<'_>, kind: ProviderKind, key: String, p: ProviderRaw| {
+        let mut secrets = p.secrets;
+        if kind == ProviderKind::Stripe
+            && let Some(s) = &env.stripe_webhook_secret
+        {
+            secrets.push(s.clone());
+        }
+        if secrets.is_empty() {
+            r.add(
+                format!("{key}.secrets"),
+                "at least one signing secret is required",
+            );
+        }
+        let encoding = match kind {
+            ProviderKind::Stripe => None,
+            ProviderKind::Polar => Some(StandardKeyEncoding::Utf8Bytes),
+            ProviderKind::Dodo | ProviderKind::Standard(_) => {
+                Some(StandardKeyEncoding::Base64AfterWhsecPrefix)
+            }
+        };
+        for (i, s) in secrets.iter().enumerate() {
+            let bad = s.trim().is_empty() || encoding.is_some_and(|e| standard_key(s, e).is_err());
+            if bad {
+                r.add(
+                    format!("{key}.secrets[{i}]"),
+                    "not a usable secret (Standard Webhooks secrets are `whsec_` + base64)",
+                );
+            }
+        }
+        providers.push(BillingProvider {
+            kind,
+            secrets: secrets.into_iter().map(SecretString::from).collect(),
+            org_id_from: p.org_id_from.unwrap_or_else(|| "metadata.org_id".into()),
+            plans: p.plans,
+        });
+    };
+    if let Some(p) = raw.stripe {
+        add(r, ProviderKind::Stripe, "billing.stripe".into(), p);
+    } else if env.stripe_webhook_secret.is_some() {
+        // The secret alone enables the endpoint (`add` takes it from the environment).
+        add(
+            r,
+            ProviderKind::Stripe,
+            "billing.stripe".into(),
+            ProviderRaw {
+                secrets: Vec::new(),
+                org_id_from: None,
+                plans: BTreeMap::new(),
+            },
+        );
+    }
+    if let Some(p) = raw.dodo {
+        add(r, ProviderKind::Dodo, "billing.dodo".into(), p);
+    }
+    if let Some(p) = raw.polar {
+        add(r, ProviderKind::Polar, "billing.polar".into(), p);
+    }
+    for (name, p) in raw.standard {
+        if !valid_id(&name) {
+            r.add(
+                format!("billing.standard.{name}"),
+                format!("name {ID_RULE}"),
+            );
+        }
+        add(
+            r,
+            ProviderKind::Standard(name.clone()),
+            format!("billing.standard.{name}"),
+            p,
+        );
+    }
+    Some(BillingSettings {
+        grace_period,
+        auto_downgrade: raw.auto_downgrade.unwrap_or(true),
+        providers,
     })
 }
 
@@ -1013,6 +1198,23 @@ pub fn check_against_catalog(settings: &Settings, catalog: &Catalog) -> Result<(
     let mut problems = Vec::new();
     if let Some(proxy) = &settings.proxy {
         check_proxy_metrics(&settings.config_path, proxy, catalog, &mut problems);
+    }
+    if let Some(billing) = &settings.billing {
+        for p in &billing.providers {
+            let section = match &p.kind {
+                ProviderKind::Standard(n) => format!("billing.standard.{n}"),
+                other => format!("billing.{}", other.key()),
+            };
+            for (product, plan) in &p.plans {
+                if catalog.plan(plan).is_none() {
+                    problems.push(Problem {
+                        file: settings.config_path.clone(),
+                        key: format!("{section}.plans.{product}"),
+                        reason: format!("unknown plan `{plan}` (not in the plan catalog)"),
+                    });
+                }
+            }
+        }
     }
     if problems.is_empty() {
         Ok(())

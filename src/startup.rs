@@ -117,7 +117,12 @@ impl Application {
             admin_token: settings.api.admin_token.clone(),
             service_token: settings.api.service_token.clone(),
             guard: FloodGuard::new(settings.api.guard_per_second, settings.api.guard_burst),
+            billing: settings.billing.clone(),
         });
+        let downgrades = tokio::spawn(crate::webhooks::scheduler::run(
+            state.clone(),
+            stop.child_token(),
+        ));
         crate::config::check_against_catalog(&settings, &state.quota.catalog())
             .map_err(|e| anyhow::anyhow!("{e}"))?;
         let proxy = match settings.proxy.clone() {
@@ -142,6 +147,7 @@ impl Application {
                 ("org-change follower", follower),
                 ("catalog reloader", reloader),
                 ("redis recovery", recovery),
+                ("billing scheduler", downgrades),
             ],
             proxy,
         })

@@ -67,6 +67,27 @@ async fn org_view(state: &SharedState, org: &OrgId) -> Result<Response, ApiError
     let plan = catalog.plan_or_default(record.plan_id.as_deref());
     let keys = db::api_keys::list_for_org(&state.pool, org).await?;
     let changes = db::orgs::recent_plan_changes(&state.pool, org, 20).await?;
+    let subscriptions: Vec<serde_json::Value> =
+        db::billing::org_subscriptions(&state.pool, org.as_str())
+            .await?
+            .into_iter()
+            .map(|s| {
+                json!({
+                    "provider": s.provider,
+                    "subscription_id": s.subscription_id,
+                    "customer_id": s.customer_id,
+                    "product_id": s.product_id,
+                    "plan_if_active": s.state.plan_if_active,
+                    "status": s.state.status.as_str(),
+                    "terminal": s.state.terminal,
+                    "current_period_end": s.state.current_period_end,
+                    "cancel_at_period_end": s.state.cancel_at_period_end,
+                    "status_since": s.state.status_since,
+                    "last_event_at": s.state.last_event_at,
+                    "next_change_at": s.next_change_at,
+                })
+            })
+            .collect();
     let (_, states) = state.quota.usage(&catalog, org).await?;
     let usage: Vec<UsageEntry<'_>> = states.iter().map(UsageEntry::from_state).collect();
     Ok(Json(json!({
@@ -79,6 +100,7 @@ async fn org_view(state: &SharedState, org: &OrgId) -> Result<Response, ApiError
         "updated_at": record.updated_at,
         "keys": keys,
         "plan_changes": changes,
+        "subscriptions": subscriptions,
         "usage": usage,
     }))
     .into_response())

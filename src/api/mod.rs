@@ -23,6 +23,7 @@ use sqlx::PgPool;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::QuotaService;
+use crate::webhooks::handler;
 
 pub use extract::ApiJson;
 pub use guard::FloodGuard;
@@ -35,6 +36,7 @@ pub struct AppState {
     pub admin_token: SecretString,
     pub service_token: Option<SecretString>,
     pub guard: FloodGuard,
+    pub billing: Option<crate::config::BillingSettings>,
 }
 
 pub type SharedState = Arc<AppState>;
@@ -107,6 +109,15 @@ pub fn routes() -> Routes {
             Method::POST,
             "/admin/orgs/{org_id}/adjustments",
             post(admin::adjust),
+        )
+        // Payment providers: their signatures, verified over the raw body.
+        .add(Method::POST, "/webhooks/stripe", post(handler::stripe_hook))
+        .add(Method::POST, "/webhooks/dodo", post(handler::dodo_hook))
+        .add(Method::POST, "/webhooks/polar", post(handler::polar_hook))
+        .add(
+            Method::POST,
+            "/webhooks/standard/{name}",
+            post(handler::standard_hook),
         )
 }
 

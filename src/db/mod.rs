@@ -5,6 +5,7 @@
 
 pub mod adjustments;
 pub mod api_keys;
+pub mod billing;
 pub mod orgs;
 
 use secrecy::ExposeSecret;

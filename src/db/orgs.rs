@@ -1,7 +1,7 @@
 //! The `orgs` and `plan_changes` tables.
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Row};
+use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::DbError;
 use crate::domain::org::OrgId;
@@ -62,35 +62,58 @@ pub async fn set_plan(
     event_id: Option<&str>,
 ) -> Result<Option<String>, DbError> {
     let mut tx = pool.begin().await?;
+    let previous = lock_plan(&mut tx, org).await?;
+    if previous.as_deref() != Some(plan_id) {
+        write_plan(&mut tx, org, previous.as_deref(), plan_id, cause, event_id).await?;
+    }
+    tx.commit().await?;
+    Ok(previous)
+}
+
+/// The org's assigned plan, its row created if missing and locked until the transaction ends,
+/// so concurrent changes to one org are serialised.
+pub async fn lock_plan(
+    tx: &mut Transaction<'_, Postgres>,
+    org: &OrgId,
+) -> Result<Option<String>, DbError> {
     sqlx::query("INSERT INTO orgs (org_id) VALUES ($1) ON CONFLICT (org_id) DO NOTHING")
         .bind(org.as_str())
-        .execute(&mut *tx)
+        .execute(&mut **tx)
         .await?;
     let previous: Option<String> =
         sqlx::query_scalar("SELECT plan_id FROM orgs WHERE org_id = $1 FOR UPDATE")
             .bind(org.as_str())
-            .fetch_one(&mut *tx)
+            .fetch_one(&mut **tx)
             .await?;
-    if previous.as_deref() != Some(plan_id) {
-        sqlx::query("UPDATE orgs SET plan_id = $2, updated_at = now() WHERE org_id = $1")
-            .bind(org.as_str())
-            .bind(plan_id)
-            .execute(&mut *tx)
-            .await?;
-        sqlx::query(
-            "INSERT INTO plan_changes (org_id, from_plan, to_plan, cause, event_id) \
-             VALUES ($1, $2, $3, $4, $5)",
-        )
-        .bind(org.as_str())
-        .bind(previous.as_deref())
-        .bind(plan_id)
-        .bind(cause)
-        .bind(event_id)
-        .execute(&mut *tx)
-        .await?;
-    }
-    tx.commit().await?;
     Ok(previous)
+}
+
+/// Write a plan change and its audit row inside the caller's transaction (after `lock_plan`).
+pub async fn write_plan(
+    tx: &mut Transaction<'_, Postgres>,
+    org: &OrgId,
+    from: Option<&str>,
+    to: &str,
+    cause: &str,
+    event_id: Option<&str>,
+) -> Result<(), DbError> {
+    sqlx::query("UPDATE orgs SET plan_id = $2, updated_at = now() WHERE org_id = $1")
+        .bind(org.as_str())
+        .bind(to)
+        .execute(&mut **tx)
+        .await?;
+    sqlx::query(
+        "INSERT INTO plan_changes (org_id, from_plan, to_plan, cause, event_id) \
+         VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(org.as_str())
+    .bind(from)
+    .bind(to)
+    .bind(cause)
+    .bind(event_id)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
 }
 
 pub async fn recent_plan_changes(

@@ -6,3 +6,4 @@ pub mod org;
 pub mod period;
 pub mod plan;
 pub mod render;
+pub mod subscription;

@@ -126,6 +126,30 @@ impl Catalog {
             .collect()
     }
 
+    /// How far up the `upgrade_to` chains a plan sits: 0 for a plan nothing upgrades to, one
+    /// more than the plan below it otherwise. A move to a lower rank is a downgrade.
+    pub fn rank(&self, id: &str) -> usize {
+        self.plans
+            .values()
+            .filter_map(|start| {
+                let mut cur = Some(start);
+                let mut steps = 0;
+                while let Some(p) = cur {
+                    if p.id == id {
+                        return Some(steps);
+                    }
+                    steps += 1;
+                    if steps > self.plans.len() {
+                        return None;
+                    }
+                    cur = p.upgrade_to.as_deref().and_then(|u| self.plans.get(u));
+                }
+                None
+            })
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The upgrade URL for an org and a suggested plan, with placeholders filled in.
     pub fn upgrade_url_for(&self, org_id: &str, plan: &str) -> Option<String> {
         self.upgrade_url

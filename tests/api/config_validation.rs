@@ -156,6 +156,7 @@ fn environment_overrides_win_over_the_file() {
         redis_url: Some("redis://10.0.0.1:6380/2".into()),
         database_url: Some("postgres://u@db:5432/qg".into()),
         api_listen: Some("0.0.0.0:9100".into()),
+        stripe_webhook_secret: None,
     };
     let (settings, _) = config::load(&root.join("config/gateway.toml"), &env).unwrap();
     use secrecy::ExposeSecret;

@@ -204,6 +204,8 @@ pub struct TestApp {
     /// The reverse proxy's address when `TestOptions::proxy` was set.
     pub proxy_addr: Option<SocketAddr>,
     pub proxy_state: Option<Arc<ProxyState>>,
+    /// The application's shared state, for calling background steps directly.
+    pub state: quota_gateway::api::SharedState,
 }
 
 pub struct TestOptions {
@@ -223,6 +225,8 @@ pub struct TestOptions {
     pub guard: Option<(u32, u32)>,
     /// Run the reverse proxy with these settings (see `proxy_settings`).
     pub proxy: Option<ProxySettings>,
+    /// `[billing]` for the webhook endpoints.
+    pub billing: Option<quota_gateway::config::BillingSettings>,
 }
 
 impl Default for TestOptions {
@@ -237,6 +241,7 @@ impl Default for TestOptions {
             local_share: 1.0,
             guard: None,
             proxy: None,
+            billing: None,
         }
     }
 }
@@ -284,6 +289,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
         settings.api.guard_burst = std::num::NonZeroU32::new(burst).unwrap();
     }
     settings.proxy = opts.proxy;
+    settings.billing = opts.billing;
     settings.redis.on_error = opts.on_error;
     settings.redis.local_share = opts.local_share;
     if opts.shadow {
@@ -409,6 +415,7 @@ async fn start(
     let addr = app.api_addr();
     let proxy_addr = app.proxy_addr();
     let proxy_state = app.proxy_state();
+    let state = app.state().clone();
     let stop = app.stop_token();
     let task = tokio::spawn(app.run_until_stopped(std::future::pending()));
     let pool = PgPoolOptions::new()
@@ -418,6 +425,7 @@ async fn start(
         .unwrap();
     let redis = test_redis_conn().await;
     TestApp {
+        state,
         addr,
         client: reqwest::Client::new(),
         prefix: settings.redis.key_prefix.clone(),
@@ -474,6 +482,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         },
         enforcement: Default::default(),
         proxy: None,
+        billing: None,
     }
 }
 

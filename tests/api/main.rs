@@ -13,3 +13,4 @@ mod propagation;
 mod proxy;
 mod reload;
 mod usage;
+mod webhooks;
