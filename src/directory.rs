@@ -85,6 +85,10 @@ impl OrgDirectory {
             .unwrap_or_default()
     }
 
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
     pub async fn get(&self, org: &OrgId) -> Result<Arc<OrgRecord>, DbError> {
         if let Some(hit) = self.read_cache(org) {
             return Ok(hit);

@@ -259,12 +259,8 @@ impl LocalMode {
     }
 
     /// Probe Redis while degraded and replay pending usage; returns when `stop` fires.
-    pub async fn recover(
-        self: Arc<Self>,
-        store: Store,
-        now: Arc<dyn crate::clock::Clock>,
-        stop: CancellationToken,
-    ) {
+    pub async fn recover(self: Arc<Self>, state: crate::api::SharedState, stop: CancellationToken) {
+        let store = state.quota.store().clone();
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -279,7 +275,7 @@ impl LocalMode {
             if store.ping().await.is_err() {
                 continue;
             }
-            match self.replay(&store, now.now()).await {
+            match self.replay(&state, &store, state.quota.now()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     units = n,
@@ -309,9 +305,10 @@ impl LocalMode {
     /// it (applied, or already applied by an earlier attempt).
     async fn replay(
         &self,
+        state: &crate::api::SharedState,
         store: &Store,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<i64, crate::store::StoreError> {
+    ) -> Result<i64, crate::quota::QuotaError> {
         let drained: HashMap<OrgId, HashMap<String, Pending>> = match self.pending.lock() {
             Ok(mut p) => std::mem::take(&mut *p),
             Err(_) => HashMap::new(),
@@ -346,7 +343,28 @@ impl LocalMode {
                 Err(_) => None,
             };
             let Some(batch) = batch else { break };
-            match store.replay(&batch.org, &batch.specs, &batch.id, now).await {
+            let mut result = store.replay(&batch.org, &batch.specs, &batch.id, now).await;
+            if matches!(result, Ok(Status::NeedsRestore)) {
+                // Redis lost the org's counters meanwhile: restore them first, then add ours.
+                let catalog = state.quota.catalog();
+                if let Err(e) = state.quota.restore_org(&catalog, &batch.org, now).await {
+                    if let Ok(mut b) = self.unconfirmed.lock() {
+                        b.push(batch);
+                    }
+                    return Err(e);
+                }
+                result = store.replay(&batch.org, &batch.specs, &batch.id, now).await;
+            }
+            match result {
+                Ok(Status::NeedsRestore) => {
+                    if let Ok(mut b) = self.unconfirmed.lock() {
+                        b.push(batch);
+                    }
+                    return Err(crate::store::StoreError::Protocol(
+                        "restore marker missing during replay".into(),
+                    )
+                    .into());
+                }
                 Ok(_) => {
                     replayed += batch.specs.iter().map(|s| s.amount).sum::<i64>();
                     // Redis now holds these units too: keep the local view in step with it
@@ -361,7 +379,7 @@ impl LocalMode {
                     if let Ok(mut b) = self.unconfirmed.lock() {
                         b.push(batch);
                     }
-                    return Err(e);
+                    return Err(e.into());
                 }
             }
         }

@@ -87,9 +87,53 @@ impl QuotaService {
         self.clock.clone()
     }
 
+    /// Put the org's durable counters of the current month back from Postgres, once, whichever
+    /// replica gets there first (see `store/restore.lua`).
+    pub async fn restore_org(
+        &self,
+        catalog: &Catalog,
+        org: &OrgId,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<bool, QuotaError> {
+        let month = crate::domain::period::calendar_month(now);
+        let rows =
+            crate::db::usage::durable_state(self.directory.pool(), org.as_str(), month.start)
+                .await?;
+        let expiry = (month.end + chrono::Duration::days(7)).timestamp_millis();
+        let mut entries = Vec::with_capacity(rows.len());
+        for (metric_id, quantity, version, gauge) in rows {
+            let Some(metric) = catalog.metric(&metric_id) else {
+                continue;
+            };
+            let target = if gauge {
+                Target::Gauge
+            } else {
+                Target::Counter {
+                    period: crate::domain::period::Period::Month,
+                    window: month,
+                }
+            };
+            let limit = crate::domain::decision::Limit {
+                metric,
+                target,
+                amount: 0,
+                limit: None,
+                overage: crate::domain::plan::Overage::Allow,
+            };
+            let key = self.store.keys().limit(org, &limit);
+            entries.push((key, quantity, version, if gauge { 0 } else { expiry }));
+        }
+        let restored = self.store.restore(org, now, &entries).await?;
+        if restored && !entries.is_empty() {
+            tracing::warn!(org = %org, counters = entries.len(), "restored usage from Postgres into Redis");
+        }
+        Ok(restored)
+    }
+
     /// Run `limits` through Redis, or locally while Redis is unreachable (per `on_error`).
     async fn run_limits(
         &self,
+        catalog: &Catalog,
         org: &OrgId,
         limits: &[crate::domain::decision::Limit<'_>],
         mode: Mode,
@@ -97,7 +141,17 @@ impl QuotaService {
         idem: Option<(&str, Duration)>,
     ) -> Result<(Status, Vec<LimitReply>), QuotaError> {
         if !self.local.serves_locally() {
-            match self.store.run(org, limits, mode, now, idem).await {
+            let mut result = self.store.run(org, limits, mode, now, idem).await;
+            if matches!(&result, Ok(r) if r.status == Status::NeedsRestore) {
+                self.restore_org(catalog, org, now).await?;
+                result = self.store.run(org, limits, mode, now, idem).await;
+            }
+            match result {
+                Ok(reply) if reply.status == Status::NeedsRestore => {
+                    return Err(QuotaError::Store(StoreError::Protocol(
+                        "restore marker missing right after a restore".into(),
+                    )));
+                }
                 Ok(reply) => {
                     self.local.remember(limits, &reply);
                     return Ok((reply.status, reply.limits));
@@ -188,7 +242,9 @@ impl QuotaService {
         } else {
             mode
         };
-        let (status, replies) = self.run_limits(org, &limits, mode, now, idem).await?;
+        let (status, replies) = self
+            .run_limits(catalog, org, &limits, mode, now, idem)
+            .await?;
         if status == Status::Duplicate {
             return Ok(Decision {
                 plan,

@@ -96,11 +96,6 @@ impl Application {
             tracing::warn!(error = %e, "Redis is not reachable at start-up");
             local.trip();
         }
-        let recovery = tokio::spawn(local.clone().recover(
-            store.clone(),
-            options.clock.clone(),
-            stop.child_token(),
-        ));
         let quota = QuotaService::new(
             catalog,
             directory,
@@ -119,6 +114,7 @@ impl Application {
             guard: FloodGuard::new(settings.api.guard_per_second, settings.api.guard_burst),
             billing: settings.billing.clone(),
         });
+        let recovery = tokio::spawn(local.clone().recover(state.clone(), stop.child_token()));
         let downgrades = tokio::spawn(crate::webhooks::scheduler::run(
             state.clone(),
             stop.child_token(),

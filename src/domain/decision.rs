@@ -54,6 +54,23 @@ impl Limit<'_> {
         matches!(self.target, Target::Rate { .. })
     }
 
+    /// The calendar-month meter of a counter metric: what billing reads, flushed to Postgres.
+    pub fn is_meter(&self) -> bool {
+        match &self.target {
+            Target::Counter {
+                period: Period::Month,
+                window,
+            } => *window == period::calendar_month(window.start),
+            _ => false,
+        }
+    }
+
+    /// Kept durably (flushed to Postgres, restored after a Redis loss): the monthly meter of a
+    /// counter and the level of a gauge. Other periods and rates are short-lived by nature.
+    pub fn is_durable(&self) -> bool {
+        self.is_meter() || matches!(self.target, Target::Gauge)
+    }
+
     /// The name used in `RateLimit-Policy` and `RateLimit` headers.
     pub fn policy_name(&self) -> String {
         match &self.target {

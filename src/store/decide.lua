@@ -3,31 +3,39 @@
 -- All keys share the org's {hash tag}, so this runs on one Redis Cluster slot. Nothing is read
 -- and written in separate round trips: a decision is this one EVALSHA.
 --
--- KEYS[1]      the idempotency key, present only when ARGV[3] > 0
--- KEYS[...]    one key per limit, in the order of the limit arguments below
+-- KEYS, in this order:
+--   the idempotency key        only when ARGV[3] > 0
+--   the month's restore marker only when ARGV[4] > 0 (see restore.lua)
+--   per limit: its key, and for durable limits (kinds "m" and "g") its version key right after
 --
 -- ARGV[1]  now, integer microseconds since the Unix epoch (the gateway's clock, so tests can
 --          inject it)
 -- ARGV[2]  mode: "check"  deny when any blocking limit would be exceeded, else apply all
 --                "dry"    the same checks, apply nothing
---                "record" never deny, apply all (post-hoc usage reports, adjustments)
+--                "record" never deny, apply all (post-hoc usage reports, adjustments, replays)
 --                "shadow" the same checks, but apply all even when one would deny (shadow
 --                         enforcement: count and report, never block)
 -- ARGV[3]  idempotency TTL in milliseconds; 0 when there is no idempotency key
+-- ARGV[4]  1 when the restore marker must exist (else nothing is read or written and status 5
+--          asks the gateway to restore the org's durable counters from Postgres first); 0: no
+--          marker check
 -- then 5 arguments per limit:
---   kind    "c" counter of one period, "g" gauge level, "r" GCRA rate
+--   kind    "c" counter of one period, "m" the calendar-month meter of a counter (durable),
+--           "g" gauge level (durable), "r" GCRA rate
 --   amount  integer; negative only in "record" mode (counters and gauges never go below 0)
 --   limit   integer > 0, or 0 for a metered-only counter that never denies
 --   block   "1" when exceeding the limit denies, "0" for a soft limit (still reported)
---   param   c: absolute expiry in Unix milliseconds (end of the period plus a grace)
+--   param   c, m: absolute expiry in Unix milliseconds (end of the period plus a grace)
 --           g: unused
 --           r: the window in microseconds
+-- Durable keys carry a version (incremented on every change) so the flusher can write them to
+-- Postgres monotonically: a value read later never loses to one read earlier.
 --
 -- Returns { status, then 3 integers per limit: denied, value, millis }
 --   status  0 applied, 1 denied (nothing applied), 2 dry run allowed (nothing applied),
 --           3 duplicate idempotency key (nothing applied), 4 applied although it would have
---           been denied (shadow mode)
---   c / g   value = the counter or level before this call
+--           been denied (shadow mode), 5 restore needed (nothing applied)
+--   c/m/g   value = the counter or level before this call
 --   r       value = units remaining (after, when applied); millis = time until the bucket is
 --           full again, or, when denied, until this amount would fit
 --
@@ -40,29 +48,44 @@
 local now = tonumber(ARGV[1])
 local mode = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
-local first = 1
+local marker = tonumber(ARGV[4])
+local k = 1
+local idem_key = nil
 if idem_ttl > 0 then
-  first = 2
-  if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', idem_ttl) then
-    return { 3 }
+  idem_key = KEYS[k]
+  k = k + 1
+end
+if marker > 0 then
+  if redis.call('EXISTS', KEYS[k]) == 0 then
+    return { 5 }
   end
+  k = k + 1
+end
+if idem_key and not redis.call('SET', idem_key, '1', 'NX', 'PX', idem_ttl) then
+  return { 3 }
 end
 
-local n = #KEYS - first + 1
 local out = { 0 }
 local plan = {}
 local denied = false
-
-for i = 0, n - 1 do
-  local key = KEYS[first + i]
-  local a = 4 + i * 5
+local a = 5
+local i = 0
+while a <= #ARGV do
+  i = i + 1
+  local key = KEYS[k]
+  k = k + 1
   local kind = ARGV[a]
   local amount = tonumber(ARGV[a + 1])
   local limit = tonumber(ARGV[a + 2])
   local block = ARGV[a + 3] == '1' and mode ~= 'record'
   local param = tonumber(ARGV[a + 4])
+  a = a + 5
   local d, value, millis = 0, 0, 0
   local step = { kind = kind, key = key, amount = amount, param = param }
+  if kind == 'm' or kind == 'g' then
+    step.version = KEYS[k]
+    k = k + 1
+  end
 
   if kind == 'r' then
     local debt, stamp = 0, now
@@ -77,20 +100,18 @@ for i = 0, n - 1 do
     end
     local cap = param * limit
     local new_debt = debt + amount * param
+    value = math.max(0, math.floor((cap - debt) / param))
     if block and new_debt > cap then
       d = 1
       denied = true
-      value = math.max(0, math.floor((cap - debt) / param))
       if amount > limit then
         millis = math.ceil(param / 1000)
       else
         millis = math.ceil((debt - param * (limit - amount)) / limit / 1000)
       end
     else
-      value = math.max(0, math.floor((cap - debt) / param))
       millis = math.ceil(debt / limit / 1000)
     end
-    step.debt = debt
     step.new_debt = new_debt
     step.limit = limit
     step.cap = cap
@@ -104,7 +125,7 @@ for i = 0, n - 1 do
     step.current = current
   end
 
-  plan[i + 1] = step
+  plan[i] = step
   out[#out + 1] = d
   out[#out + 1] = value
   out[#out + 1] = millis
@@ -112,7 +133,7 @@ end
 
 if denied and mode ~= 'shadow' then
   out[1] = 1
-  if first == 2 then redis.call('DEL', KEYS[1]) end
+  if idem_key then redis.call('DEL', idem_key) end
   return out
 end
 if mode == 'dry' then
@@ -120,22 +141,32 @@ if mode == 'dry' then
   return out
 end
 
-for i = 1, n do
-  local s = plan[i]
+for j = 1, i do
+  local s = plan[j]
   if s.kind == 'r' then
     local debt = math.max(0, s.new_debt)
     redis.call('SET', s.key, string.format('%.0f:%.0f', debt, now), 'PX',
       math.ceil(debt / s.limit / 1000) + 1000)
-    local o = 1 + (i - 1) * 3
+    local o = 1 + (j - 1) * 3
     out[o + 2] = math.max(0, math.floor((s.cap - debt) / s.param))
     out[o + 3] = math.ceil(debt / s.limit / 1000)
-  elseif s.amount >= 0 then
-    local v = redis.call('INCRBY', s.key, s.amount)
-    if s.kind == 'c' and v == s.amount then
-      redis.call('PEXPIREAT', s.key, s.param)
+  else
+    local changed = false
+    if s.amount >= 0 then
+      local v = redis.call('INCRBY', s.key, s.amount)
+      if s.kind ~= 'g' and v == s.amount then
+        redis.call('PEXPIREAT', s.key, s.param)
+      end
+      changed = s.amount > 0
+    elseif s.current > 0 then
+      redis.call('SET', s.key, math.max(0, s.current + s.amount), 'KEEPTTL')
+      changed = true
     end
-  elseif s.current > 0 then
-    redis.call('SET', s.key, math.max(0, s.current + s.amount), 'KEEPTTL')
+    if changed and s.version then
+      if redis.call('INCR', s.version) == 1 and s.kind == 'm' then
+        redis.call('PEXPIREAT', s.version, s.param)
+      end
+    end
   end
 end
 if denied then out[1] = 4 end

@@ -70,6 +70,42 @@ impl Keys {
         s
     }
 
+    /// The version key of a durable counter or gauge (incremented with every change).
+    pub fn version(value_key: &str) -> String {
+        format!("{value_key}:v")
+    }
+
+    /// Marks that an org's durable counters of the month starting at `month_start` are complete
+    /// in Redis (see `restore.lua`).
+    pub fn restore_marker(&self, org: &OrgId, month_start: i64) -> String {
+        let mut s = self.org_base(org, 24);
+        s.push_str("restored:");
+        s.push_str(&month_start.to_string());
+        s
+    }
+
+    /// The org, metric and (for counters) month start of a durable key built by `limit`:
+    /// `{prefix}:{org}:c:<metric>:month:<start>` or `{prefix}:{org}:g:<metric>`.
+    pub fn parse_durable(&self, key: &str) -> Option<(OrgId, String, Option<i64>)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let (org, rest) = rest.split_once("}:")?;
+        let org = OrgId::parse(org).ok()?;
+        let mut parts = rest.split(':');
+        match (
+            parts.next()?,
+            parts.next()?,
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            ("c", metric, Some("month"), Some(start), None) => {
+                Some((org, metric.to_string(), Some(start.parse().ok()?)))
+            }
+            ("g", metric, None, None, None) => Some((org, metric.to_string(), None)),
+            _ => None,
+        }
+    }
+
     /// Pub/sub channel on which plan (and key) changes are announced to every replica.
     pub fn org_changes_channel(&self) -> String {
         format!("{}:events:org-changes", self.prefix)
@@ -113,6 +149,17 @@ mod tests {
             keys.limit(&org, &limit),
             "qg:{acme}:c:requests:month:1793491200"
         );
+        let meter = keys.limit(&org, &limit);
+        assert_eq!(
+            keys.parse_durable(&meter),
+            Some((org.clone(), "requests".to_string(), Some(1793491200)))
+        );
+        assert_eq!(
+            keys.parse_durable("qg:{a:b.c}:g:seats"),
+            Some((OrgId::parse("a:b.c").unwrap(), "seats".to_string(), None))
+        );
+        assert_eq!(keys.parse_durable("qg:{acme}:c:requests:day:1"), None);
+        assert_eq!(keys.parse_durable("other:{acme}:g:seats"), None);
         let idem = keys.idempotency(&org, "abc");
         assert!(idem.starts_with("qg:{acme}:idem:"));
         assert_eq!(idem.len(), "qg:{acme}:idem:".len() + 64);

@@ -5,6 +5,7 @@
 //! instead of each waiting for a pooled connection.
 
 pub mod connection;
+pub mod dirty;
 pub mod keys;
 
 use std::time::Duration;
@@ -77,6 +78,9 @@ pub enum Status {
     Duplicate,
     /// Applied, although a limit would have denied it (shadow mode).
     AppliedOverLimit,
+    /// The org's durable counters of this month are not (or no longer) in Redis: restore them
+    /// from Postgres, then decide again. Nothing was applied.
+    NeedsRestore,
 }
 
 #[derive(Debug, Clone)]
@@ -91,6 +95,8 @@ pub struct Reply {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum SpecKind {
     Counter,
+    /// The calendar-month meter of a counter: durable.
+    Meter,
     Gauge,
     Rate,
 }
@@ -99,6 +105,7 @@ impl SpecKind {
     fn as_arg(self) -> &'static str {
         match self {
             SpecKind::Counter => "c",
+            SpecKind::Meter => "m",
             SpecKind::Gauge => "g",
             SpecKind::Rate => "r",
         }
@@ -116,6 +123,13 @@ pub struct KeySpec {
     pub block: bool,
     /// Counters: expiry (Unix ms); rates: window (µs); gauges: 0.
     pub param: i64,
+}
+
+impl KeySpec {
+    /// Meters and gauges are flushed to Postgres and carry a version key.
+    pub fn is_durable(&self) -> bool {
+        matches!(self.kind, SpecKind::Meter | SpecKind::Gauge)
+    }
 }
 
 /// How long a replayed batch's id is remembered.
@@ -142,6 +156,8 @@ pub struct Store {
     metrics: std::sync::Arc<Metrics>,
     /// False after a connection failure, until a call succeeds again (counts reconnects).
     healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    restore: std::sync::Arc<redis::Script>,
+    dirty: std::sync::Arc<dirty::DirtySet>,
 }
 
 impl Store {
@@ -171,6 +187,8 @@ impl Store {
             timeout: settings.timeout,
             metrics,
             healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
+            restore: std::sync::Arc::new(redis::Script::new(include_str!("restore.lua"))),
+            dirty: std::sync::Arc::new(dirty::DirtySet::default()),
         })
     }
 
@@ -244,7 +262,11 @@ impl Store {
     pub fn spec(&self, org: &OrgId, limit: &Limit<'_>) -> KeySpec {
         let (kind, param) = match &limit.target {
             Target::Counter { period, window } => (
-                SpecKind::Counter,
+                if limit.is_meter() {
+                    SpecKind::Meter
+                } else {
+                    SpecKind::Counter
+                },
                 (window.end + expiry_grace(*period)).timestamp_millis(),
             ),
             Target::Gauge => (SpecKind::Gauge, 0),
@@ -271,7 +293,10 @@ impl Store {
     ) -> Result<Reply, StoreError> {
         let specs: Vec<KeySpec> = limits.iter().map(|l| self.spec(org, l)).collect();
         let idem = idempotency.map(|(key, ttl)| (self.keys.idempotency(org, key), ttl));
-        let mut reply = self.eval_specs(&specs, mode, now, idem).await?;
+        let marker = self.marker(org, now);
+        let mut reply = self
+            .eval_specs(&specs, mode, now, idem, Some(marker))
+            .await?;
         reply.keys = specs.into_iter().map(|s| s.key).collect();
         Ok(reply)
     }
@@ -287,10 +312,81 @@ impl Store {
         now: DateTime<Utc>,
     ) -> Result<Status, StoreError> {
         let idem = Some((self.keys.idempotency(org, batch_id), REPLAY_IDEMPOTENCY_TTL));
+        let marker = self.marker(org, now);
         Ok(self
-            .eval_specs(specs, Mode::Record, now, idem)
+            .eval_specs(specs, Mode::Record, now, idem, Some(marker))
             .await?
             .status)
+    }
+
+    fn marker(&self, org: &OrgId, now: DateTime<Utc>) -> String {
+        self.keys.restore_marker(
+            org,
+            crate::domain::period::calendar_month(now).start.timestamp(),
+        )
+    }
+
+    /// Keys changed since the last flush.
+    pub fn dirty(&self) -> &dirty::DirtySet {
+        &self.dirty
+    }
+
+    /// Put an org's durable counters for the month of `now` back from Postgres (see
+    /// `restore.lua`); `entries` are (value key, value, version, expiry ms or 0). Returns whether
+    /// this call restored (false: another replica already had).
+    pub async fn restore(
+        &self,
+        org: &OrgId,
+        now: DateTime<Utc>,
+        entries: &[(String, i64, i64, i64)],
+    ) -> Result<bool, StoreError> {
+        let month = crate::domain::period::calendar_month(now);
+        let marker_expiry =
+            (month.end + expiry_grace(crate::domain::period::Period::Month)).timestamp_millis();
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.restore.get_hash())
+            .arg(1 + 2 * entries.len())
+            .arg(self.marker(org, now));
+        for (key, ..) in entries {
+            cmd.arg(key).arg(Keys::version(key));
+        }
+        cmd.arg(marker_expiry);
+        for (_, value, version, expiry) in entries {
+            cmd.arg(value).arg(version).arg(expiry);
+        }
+        let mut conn = self.conn.clone();
+        let first: Result<i64, StoreError> = self.bounded(cmd.query_async(&mut conn)).await;
+        let restored = match first {
+            Err(StoreError::Redis(e))
+                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+            {
+                self.metrics.redis_script_reloads.inc();
+                self.bounded(self.restore.load_async(&mut conn)).await?;
+                self.bounded(cmd.query_async(&mut conn)).await?
+            }
+            other => other?,
+        };
+        Ok(restored == 1)
+    }
+
+    /// Values and versions of durable keys of one org (one slot), one `MGET`.
+    pub async fn read_durable(
+        &self,
+        keys: &[String],
+    ) -> Result<Vec<Option<(i64, i64)>>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut cmd = redis::cmd("MGET");
+        for k in keys {
+            cmd.arg(k).arg(Keys::version(k));
+        }
+        let mut conn = self.conn.clone();
+        let values: Vec<Option<i64>> = self.bounded(cmd.query_async(&mut conn)).await?;
+        Ok(values
+            .chunks_exact(2)
+            .map(|c| c[0].map(|v| (v, c[1].unwrap_or(0))))
+            .collect())
     }
 
     async fn eval_specs(
@@ -299,22 +395,34 @@ impl Store {
         mode: Mode,
         now: DateTime<Utc>,
         idempotency: Option<(String, Duration)>,
+        marker: Option<String>,
     ) -> Result<Reply, StoreError> {
-        let mut cmd = redis::Cmd::with_capacity(4 + specs.len() * 6 + 2, 64 + specs.len() * 96);
-        cmd.arg("EVALSHA")
-            .arg(self.decide.get_hash())
-            .arg(specs.len() + usize::from(idempotency.is_some()));
+        let durable = specs.iter().filter(|s| s.is_durable()).count();
+        let mut cmd = redis::Cmd::with_capacity(6 + specs.len() * 7 + 2, 64 + specs.len() * 128);
+        cmd.arg("EVALSHA").arg(self.decide.get_hash()).arg(
+            specs.len()
+                + durable
+                + usize::from(idempotency.is_some())
+                + usize::from(marker.is_some()),
+        );
         if let Some((k, _)) = &idempotency {
             cmd.arg(k);
         }
+        if let Some(m) = &marker {
+            cmd.arg(m);
+        }
         for spec in specs {
             cmd.arg(&spec.key);
+            if spec.is_durable() {
+                cmd.arg(Keys::version(&spec.key));
+            }
         }
         cmd.arg(now.timestamp_micros()).arg(mode.as_arg());
         match &idempotency {
             Some((_, ttl)) => cmd.arg(ttl.as_millis() as u64),
             None => cmd.arg(0),
         };
+        cmd.arg(u8::from(marker.is_some()));
         for spec in specs {
             cmd.arg(spec.kind.as_arg())
                 .arg(spec.amount)
@@ -323,7 +431,13 @@ impl Store {
                 .arg(spec.param);
         }
         let raw = self.eval_decide(&cmd).await?;
-        parse_reply(&raw, specs.len())
+        let reply = parse_reply(&raw, specs.len())?;
+        if matches!(reply.status, Status::Applied | Status::AppliedOverLimit) {
+            for spec in specs.iter().filter(|s| s.is_durable() && s.amount != 0) {
+                self.dirty.mark(&spec.key);
+            }
+        }
+        Ok(reply)
     }
 
     /// Current values of counters and gauges (rates read as 0), one `MGET` for one org.
@@ -375,6 +489,13 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
         Some(1) => Status::Denied,
         Some(2) => Status::DryRunAllowed,
         Some(4) => Status::AppliedOverLimit,
+        Some(5) => {
+            return Ok(Reply {
+                status: Status::NeedsRestore,
+                limits: Vec::new(),
+                keys: Vec::new(),
+            });
+        }
         Some(3) => {
             return Ok(Reply {
                 status: Status::Duplicate,

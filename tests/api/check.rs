@@ -37,7 +37,7 @@ async fn exactly_the_limit_is_admitted_out_of_twice_as_many_concurrent_checks() 
     let ok = responses.iter().filter(|r| r.status() == 200).count();
     let denied = responses.iter().filter(|r| r.status() == 402).count();
     assert_eq!((ok, denied), (50, 50));
-    let keys = app.redis_keys().await;
+    let keys = app.usage_keys().await;
     assert_eq!(keys.len(), 1, "{keys:?}");
     assert_eq!(app.redis_get(&keys[0]).await.as_deref(), Some("50"));
 }
@@ -213,7 +213,7 @@ async fn dry_runs_consume_nothing_but_answer_denials_the_same_way() {
     assert_eq!(body["dry_run"], true);
     assert_eq!(body["usage"][0]["current"], 0);
     assert!(
-        app.redis_keys().await.is_empty(),
+        app.usage_keys().await.is_empty(),
         "a dry run writes nothing"
     );
 
@@ -226,7 +226,7 @@ async fn dry_runs_consume_nothing_but_answer_denials_the_same_way() {
         .check(json!({"org_id": "acme", "metric": "requests", "amount": 11, "consume": false}))
         .await;
     assert_eq!(r.status(), 429);
-    assert!(app.redis_keys().await.is_empty());
+    assert!(app.usage_keys().await.is_empty());
 }
 
 #[tokio::test]

@@ -376,6 +376,16 @@ impl TestApp {
             .unwrap()
     }
 
+    /// Keys holding usage (counters, gauges, rate state), without version keys, restore
+    /// markers or idempotency markers.
+    pub async fn usage_keys(&self) -> Vec<String> {
+        self.redis_keys()
+            .await
+            .into_iter()
+            .filter(|k| !k.ends_with(":v") && !k.contains("}:restored:") && !k.contains("}:idem:"))
+            .collect()
+    }
+
     /// Every key of this test's prefix.
     pub async fn redis_keys(&self) -> Vec<String> {
         keys_matching(&format!("{}:*", self.prefix)).await

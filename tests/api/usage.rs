@@ -104,7 +104,7 @@ async fn a_batch_with_one_bad_event_records_nothing() {
             .starts_with("events[1].metric"),
         "{body}"
     );
-    assert!(app.redis_keys().await.is_empty());
+    assert!(app.usage_keys().await.is_empty());
     let too_many: Vec<_> = (0..1001)
         .map(|_| json!({"org_id": "acme", "metric": "tokens"}))
         .collect();
@@ -284,5 +284,5 @@ async fn bad_input_gets_4xx_json_naming_the_field() {
     assert_eq!(json(r).await["error"], "method_not_allowed");
     let r = app.get("/v1/orgs/a%20b/usage").await;
     assert_eq!(r.status(), 422);
-    assert!(app.redis_keys().await.is_empty(), "nothing was counted");
+    assert!(app.usage_keys().await.is_empty(), "nothing was counted");
 }

@@ -1,0 +1,128 @@
+//! `usage_counters`: monthly usage per org and metric, the record billing reads.
+
+use chrono::{DateTime, Utc};
+use sqlx::{PgPool, Row};
+
+use super::DbError;
+
+/// One counter or gauge as read from Redis.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CounterRow {
+    pub org_id: String,
+    pub metric: String,
+    pub period_start: DateTime<Utc>,
+    pub quantity: i64,
+    pub version: i64,
+    pub gauge: bool,
+}
+
+/// Rows per statement: big enough to amortise the round trip, small enough to keep locks short.
+const BATCH: usize = 500;
+
+/// Write rows; a row only replaces a stored one with a lower version, so concurrent or retried
+/// flushes never go backwards and never count twice. Returns the rows actually changed.
+pub async fn upsert(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, DbError> {
+    let mut written = 0;
+    for chunk in rows.chunks(BATCH) {
+        let orgs: Vec<&str> = chunk.iter().map(|r| r.org_id.as_str()).collect();
+        let metrics: Vec<&str> = chunk.iter().map(|r| r.metric.as_str()).collect();
+        let starts: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.period_start).collect();
+        let quantities: Vec<i64> = chunk.iter().map(|r| r.quantity).collect();
+        let versions: Vec<i64> = chunk.iter().map(|r| r.version).collect();
+        let kinds: Vec<&str> = chunk
+            .iter()
+            .map(|r| if r.gauge { "gauge" } else { "counter" })
+            .collect();
+        written += sqlx::query(
+            "INSERT INTO usage_counters (org_id, metric, period_start, quantity, version, kind) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], \
+                                  $5::bigint[], $6::text[]) \
+             ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
+               quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
+             WHERE usage_counters.version < EXCLUDED.version",
+        )
+        .bind(&orgs)
+        .bind(&metrics)
+        .bind(&starts)
+        .bind(&quantities)
+        .bind(&versions)
+        .bind(&kinds)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(written)
+}
+
+/// What Postgres knows of an org's durable counters: the counters of the month starting at
+/// `month_start`, and the latest level of each gauge. (metric, quantity, version, gauge)
+pub async fn durable_state(
+    pool: &PgPool,
+    org_id: &str,
+    month_start: DateTime<Utc>,
+) -> Result<Vec<(String, i64, i64, bool)>, DbError> {
+    let rows = sqlx::query(
+        "(SELECT metric, quantity, version, false AS gauge FROM usage_counters \
+           WHERE org_id = $1 AND period_start = $2 AND kind = 'counter') \
+         UNION ALL \
+         (SELECT DISTINCT ON (metric) metric, quantity, version, true AS gauge \
+           FROM usage_counters WHERE org_id = $1 AND kind = 'gauge' \
+           ORDER BY metric, period_start DESC)",
+    )
+    .bind(org_id)
+    .bind(month_start)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok((
+                r.try_get("metric")?,
+                r.try_get("quantity")?,
+                r.try_get("version")?,
+                r.try_get("gauge")?,
+            ))
+        })
+        .collect()
+}
+
+/// One org's rows for a month: (metric, quantity).
+pub async fn month(
+    pool: &PgPool,
+    org_id: &str,
+    month_start: DateTime<Utc>,
+) -> Result<Vec<(String, i64)>, DbError> {
+    let rows = sqlx::query(
+        "SELECT metric, quantity FROM usage_counters WHERE org_id = $1 AND period_start = $2",
+    )
+    .bind(org_id)
+    .bind(month_start)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| Ok((r.try_get("metric")?, r.try_get("quantity")?)))
+        .collect()
+}
+
+/// Every org's rows for a month, for billing exports.
+pub async fn export(
+    pool: &PgPool,
+    month_start: DateTime<Utc>,
+) -> Result<Vec<(String, String, DateTime<Utc>, i64)>, DbError> {
+    let rows = sqlx::query(
+        "SELECT org_id, metric, period_start, quantity FROM usage_counters \
+         WHERE period_start = $1 ORDER BY org_id, metric",
+    )
+    .bind(month_start)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok((
+                r.try_get("org_id")?,
+                r.try_get("metric")?,
+                r.try_get("period_start")?,
+                r.try_get("quantity")?,
+            ))
+        })
+        .collect()
+}
