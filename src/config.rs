@@ -81,6 +81,28 @@ pub struct Settings {
     pub proxy: Option<ProxySettings>,
     /// `None` when `[billing]` is absent: the webhook endpoints answer 404.
     pub billing: Option<BillingSettings>,
+    pub flush: FlushSettings,
+}
+
+#[derive(Debug, Clone)]
+pub struct FlushSettings {
+    /// How often each replica writes the counters it changed to Postgres.
+    pub interval: Duration,
+}
+
+impl Default for FlushSettings {
+    fn default() -> Self {
+        Self {
+            interval: Duration::from_secs(10),
+        }
+    }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct FlushRaw {
+    #[serde(default)]
+    interval: Option<String>,
 }
 
 /// `[billing]`: how payment-provider webhooks drive plans.
@@ -636,6 +658,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
     let identity_v = section(&mut r, "identity", false);
     let routes_v = section(&mut r, "routes", false);
     let billing_v = section(&mut r, "billing", false);
+    let flush_v = section(&mut r, "flush", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -793,6 +816,17 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
 
     let proxy = proxy_settings(&mut r, proxy_v, identity_v, routes_v);
     let billing = billing_v.and_then(|v| billing_settings(&mut r, v, env));
+    let flush_raw: FlushRaw = flush_v
+        .and_then(|v| r.parse("flush", v))
+        .unwrap_or_default();
+    let flush = FlushSettings {
+        interval: duration_or(
+            &mut r,
+            "flush.interval",
+            flush_raw.interval,
+            Duration::from_secs(10),
+        ),
+    };
 
     Some(Settings {
         config_path: path.to_path_buf(),
@@ -805,6 +839,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
         enforcement: enforcement.mode,
         proxy,
         billing,
+        flush,
     })
 }
 

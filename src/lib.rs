@@ -7,6 +7,7 @@
 //! - `store`: Redis: key layout (`store::keys`) and the one Lua script a decision runs.
 //! - `db`: Postgres: orgs, API keys, plan changes, adjustments; migrations in `migrations/`.
 //! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
+//! - `flush`: writes changed monthly counters to Postgres (`usage_counters`), the billing record.
 //! - `local`: deciding while Redis is unreachable, and replaying what was admitted meanwhile.
 //! - `quota`: the use cases that combine catalog, directory, store and clock.
 //! - `proxy`: the metering reverse proxy on `[proxy].listen` (identify → decide → forward →
@@ -23,6 +24,7 @@ pub mod db;
 pub mod directory;
 pub mod domain;
 pub mod error;
+pub mod flush;
 pub mod local;
 pub mod metrics;
 pub mod proxy;

@@ -265,7 +265,16 @@ impl LocalMode {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => {
+                    // Shutting down: hand Redis what this replica admitted, if it can.
+                    if self.pending_units() != 0 || self.has_batches() {
+                        match self.replay(&state, &store, state.quota.now()).await {
+                            Ok(n) => tracing::info!(units = n, "replayed admitted usage before exiting"),
+                            Err(e) => tracing::error!(error = %e, units = self.pending_units(), "usage admitted while Redis was unreachable could not be replayed before exiting"),
+                        }
+                    }
+                    return;
+                }
                 _ = tick.tick() => {}
             }
             let has_work = self.pending_units() != 0 || self.has_batches();

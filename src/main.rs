@@ -24,6 +24,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum ExportFormat {
+    Csv,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Run the gateway (runs pending migrations first unless --no-migrate).
@@ -46,6 +52,20 @@ enum Command {
             default_value = "config/gateway.toml"
         )]
         config: PathBuf,
+    },
+    /// Write every org's usage of one month (from Postgres) to stdout, for billing.
+    Export {
+        #[arg(
+            long,
+            env = "QUOTA_GATEWAY_CONFIG",
+            default_value = "config/gateway.toml"
+        )]
+        config: PathBuf,
+        /// The month, as YYYY-MM.
+        #[arg(long)]
+        period: String,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
     },
     /// Apply pending database migrations and exit.
     Migrate {
@@ -87,6 +107,38 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Export {
+            config,
+            period,
+            format,
+        } => {
+            let (settings, _) = match config::load(&config, &env) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let Some(month) = quota_gateway::api::parse_month(&period) else {
+                eprintln!("--period: expected a month as YYYY-MM, got `{period}`");
+                return ExitCode::from(EX_USAGE);
+            };
+            let rows = async {
+                let pool = db::pool(&settings.database)?;
+                db::usage::export(&pool, month.start).await
+            }
+            .await;
+            match rows {
+                Ok(rows) => {
+                    print!("{}", render_export(&rows, format));
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("export failed: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Migrate { config } => {
             let (settings, _) = match config::load(&config, &env) {
                 Ok(v) => v,
@@ -143,6 +195,36 @@ async fn run(cli: Cli) -> ExitCode {
                     ExitCode::FAILURE
                 }
             }
+        }
+    }
+}
+
+fn render_export(
+    rows: &[(String, String, chrono::DateTime<chrono::Utc>, i64)],
+    format: ExportFormat,
+) -> String {
+    let stamp =
+        |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    match format {
+        // Org ids and metric ids cannot contain commas or quotes, so no field needs quoting.
+        ExportFormat::Csv => {
+            let mut out = String::from("org_id,metric,period_start,quantity\n");
+            for (org, metric, start, quantity) in rows {
+                out.push_str(&format!("{org},{metric},{},{quantity}\n", stamp(start)));
+            }
+            out
+        }
+        ExportFormat::Json => {
+            let items: Vec<serde_json::Value> = rows
+                .iter()
+                .map(|(org, metric, start, quantity)| {
+                    serde_json::json!({
+                        "org_id": org, "metric": metric,
+                        "period_start": stamp(start), "quantity": quantity,
+                    })
+                })
+                .collect();
+            format!("{}\n", serde_json::Value::Array(items))
         }
     }
 }

@@ -38,6 +38,11 @@ pub struct Metrics {
     pub webhooks: IntCounterVec,
     /// Plan catalog reloads by outcome (ok | rejected).
     pub catalog_reloads: IntCounterVec,
+    pub flush_duration: Histogram,
+    pub flush_rows: IntCounter,
+    pub flush_failures: IntCounter,
+    /// Seconds since the oldest change not yet in Postgres (0 when none).
+    pub flush_oldest_unflushed: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -127,6 +132,25 @@ impl Metrics {
             &["outcome"],
         )
         .expect("valid metric");
+        let flush_duration = histogram(
+            "quota_gateway_flush_duration_seconds",
+            "Usage flushes to Postgres.",
+        );
+        let flush_rows = IntCounter::new(
+            "quota_gateway_flush_rows_total",
+            "usage_counters rows written by flushes.",
+        )
+        .expect("valid metric");
+        let flush_failures = IntCounter::new(
+            "quota_gateway_flush_failures_total",
+            "Usage flushes that failed (the changes are kept and retried).",
+        )
+        .expect("valid metric");
+        let flush_oldest_unflushed = prometheus::Gauge::new(
+            "quota_gateway_flush_oldest_unflushed_seconds",
+            "Age of the oldest usage change not yet in Postgres.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_requests.clone()),
@@ -141,6 +165,10 @@ impl Metrics {
             Box::new(degraded.clone()),
             Box::new(webhooks.clone()),
             Box::new(catalog_reloads.clone()),
+            Box::new(flush_duration.clone()),
+            Box::new(flush_rows.clone()),
+            Box::new(flush_failures.clone()),
+            Box::new(flush_oldest_unflushed.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -166,6 +194,10 @@ impl Metrics {
             degraded,
             webhooks,
             catalog_reloads,
+            flush_duration,
+            flush_rows,
+            flush_failures,
+            flush_oldest_unflushed,
         }
     }
 

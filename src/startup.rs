@@ -115,6 +115,11 @@ impl Application {
             billing: settings.billing.clone(),
         });
         let recovery = tokio::spawn(local.clone().recover(state.clone(), stop.child_token()));
+        let flusher = tokio::spawn(crate::flush::run(
+            state.clone(),
+            settings.flush.interval,
+            stop.child_token(),
+        ));
         let downgrades = tokio::spawn(crate::webhooks::scheduler::run(
             state.clone(),
             stop.child_token(),
@@ -144,6 +149,7 @@ impl Application {
                 ("catalog reloader", reloader),
                 ("redis recovery", recovery),
                 ("billing scheduler", downgrades),
+                ("usage flusher", flusher),
             ],
             proxy,
         })
@@ -208,7 +214,7 @@ impl Application {
             }
         }
         for (name, task) in self.tasks {
-            match tokio::time::timeout(Duration::from_secs(5), task).await {
+            match tokio::time::timeout(Duration::from_secs(15), task).await {
                 Ok(Ok(())) => tracing::info!(task = name, "stopped"),
                 Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),
                 Err(_) => tracing::warn!(task = name, "did not stop within 5s"),

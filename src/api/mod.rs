@@ -27,6 +27,7 @@ use crate::webhooks::handler;
 
 pub use extract::ApiJson;
 pub use guard::FloodGuard;
+pub use v1::parse_month;
 
 /// Shared state of every handler.
 pub struct AppState {

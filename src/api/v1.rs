@@ -365,13 +365,71 @@ pub async fn usage(
     }
 }
 
-/// `GET /v1/orgs/{org_id}/usage`: one entry per declared metric for the current period.
+/// `GET /v1/orgs/{org_id}/usage[?period=YYYY-MM]`: one entry per declared metric, for the
+/// current period from Redis, or for a given month from Postgres.
 pub async fn org_usage(
     State(state): State<SharedState>,
     Path(org_id): Path<String>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
 ) -> Result<Response, ApiError> {
     let catalog = state.quota.catalog();
     let org = parse_org(&org_id, "org_id")?;
+    let mut period = None;
+    for pair in query
+        .as_deref()
+        .unwrap_or("")
+        .split('&')
+        .filter(|p| !p.is_empty())
+    {
+        match pair.split_once('=') {
+            Some(("period", v)) => period = Some(v.to_string()),
+            _ => {
+                return Err(ApiError::invalid(format!(
+                    "{}: unknown query parameter (only `period` is accepted)",
+                    pair.split('=').next().unwrap_or(pair)
+                )));
+            }
+        }
+    }
+    if let Some(period) = period {
+        let month = parse_month(&period)
+            .ok_or_else(|| ApiError::invalid("period: expected a month as YYYY-MM"))?;
+        let (plan, _) = state.quota.org(&catalog, &org).await?;
+        let rows = crate::db::usage::month(&state.pool, org.as_str(), month.start).await?;
+        let usage: Vec<serde_json::Value> = catalog
+            .metrics
+            .values()
+            .map(|m| {
+                let current = rows
+                    .iter()
+                    .find(|(metric, _)| metric == &m.id)
+                    .map_or(0, |(_, q)| *q);
+                let quota = plan.quotas_for(&m.id).find(|q| {
+                    q.period.is_none() || q.period == Some(crate::domain::period::Period::Month)
+                });
+                let limit = quota.map(|q| q.limit);
+                json!({
+                    "metric": m.id,
+                    "unit": m.unit,
+                    "kind": m.kind.as_str(),
+                    "current": current,
+                    "limit": limit,
+                    "remaining": limit.map(|l| l.saturating_sub(current.max(0) as u64)),
+                    "percentage": limit.map(|l| current as f64 * 100.0 / l as f64),
+                    "unlimited": limit.is_none(),
+                    "period": if m.kind == MetricKind::Gauge { None } else { Some("month") },
+                    "resets_at": render::rfc3339(month.end),
+                })
+            })
+            .collect();
+        return Ok(Json(json!({
+            "org_id": org.as_str(),
+            "period": period,
+            "plan": PlanRef::from(plan),
+            "usage": usage,
+        }))
+        .into_response());
+    }
     let (plan, states) = state.quota.usage(&catalog, &org).await?;
     let usage: Vec<UsageEntry<'_>> = states.iter().map(UsageEntry::from_state).collect();
     Ok(Json(json!({
@@ -380,6 +438,19 @@ pub async fn org_usage(
         "usage": usage,
     }))
     .into_response())
+}
+
+/// `YYYY-MM` → that calendar month (UTC).
+pub fn parse_month(s: &str) -> Option<crate::domain::period::Window> {
+    use chrono::TimeZone;
+    let (y, m) = s.split_once('-')?;
+    if y.len() != 4 || m.len() != 2 {
+        return None;
+    }
+    let start = chrono::Utc
+        .with_ymd_and_hms(y.parse().ok()?, m.parse().ok()?, 1, 0, 0, 0)
+        .single()?;
+    Some(crate::domain::period::calendar_month(start))
 }
 
 /// `GET /v1/orgs/{org_id}/entitlements`: every feature any plan names, true or false.

@@ -206,6 +206,8 @@ pub struct TestApp {
     pub proxy_state: Option<Arc<ProxyState>>,
     /// The application's shared state, for calling background steps directly.
     pub state: quota_gateway::api::SharedState,
+    /// The proxy in front of Postgres when `TestOptions::postgres_proxy` was set.
+    pub pg_proxy: Option<Arc<ChaosProxy>>,
 }
 
 pub struct TestOptions {
@@ -227,6 +229,8 @@ pub struct TestOptions {
     pub proxy: Option<ProxySettings>,
     /// `[billing]` for the webhook endpoints.
     pub billing: Option<quota_gateway::config::BillingSettings>,
+    /// Reach Postgres through a `ChaosProxy` (kept in `TestApp::pg_proxy`).
+    pub postgres_proxy: bool,
 }
 
 impl Default for TestOptions {
@@ -242,6 +246,7 @@ impl Default for TestOptions {
             guard: None,
             proxy: None,
             billing: None,
+            postgres_proxy: false,
         }
     }
 }
@@ -290,6 +295,14 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     }
     settings.proxy = opts.proxy;
     settings.billing = opts.billing;
+    let pg_proxy = if opts.postgres_proxy {
+        let proxy = ChaosProxy::start(&host_port(&test_database_url())).await;
+        let through = db_url.replacen(&host_port(&test_database_url()), &proxy.addr.to_string(), 1);
+        settings.database.url = SecretString::from(through);
+        Some(Arc::new(proxy))
+    } else {
+        None
+    };
     settings.redis.on_error = opts.on_error;
     settings.redis.local_share = opts.local_share;
     if opts.shadow {
@@ -299,7 +312,9 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
         db_name,
         prefix: prefix.clone(),
     });
-    start(settings, catalog, TestClock::new(), resources).await
+    let mut app = start(settings, catalog, TestClock::new(), resources).await;
+    app.pg_proxy = pg_proxy;
+    app
 }
 
 impl TestApp {
@@ -376,6 +391,33 @@ impl TestApp {
             .unwrap()
     }
 
+    /// One flush of this replica's changed counters to Postgres, now.
+    pub async fn flush(
+        &self,
+    ) -> Result<quota_gateway::flush::FlushOutcome, quota_gateway::flush::FlushError> {
+        quota_gateway::flush::try_flush_once(
+            self.state.quota.store(),
+            &self.state.pool,
+            &self.state.metrics,
+            self.clock_now(),
+        )
+        .await
+    }
+
+    /// The `usage_counters` quantity of a metric in the current month (None: no row).
+    pub async fn stored_usage(&self, org: &str, metric: &str) -> Option<i64> {
+        let month = quota_gateway::domain::period::calendar_month(self.clock_now()).start;
+        sqlx::query_scalar(
+            "SELECT quantity FROM usage_counters WHERE org_id = $1 AND metric = $2 AND period_start = $3",
+        )
+        .bind(org)
+        .bind(metric)
+        .bind(month)
+        .fetch_optional(&self.pool)
+        .await
+        .unwrap()
+    }
+
     /// Keys holding usage (counters, gauges, rate state), without version keys, restore
     /// markers or idempotency markers.
     pub async fn usage_keys(&self) -> Vec<String> {
@@ -392,11 +434,14 @@ impl TestApp {
     }
 
     /// Stop serving and wait for the background tasks (what SIGTERM does in production).
-    pub async fn shutdown(mut self) {
+    /// Returns a guard that keeps the test's database and keys alive while the caller checks
+    /// what the stopped gateway left behind.
+    pub async fn shutdown(mut self) -> Box<dyn std::any::Any + Send + Sync> {
         self.stop.cancel();
         if let Some(task) = self.task.take() {
-            let _ = tokio::time::timeout(Duration::from_secs(10), task).await;
+            let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
         }
+        Box::new(self.resources.clone())
     }
 }
 
@@ -428,13 +473,16 @@ async fn start(
     let state = app.state().clone();
     let stop = app.stop_token();
     let task = tokio::spawn(app.run_until_stopped(std::future::pending()));
+    // The harness talks to Postgres directly, even when the gateway goes through a proxy.
+    let direct_db_url = replace_db_name(&test_database_url(), &resources.db_name);
     let pool = PgPoolOptions::new()
         .max_connections(2)
-        .connect(&settings_db_url(&settings))
+        .connect(&direct_db_url)
         .await
         .unwrap();
     let redis = test_redis_conn().await;
     TestApp {
+        pg_proxy: None,
         state,
         addr,
         client: reqwest::Client::new(),
@@ -493,6 +541,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         enforcement: Default::default(),
         proxy: None,
         billing: None,
+        flush: Default::default(),
     }
 }
 

@@ -1,0 +1,189 @@
+//! The flusher: writes the durable counters this replica changed to Postgres.
+//!
+//! `try_flush_once` is the step (tests call it directly); `run` only schedules it every
+//! `[flush] interval`, backs off while Postgres fails, and flushes one last time on shutdown.
+//! It takes the dirty keys, reads their current values and versions from Redis (one `MGET` per
+//! org, so one slot per read in a cluster) and upserts them in batches. A write only lands when
+//! its version is newer than the stored one, so two replicas flushing the same counter, or a
+//! flush retried after a failure, never count twice and never go backwards. What could not be
+//! written stays dirty for the next attempt.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, TimeZone, Utc};
+use futures_util::future::join_all;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::SharedState;
+use crate::db::DbError;
+use crate::db::usage::{self, CounterRow};
+use crate::domain::period;
+use crate::metrics::Metrics;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct FlushOutcome {
+    /// Dirty keys taken.
+    pub keys: usize,
+    /// Rows whose stored value changed.
+    pub rows_written: u64,
+    /// Keys gone from Redis (expired); nothing to write.
+    pub missing: usize,
+}
+
+/// Orgs read from Redis at once.
+const READ_CONCURRENCY: usize = 64;
+
+pub async fn try_flush_once(
+    store: &Store,
+    pool: &sqlx::PgPool,
+    metrics: &Metrics,
+    now: DateTime<Utc>,
+) -> Result<FlushOutcome, FlushError> {
+    let started = Instant::now();
+    let taken = store.dirty().take();
+    if taken.is_empty() {
+        metrics.flush_oldest_unflushed.set(0.0);
+        return Ok(FlushOutcome::default());
+    }
+    let result = flush_keys(store, pool, &taken, now).await;
+    metrics
+        .flush_duration
+        .observe(started.elapsed().as_secs_f64());
+    match result {
+        Ok(outcome) => {
+            metrics.flush_rows.inc_by(outcome.rows_written);
+            metrics.flush_oldest_unflushed.set(
+                store
+                    .dirty()
+                    .oldest()
+                    .map_or(0.0, |t| t.elapsed().as_secs_f64()),
+            );
+            Ok(outcome)
+        }
+        Err(e) => {
+            metrics.flush_failures.inc();
+            let oldest = taken.values().min().copied();
+            store.dirty().restore(taken);
+            if let Some(t) = oldest {
+                metrics
+                    .flush_oldest_unflushed
+                    .set(t.elapsed().as_secs_f64());
+            }
+            Err(e)
+        }
+    }
+}
+
+async fn flush_keys(
+    store: &Store,
+    pool: &sqlx::PgPool,
+    taken: &HashMap<String, Instant>,
+    now: DateTime<Utc>,
+) -> Result<FlushOutcome, FlushError> {
+    // key → (metric, month start) grouped by org.
+    let mut by_org: HashMap<String, Vec<(String, String, Option<i64>)>> = HashMap::new();
+    for key in taken.keys() {
+        match store.keys().parse_durable(key) {
+            Some((org, metric, start)) => by_org
+                .entry(org.as_str().to_owned())
+                .or_default()
+                .push((key.clone(), metric, start)),
+            None => tracing::warn!(key, "not a durable key; skipped"),
+        }
+    }
+    let gauge_month = period::calendar_month(now).start;
+    let orgs: Vec<_> = by_org.into_iter().collect();
+    let mut rows = Vec::with_capacity(taken.len());
+    let mut missing = 0;
+    for chunk in orgs.chunks(READ_CONCURRENCY) {
+        let reads = join_all(chunk.iter().map(|(_, entries)| {
+            let keys: Vec<String> = entries.iter().map(|(k, ..)| k.clone()).collect();
+            async move { store.read_durable(&keys).await }
+        }))
+        .await;
+        for ((org, entries), values) in chunk.iter().zip(reads) {
+            for ((_, metric, start), value) in entries.iter().zip(values?) {
+                let Some((quantity, version)) = value else {
+                    missing += 1;
+                    continue;
+                };
+                let period_start = match start {
+                    Some(s) => Utc.timestamp_opt(*s, 0).single().unwrap_or(gauge_month),
+                    None => gauge_month,
+                };
+                rows.push(CounterRow {
+                    org_id: org.clone(),
+                    metric: metric.clone(),
+                    period_start,
+                    quantity,
+                    version,
+                    gauge: start.is_none(),
+                });
+            }
+        }
+    }
+    let rows_written = usage::upsert(pool, &rows).await?;
+    Ok(FlushOutcome {
+        keys: taken.len(),
+        rows_written,
+        missing,
+    })
+}
+
+/// Flush every `interval` until `stop`, then once more.
+pub async fn run(state: SharedState, interval: Duration, stop: CancellationToken) {
+    let mut wait = interval;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        let store = state.quota.store();
+        match try_flush_once(store, &state.pool, &state.metrics, state.quota.now()).await {
+            Ok(o) => {
+                if o.keys > 0 {
+                    tracing::debug!(keys = o.keys, rows = o.rows_written, "flushed usage");
+                }
+                wait = interval;
+            }
+            Err(e) => {
+                wait = (wait * 2).min(Duration::from_secs(60));
+                tracing::warn!(error = %e, retry_in = ?wait, pending = store.dirty().len(), "usage flush failed; keeping the changes");
+            }
+        }
+    }
+    // Final flush: everything this replica counted reaches Postgres before it exits.
+    for attempt in 1..=3 {
+        match try_flush_once(
+            state.quota.store(),
+            &state.pool,
+            &state.metrics,
+            state.quota.now(),
+        )
+        .await
+        {
+            Ok(o) => {
+                tracing::info!(
+                    keys = o.keys,
+                    rows = o.rows_written,
+                    "final usage flush done"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::error!(error = %e, attempt, "final usage flush failed");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,265 @@
+//! Durable usage: counters flushed to Postgres exactly, through concurrent replicas, Postgres
+//! outages, Redis data loss and shutdown; past months served from Postgres and exported.
+
+use std::process::Command;
+use std::time::Duration;
+
+use futures_util::future::join_all;
+use serde_json::json;
+
+use crate::helpers::{TestApp, TestOptions, json, spawn_app, spawn_app_with, usage_entry};
+
+const QUOTA_50: &str = r#"
+default_plan = "free"
+[metrics]
+requests = { unit = "request" }
+seats = { unit = "seat", kind = "gauge" }
+[plans.free]
+upgrade_to = "pro"
+quotas = { requests = { limit = 50, period = "month" }, seats = { limit = 10 } }
+[plans.pro]
+quotas = { requests = { limit = 1000, period = "month" } }
+"#;
+
+async fn quota_app() -> TestApp {
+    spawn_app_with(TestOptions {
+        plans: QUOTA_50.into(),
+        ..Default::default()
+    })
+    .await
+}
+
+fn check() -> serde_json::Value {
+    json!({"org_id": "acme", "metric": "requests"})
+}
+
+#[tokio::test]
+async fn concurrent_checks_on_two_replicas_end_up_exactly_in_postgres() {
+    let a = quota_app().await;
+    let b = a.spawn_peer().await;
+    let responses = join_all((0..100).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        app.check(check())
+    }))
+    .await;
+    let admitted = responses.iter().filter(|r| r.status() == 200).count() as i64;
+    assert_eq!(admitted, 50);
+    a.flush().await.unwrap();
+    b.flush().await.unwrap();
+    assert_eq!(a.stored_usage("acme", "requests").await, Some(admitted));
+}
+
+#[tokio::test]
+async fn two_flushers_at_once_stay_exact_and_never_go_backwards() {
+    let a = quota_app().await;
+    let b = a.spawn_peer().await;
+    let mut last = 0;
+    for round in 0..8 {
+        join_all((0..3).map(|i| if i % 2 == 0 { &a } else { &b }.check(check()))).await;
+        if round == 4 {
+            // A credit lowers the counter: a newer, lower value must still land.
+            a.admin(
+                reqwest::Method::POST,
+                "/admin/orgs/acme/adjustments",
+                Some(&json!({"metric": "requests", "amount": -2, "reason": "credit"})),
+            )
+            .await;
+        }
+        let (ra, rb) = tokio::join!(a.flush(), b.flush());
+        ra.unwrap();
+        rb.unwrap();
+        let stored = a.stored_usage("acme", "requests").await.unwrap();
+        let live = json(a.get("/v1/orgs/acme/usage").await).await;
+        assert_eq!(
+            stored,
+            usage_entry(&live, "metric", "requests")["current"]
+                .as_i64()
+                .unwrap()
+        );
+        if round != 4 {
+            assert!(stored >= last, "round {round}: {stored} < {last}");
+        }
+        last = stored;
+    }
+    assert_eq!(last, 8 * 3 - 2);
+}
+
+#[tokio::test]
+async fn a_postgres_outage_delays_flushes_but_loses_nothing() {
+    let app = spawn_app_with(TestOptions {
+        plans: QUOTA_50.into(),
+        postgres_proxy: true,
+        ..Default::default()
+    })
+    .await;
+    let pg = app.pg_proxy.clone().unwrap();
+    for _ in 0..5 {
+        assert_eq!(app.check(check()).await.status(), 200);
+    }
+    pg.cut();
+    assert!(app.flush().await.is_err(), "Postgres is unreachable");
+    // Decisions go on (the org is cached) and keep counting.
+    for _ in 0..5 {
+        assert_eq!(app.check(check()).await.status(), 200);
+    }
+    assert!(app.flush().await.is_err());
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains("quota_gateway_flush_failures_total 2"),
+        "{metrics}"
+    );
+    pg.restore();
+    let mut flushed = false;
+    for _ in 0..50 {
+        if app.flush().await.is_ok() {
+            flushed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(flushed, "the flush succeeds once Postgres is back");
+    assert_eq!(app.stored_usage("acme", "requests").await, Some(10));
+}
+
+#[tokio::test]
+async fn after_a_redis_loss_the_next_decision_restores_from_postgres() {
+    let app = quota_app().await;
+    for _ in 0..5 {
+        app.check(json!({"org_id": "acme", "metric": "requests", "amount": 10}))
+            .await;
+    }
+    app.check(json!({"org_id": "acme", "metric": "seats", "amount": 4}))
+        .await;
+    assert_eq!(app.check(check()).await.status(), 402, "at the limit");
+    app.flush().await.unwrap();
+
+    // Redis loses everything of this gateway (a restart without persistence, a failover).
+    let mut conn = app.redis.clone();
+    for key in app.redis_keys().await {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let r = app.check(check()).await;
+    assert_eq!(r.status(), 402, "still at the limit after the loss");
+    assert_eq!(json(r).await["quota"]["current"], 50);
+    let r = app
+        .check(json!({"org_id": "acme", "metric": "seats", "amount": 7}))
+        .await;
+    assert_eq!(
+        r.status(),
+        402,
+        "the gauge level came back too (4 + 7 > 10)"
+    );
+
+    app.set_plan("acme", "pro").await;
+    let r = app.check(check()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(
+        json(r).await["usage"][0]["current"],
+        51,
+        "counting continues from the restored value"
+    );
+    app.flush().await.unwrap();
+    assert_eq!(app.stored_usage("acme", "requests").await, Some(51));
+}
+
+#[tokio::test]
+async fn a_graceful_stop_flushes_everything_counted_before_it() {
+    let app = quota_app().await;
+    let pool = app.pool.clone();
+    let month = quota_gateway::domain::period::calendar_month(app.clock_now()).start;
+    for _ in 0..7 {
+        assert_eq!(app.check(check()).await.status(), 200);
+    }
+    app.post(
+        "/v1/usage",
+        &json!({"org_id": "globex", "metric": "requests", "amount": 3}),
+    )
+    .await;
+    let _kept = app.shutdown().await;
+    let rows: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT org_id, quantity FROM usage_counters WHERE metric = 'requests' AND period_start = $1 ORDER BY org_id",
+    )
+    .bind(month)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows, [("acme".to_string(), 7), ("globex".to_string(), 3)]);
+}
+
+#[tokio::test]
+async fn past_months_are_served_from_postgres_and_exported() {
+    let app = spawn_app().await;
+    app.set_plan("acme", "free").await;
+    sqlx::query(
+        "INSERT INTO usage_counters (org_id, metric, period_start, quantity, version) VALUES \
+         ('acme', 'requests', '2026-10-01T00:00:00Z', 17, 17), \
+         ('acme', 'tokens', '2026-10-01T00:00:00Z', 900, 3), \
+         ('globex', 'requests', '2026-10-01T00:00:00Z', 5, 5), \
+         ('acme', 'requests', '2026-09-01T00:00:00Z', 1, 1)",
+    )
+    .execute(&app.pool)
+    .await
+    .unwrap();
+    let r = app.get("/v1/orgs/acme/usage?period=2026-10").await;
+    assert_eq!(r.status(), 200);
+    let body = json(r).await;
+    assert_eq!(body["period"], "2026-10");
+    let requests = usage_entry(&body, "metric", "requests");
+    assert_eq!(requests["current"], 17);
+    assert_eq!(requests["limit"], 20);
+    assert_eq!(requests["remaining"], 3);
+    assert_eq!(requests["resets_at"], "2026-11-01T00:00:00Z");
+    assert_eq!(usage_entry(&body, "metric", "tokens")["current"], 900);
+    assert_eq!(usage_entry(&body, "metric", "projects")["current"], 0);
+    let bad = app.get("/v1/orgs/acme/usage?period=October").await;
+    assert_eq!(bad.status(), 422);
+    let bad = app.get("/v1/orgs/acme/usage?month=2026-10").await;
+    assert_eq!(bad.status(), 422);
+
+    // The export command, run as billing would, against this test's database.
+    let dir = std::env::temp_dir().join(format!("qg-export-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("plans.toml"), crate::helpers::PLANS).unwrap();
+    std::fs::write(
+        dir.join("gateway.toml"),
+        format!(
+            "plans = \"plans.toml\"\n[api]\nlisten = \"127.0.0.1:0\"\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n[database]\nurl = \"{}\"\n",
+            app.db_url
+        ),
+    )
+    .unwrap();
+    let run = |format: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_quota-gateway"))
+            .args([
+                "export", "--period", "2026-10", "--format", format, "--config",
+            ])
+            .arg(dir.join("gateway.toml"))
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        run("csv"),
+        "org_id,metric,period_start,quantity\n\
+         acme,requests,2026-10-01T00:00:00Z,17\n\
+         acme,tokens,2026-10-01T00:00:00Z,900\n\
+         globex,requests,2026-10-01T00:00:00Z,5\n"
+    );
+    let exported: serde_json::Value = serde_json::from_str(&run("json")).unwrap();
+    assert_eq!(exported.as_array().unwrap().len(), 3);
+    assert_eq!(
+        exported[2],
+        json!({"org_id": "globex", "metric": "requests", "period_start": "2026-10-01T00:00:00Z", "quantity": 5})
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
