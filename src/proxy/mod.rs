@@ -58,7 +58,7 @@ use routes::{ChargeSpec, RouteAction};
 /// Largest reported usage accepted from an upstream header (amounts must stay exact in Lua).
 const MAX_REPORTED: u64 = 1 << 53;
 
-/// Counters a test or an operator can read (Prometheus comes later).
+/// Counters tests read directly (the same events are also in Prometheus, see `metrics`).
 #[derive(Default)]
 pub struct ProxyStats {
     /// Upstream usage-report headers that were not a non-negative integer.
