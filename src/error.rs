@@ -2,7 +2,7 @@
 //!
 //! Policy: modules that cross a boundary return their own `thiserror` enum (`StoreError`,
 //! `DbError`, `QuotaError`, `ConfigError`); handlers convert them into `ApiError`, and only
-//! `ApiError::into_response` decides status codes. Client mistakes get a 4xx with a message that
+//! `ApiError::into_response` decides status codes, for the API and the proxy alike. Client mistakes get a 4xx with a message that
 //! names the field; infrastructure faults get an opaque 5xx body, with the detail in the log.
 //! `anyhow` is for `main` and background loops only.
 
@@ -31,6 +31,21 @@ pub enum ApiError {
     MethodNotAllowed,
     #[error("request body too large")]
     PayloadTooLarge,
+    /// The proxy found no route for a request and has no default route.
+    #[error("no proxy route matches this request")]
+    NoRoute,
+    /// Proxy: the upstream could not be reached (502).
+    #[error("the upstream service could not be reached")]
+    UpstreamUnavailable,
+    /// Proxy: the upstream closed the connection before its response headers (502).
+    #[error("the upstream service closed the connection without a response")]
+    UpstreamBroken,
+    /// Proxy: no response headers within `request_timeout` (504).
+    #[error("the upstream service did not answer in time")]
+    UpstreamTimeout,
+    /// A proxy route charges a metric the (reloaded) catalog no longer declares (503).
+    #[error("the gateway's route configuration does not match its plan catalog")]
+    Misconfigured,
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -102,6 +117,23 @@ impl IntoResponse for ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "payload_too_large",
                 "the request body is too large",
+            ),
+            ApiError::NoRoute => error_response(StatusCode::NOT_FOUND, "no_route", &self.to_string()),
+            ApiError::UpstreamUnavailable => {
+                error_response(StatusCode::BAD_GATEWAY, "upstream_unavailable", &self.to_string())
+            }
+            ApiError::UpstreamBroken => {
+                error_response(StatusCode::BAD_GATEWAY, "upstream_error", &self.to_string())
+            }
+            ApiError::UpstreamTimeout => error_response(
+                StatusCode::GATEWAY_TIMEOUT,
+                "upstream_timeout",
+                &self.to_string(),
+            ),
+            ApiError::Misconfigured => error_response(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "misconfigured",
+                &self.to_string(),
             ),
             ApiError::Store(e) => {
                 tracing::error!(error = %e, "redis unavailable");

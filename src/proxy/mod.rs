@@ -49,7 +49,7 @@ use crate::domain::decision::{Charge, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
 use crate::domain::render;
-use crate::error::{ApiError, error_response};
+use crate::error::ApiError;
 use crate::respond;
 use crate::store::Mode;
 use identity::{Identifier, IdentityError};
@@ -220,9 +220,6 @@ impl ProxyServer {
     }
 }
 
-fn json_error(status: StatusCode, error: &str, message: &str) -> Response<Body> {
-    error_response(status, error, message)
-}
 
 /// What one proxied request did, for its log line and the metrics.
 struct Observation {
@@ -290,11 +287,7 @@ async fn handle(
     obs: &mut Observation,
 ) -> Response<Body> {
     let Some(action) = state.settings.routes.find(req.method(), req.uri().path()) else {
-        return json_error(
-            StatusCode::NOT_FOUND,
-            "no_route",
-            "no proxy route matches this request",
-        );
+        return ApiError::NoRoute.into_response();
     };
     if action.unmetered {
         obs.outcome = "unmetered";
@@ -420,11 +413,7 @@ fn misconfigured(metric: &str) -> Response<Body> {
         metric,
         "a proxy route charges a metric the catalog no longer declares"
     );
-    json_error(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "misconfigured",
-        "the gateway's route configuration does not match its plan catalog",
-    )
+    ApiError::Misconfigured.into_response()
 }
 
 /// Take the usage-report headers off the upstream response and record valid values in the
@@ -513,21 +502,9 @@ enum ForwardError {
 impl ForwardError {
     fn response(&self) -> Response<Body> {
         match self {
-            ForwardError::Connect => json_error(
-                StatusCode::BAD_GATEWAY,
-                "upstream_unavailable",
-                "the upstream service could not be reached",
-            ),
-            ForwardError::Upstream => json_error(
-                StatusCode::BAD_GATEWAY,
-                "upstream_error",
-                "the upstream service closed the connection without a response",
-            ),
-            ForwardError::Timeout => json_error(
-                StatusCode::GATEWAY_TIMEOUT,
-                "upstream_timeout",
-                "the upstream service did not answer in time",
-            ),
+            ForwardError::Connect => ApiError::UpstreamUnavailable.into_response(),
+            ForwardError::Upstream => ApiError::UpstreamBroken.into_response(),
+            ForwardError::Timeout => ApiError::UpstreamTimeout.into_response(),
         }
     }
 }
