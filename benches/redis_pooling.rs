@@ -25,6 +25,7 @@ fn decide_cmd(script: &redis::Script, i: usize) -> redis::Cmd {
         .arg(now_us)
         .arg("check")
         .arg(0)
+        .arg(0)
         .arg("c")
         .arg(1)
         .arg(1_000_000_000_000u64)

@@ -118,10 +118,14 @@ impl IntoResponse for ApiError {
                 "payload_too_large",
                 "the request body is too large",
             ),
-            ApiError::NoRoute => error_response(StatusCode::NOT_FOUND, "no_route", &self.to_string()),
-            ApiError::UpstreamUnavailable => {
-                error_response(StatusCode::BAD_GATEWAY, "upstream_unavailable", &self.to_string())
+            ApiError::NoRoute => {
+                error_response(StatusCode::NOT_FOUND, "no_route", &self.to_string())
             }
+            ApiError::UpstreamUnavailable => error_response(
+                StatusCode::BAD_GATEWAY,
+                "upstream_unavailable",
+                &self.to_string(),
+            ),
             ApiError::UpstreamBroken => {
                 error_response(StatusCode::BAD_GATEWAY, "upstream_error", &self.to_string())
             }

@@ -220,7 +220,6 @@ impl ProxyServer {
     }
 }
 
-
 /// What one proxied request did, for its log line and the metrics.
 struct Observation {
     outcome: &'static str,

@@ -151,6 +151,13 @@ async fn local_mode_enforces_what_was_left_and_replays_every_admitted_unit() {
     wait_recovered(&app).await;
     assert_eq!(redis_month(&app, "acme", "requests").await, 20);
     assert_eq!(redis_month(&app, "acme", "tokens").await, 250);
+    app.flush().await.unwrap();
+    assert_eq!(
+        app.stored_usage("acme", "requests").await,
+        Some(20),
+        "and, after a flush, in Postgres"
+    );
+    assert_eq!(app.stored_usage("acme", "tokens").await, Some(250));
     let metrics = app.get("/metrics").await.text().await.unwrap();
     assert!(metrics.contains("quota_gateway_degraded 0"));
     app.clock.advance(chrono::Duration::seconds(1));
