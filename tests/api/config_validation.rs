@@ -138,6 +138,25 @@ fn each_settings_mistake_is_named_with_file_key_and_reason() {
 }
 
 #[test]
+fn billing_mistakes_are_named_too() {
+    let problems = gateway_problems("gateway_billing_problems.toml");
+    for needle in [
+        "billing.grace_period: `soon`",
+        "billing.stripe.plans.price_x: unknown plan `platinum`",
+        "billing.dodo.secrets[0]: not a usable secret",
+        "billing.polar.secrets: at least one signing secret is required",
+    ] {
+        assert_has(&problems, needle);
+    }
+    for p in &problems {
+        assert!(
+            !p.contains("whsec_abc") && !p.contains("not base64!"),
+            "secrets never appear in messages: {p}"
+        );
+    }
+}
+
+#[test]
 fn the_shipped_configuration_is_valid() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (settings, catalog) =
