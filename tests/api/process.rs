@@ -123,5 +123,9 @@ async fn sighup_reloads_the_catalog_and_sigterm_exits_cleanly() {
     )))
     .execute(&admin)
     .await;
+    let mut conn = crate::helpers::test_redis_conn().await;
+    for key in crate::helpers::keys_matching(&format!("qgt-{}:*", &id[..12])).await {
+        let _: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut conn).await;
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
