@@ -118,6 +118,7 @@ impl Application {
         let flusher = tokio::spawn(crate::flush::run(
             state.clone(),
             settings.flush.interval,
+            settings.redis.seeds(),
             stop.child_token(),
         ));
         let downgrades = tokio::spawn(crate::webhooks::scheduler::run(

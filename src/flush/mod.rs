@@ -140,10 +140,64 @@ async fn flush_keys(
     })
 }
 
-/// Flush every `interval` until `stop`, then once more.
-pub async fn run(state: SharedState, interval: Duration, stop: CancellationToken) {
+/// How often every replica looks through Redis for durable keys nobody marked (see
+/// `reconcile`).
+const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
+
+/// Mark every durable key of this prefix as dirty, so counters changed by a replica that died
+/// before flushing still reach Postgres. A `SCAN` over the prefix on each node: done at start-up
+/// and hourly, never per flush. Versions make re-writing unchanged counters a no-op.
+pub async fn reconcile(store: &Store, nodes: &[String]) -> Result<usize, StoreError> {
+    let pattern = format!("{}:*", store.keys().prefix());
+    let mut marked = 0;
+    for node in nodes {
+        let client = redis::Client::open(node.as_str())?;
+        let mut conn = client.get_multiplexed_async_connection().await?;
+        let mut cursor: u64 = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(&mut conn)
+                .await?;
+            for key in keys {
+                if store.keys().parse_durable(&key).is_some() {
+                    store.dirty().mark(&key);
+                    marked += 1;
+                }
+            }
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+    }
+    Ok(marked)
+}
+
+/// Flush every `interval` until `stop`, then once more. `nodes`: the Redis nodes to reconcile
+/// (all primaries of a cluster).
+pub async fn run(
+    state: SharedState,
+    interval: Duration,
+    nodes: Vec<String>,
+    stop: CancellationToken,
+) {
     let mut wait = interval;
+    let mut last_reconcile: Option<Instant> = None;
     loop {
+        if last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY) {
+            match reconcile(state.quota.store(), &nodes).await {
+                Ok(n) => {
+                    tracing::debug!(keys = n, "reconciled durable keys for flushing");
+                    last_reconcile = Some(Instant::now());
+                }
+                Err(e) => tracing::warn!(error = %e, "reconciliation scan failed; retrying later"),
+            }
+        }
         tokio::select! {
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}

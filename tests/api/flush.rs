@@ -263,3 +263,27 @@ async fn past_months_are_served_from_postgres_and_exported() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn counters_of_a_replica_that_died_before_flushing_are_found_by_reconciliation() {
+    let a = quota_app().await;
+    let b = a.spawn_peer().await;
+    for _ in 0..6 {
+        assert_eq!(a.check(check()).await.status(), 200);
+    }
+    // Replica A dies: what it remembered to flush is gone, the counts are still in Redis.
+    let _ = a.state.quota.store().dirty().take();
+    assert_eq!(
+        b.flush().await.unwrap().keys,
+        0,
+        "B never touched the counter"
+    );
+    let seeds =
+        crate::helpers::cluster_seeds().unwrap_or_else(|| vec![crate::helpers::test_redis_url()]);
+    let marked = quota_gateway::flush::reconcile(b.state.quota.store(), &seeds)
+        .await
+        .unwrap();
+    assert!(marked >= 1);
+    b.flush().await.unwrap();
+    assert_eq!(b.stored_usage("acme", "requests").await, Some(6));
+}
