@@ -344,7 +344,18 @@ impl QuotaService {
             .into_iter()
             .filter(|l| !matches!(l.target, Target::Rate { .. }))
             .collect();
-        let values = self.store.read(org, &limits).await?;
+        let values = match self.store.read(org, &limits, now).await? {
+            Some(v) => v,
+            None => {
+                // Nothing decided for this org this month yet, or Redis lost it: restore first,
+                // so the view never shows zero for usage Postgres knows about.
+                self.restore_org(catalog, org, now).await?;
+                self.store
+                    .read(org, &limits, now)
+                    .await?
+                    .unwrap_or_else(|| vec![0; limits.len()])
+            }
+        };
         let replies: Vec<LimitReply> = values
             .into_iter()
             .map(|value| LimitReply {

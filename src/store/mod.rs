@@ -441,23 +441,34 @@ impl Store {
     }
 
     /// Current values of counters and gauges (rates read as 0), one `MGET` for one org.
-    pub async fn read(&self, org: &OrgId, limits: &[Limit<'_>]) -> Result<Vec<i64>, StoreError> {
-        if limits.is_empty() {
-            return Ok(Vec::new());
+    /// Current values of counters and gauges (rates read as 0), one `MGET` for one org, with
+    /// whether the month's restore marker is there (`None` when it is not: restore first).
+    pub async fn read(
+        &self,
+        org: &OrgId,
+        limits: &[Limit<'_>],
+        now: DateTime<Utc>,
+    ) -> Result<Option<Vec<i64>>, StoreError> {
+        let mut cmd = redis::cmd("MGET");
+        cmd.arg(self.marker(org, now));
+        for l in limits {
+            cmd.arg(self.keys.limit(org, l));
         }
-        let keys: Vec<String> = limits.iter().map(|l| self.keys.limit(org, l)).collect();
         let mut conn = self.conn.clone();
-        let values: Vec<Option<String>> = self
-            .bounded(redis::cmd("MGET").arg(&keys).query_async(&mut conn))
-            .await?;
-        Ok(limits
-            .iter()
-            .zip(values)
-            .map(|(l, v)| match l.target {
-                Target::Rate { .. } => 0,
-                _ => v.and_then(|s| s.parse().ok()).unwrap_or(0),
-            })
-            .collect())
+        let values: Vec<Option<String>> = self.bounded(cmd.query_async(&mut conn)).await?;
+        if values.first().is_none_or(Option::is_none) {
+            return Ok(None);
+        }
+        Ok(Some(
+            limits
+                .iter()
+                .zip(values.into_iter().skip(1))
+                .map(|(l, v)| match l.target {
+                    Target::Rate { .. } => 0,
+                    _ => v.and_then(|s| s.parse().ok()).unwrap_or(0),
+                })
+                .collect(),
+        ))
     }
 
     pub async fn ping(&self) -> Result<(), StoreError> {

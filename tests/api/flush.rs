@@ -142,6 +142,12 @@ async fn after_a_redis_loss_the_next_decision_restores_from_postgres() {
             .await
             .unwrap();
     }
+    let view = json(app.get("/v1/orgs/acme/usage").await).await;
+    assert_eq!(
+        usage_entry(&view, "metric", "requests")["current"],
+        50,
+        "the usage view restores too"
+    );
     let r = app.check(check()).await;
     assert_eq!(r.status(), 402, "still at the limit after the loss");
     assert_eq!(json(r).await["quota"]["current"], 50);
