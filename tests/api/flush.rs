@@ -104,10 +104,13 @@ async fn a_postgres_outage_delays_flushes_but_loses_nothing() {
     }
     assert!(app.flush().await.is_err());
     let metrics = app.get("/metrics").await.text().await.unwrap();
-    assert!(
-        metrics.contains("quota_gateway_flush_failures_total 2"),
-        "{metrics}"
-    );
+    let failures: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("quota_gateway_flush_failures_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0);
+    // Ours, plus the background flusher if its turn came while Postgres was cut.
+    assert!(failures >= 2.0, "{metrics}");
     pg.restore();
     let mut flushed = false;
     for _ in 0..50 {
