@@ -15,6 +15,14 @@ requests = { unit = "request" }
 quotas = { requests = { limit = 5, period = "month" } }
 "#;
 
+/// Replace a file the way editors and config managers do (write aside, rename), so the poller
+/// never sees a half-written file.
+fn replace_file(path: &std::path::Path, content: &str) {
+    let aside = path.with_extension("tmp");
+    std::fs::write(&aside, content).unwrap();
+    std::fs::rename(&aside, path).unwrap();
+}
+
 fn temp_plans(content: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("qg-reload-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -58,7 +66,7 @@ async fn a_changed_catalog_is_applied_under_traffic_and_a_broken_one_rejected() 
         }
     });
 
-    std::fs::write(&path, PLANS_5.replace("limit = 5", "limit = 10")).unwrap();
+    replace_file(&path, &PLANS_5.replace("limit = 5", "limit = 10"));
     let applied = eventually(Duration::from_secs(5), || async {
         app.check(json!({"org_id": "acme", "metric": "requests", "consume": false}))
             .await
@@ -68,7 +76,7 @@ async fn a_changed_catalog_is_applied_under_traffic_and_a_broken_one_rejected() 
     .await;
     assert!(applied.is_some(), "the new limit applies without a restart");
 
-    std::fs::write(&path, "default_plan = \"free\"\n[plans.free]\nquotas = 7\n").unwrap();
+    replace_file(&path, "default_plan = \"free\"\n[plans.free]\nquotas = 7\n");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let r = app
         .check(json!({"org_id": "acme", "metric": "requests", "amount": 5}))
