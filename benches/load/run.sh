@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The load benchmark: one command, one run, one table.
 #
-#   benches/load/run.sh [--duration SECONDS] [--connections N] [--soak MINUTES]
+#   benches/load/run.sh [--duration SECONDS] [--connections N] [--rows 1,2,3,4,5] [--soak MINUTES]
 #
 # Starts a tiny upstream (nginx answering 200), nginx as a plain reverse proxy to it, and the
 # gateway (release build) against the local Redis and Postgres, then drives each with wrk over
@@ -19,11 +19,13 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DURATION=10
 CONNS=64
 SOAK=0
+ROW_SET=1,2,3,4,5
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
     --connections) CONNS=$2; shift 2 ;;
     --soak) SOAK=$2; shift 2 ;;
+    --rows) ROW_SET=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done
@@ -131,9 +133,12 @@ redis_calls() {
 }
 
 ROWS=()
+want() { [[ ",$ROW_SET," == *",$1,"* ]]; }
 # run NAME URL [BODY] [AUTH]
 run() {
   local name=$1 url=$2 body=${3:-} auth=${4:-}
+  LAST_RPS=0; LAST_P99=0
+  want "${name%%.*}" || return 0
   local before after out
   before=$(redis_calls)
   out=$(QG_BODY="$body" QG_AUTH="$auth" wrk -t2 -c"$CONNS" -d"${DURATION}s" -s "$ROOT/benches/load/report.lua" "$url" | grep QG_RESULT)
@@ -158,30 +163,34 @@ run "3. gateway proxy, metered" "http://127.0.0.1:$PXY/" "" "Bearer $KEY"; GW_RP
 run "4. /v1/check" "http://127.0.0.1:$API/v1/check" '{"org_id":"bench","metric":"requests"}'; CHECK_RPS=$LAST_RPS
 
 # 5. The decide script itself, with the arguments a /v1/check of the bench plan sends.
-SHA=$(redis-cli SCRIPT LOAD "$(cat "$ROOT/src/store/decide.lua")")
-redis-cli SET "$PREFIX:{rb}:restored:$(date -u -d "$(date -u +%Y-%m-01T00:00:00Z)" +%s)" 1 >/dev/null
-MONTH=$(date -u +%Y-%m-01T00:00:00Z)
-START=$(date -u -d "$MONTH" +%s)
-NEXT=$(date -u -d "$MONTH +1 month +7 days" +%s)
-NOW_US=$(($(date +%s) * 1000000))
-RB=$(redis-benchmark -h 127.0.0.1 -p 6379 -c "$CONNS" -n 200000 --csv EVALSHA "$SHA" 4 \
-  "$PREFIX:{rb}:restored:$START" \
-  "$PREFIX:{rb}:c:requests:month:$START" "$PREFIX:{rb}:c:requests:month:$START:v" \
-  "$PREFIX:{rb}:r:requests:1000" \
-  "$NOW_US" check 0 1 m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
-RB_RPS=$(awk -F'","' '{ printf "%.0f", $2 }' <<<"$RB")
-RB_P50=$(awk -F'","' '{ printf "%.0f", $5 * 1000 }' <<<"$RB")
-RB_P99=$(awk -F'","' '{ printf "%.0f", $7 * 1000 }' <<<"$RB")
-ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s' "5. redis-benchmark EVALSHA decide" "$RB_RPS" "$RB_P50" "$RB_P99" "-" "-" "1.00")")
-
+RB_RPS=0
+if want 5; then
+  SHA=$(redis-cli SCRIPT LOAD "$(cat "$ROOT/src/store/decide.lua")")
+  redis-cli SET "$PREFIX:{rb}:restored:$(date -u -d "$(date -u +%Y-%m-01T00:00:00Z)" +%s)" 1 >/dev/null
+  MONTH=$(date -u +%Y-%m-01T00:00:00Z)
+  START=$(date -u -d "$MONTH" +%s)
+  NEXT=$(date -u -d "$MONTH +1 month +7 days" +%s)
+  NOW_US=$(($(date +%s) * 1000000))
+  RB=$(redis-benchmark -h 127.0.0.1 -p 6379 -c "$CONNS" -n 200000 --csv EVALSHA "$SHA" 4 \
+    "$PREFIX:{rb}:restored:$START" \
+    "$PREFIX:{rb}:c:requests:month:$START" "$PREFIX:{rb}:c:requests:month:$START:v" \
+    "$PREFIX:{rb}:r:requests:1000" \
+    "$NOW_US" check 0 1 m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
+  RB_RPS=$(awk -F'","' '{ printf "%.0f", $2 }' <<<"$RB")
+  RB_P50=$(awk -F'","' '{ printf "%.0f", $5 * 1000 }' <<<"$RB")
+  RB_P99=$(awk -F'","' '{ printf "%.0f", $7 * 1000 }' <<<"$RB")
+  ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s' "5. redis-benchmark EVALSHA decide" "$RB_RPS" "$RB_P50" "$RB_P99" "-" "-" "1.00")")
+fi
 echo
 printf '%-34s %10s %9s %9s %9s %8s %10s\n' "target ($CONNS connections, ${DURATION}s)" "req/s" "p50 µs" "p99 µs" "p99.9 µs" "errors" "EVALSHA/req"
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo
 awk -v g="$GW_RPS" -v n="$NGX_RPS" -v gp="$GW_P99" -v np="$NGX_P99" -v c="$CHECK_RPS" -v rb="$RB_RPS" 'BEGIN {
-  printf "gateway / nginx throughput: %.2f   (target >= 0.80)\n", g / n
-  printf "gateway / nginx p99:        %.2f   (target <= 1.50)\n", gp / np
-  printf "/v1/check / redis-benchmark: %.2f  (target >= 0.50)\n", c / rb
+  if (g > 0 && n > 0) {
+    printf "gateway / nginx throughput: %.2f   (target >= 0.80)\n", g / n
+    printf "gateway / nginx p99:        %.2f   (target <= 1.50)\n", gp / np
+  }
+  if (c > 0 && rb > 0) printf "/v1/check / redis-benchmark: %.2f  (target >= 0.50)\n", c / rb
 }'
 
 if [ "$SOAK" != "0" ]; then

@@ -73,10 +73,25 @@ impl Limit<'_> {
 
     /// The name used in `RateLimit-Policy` and `RateLimit` headers.
     pub fn policy_name(&self) -> String {
+        let mut name = String::new();
+        self.push_policy_name(&mut name);
+        name
+    }
+
+    /// `policy_name` appended to `out`: header rendering runs on every request and needs no
+    /// `String` of its own for it.
+    pub fn push_policy_name(&self, out: &mut String) {
+        out.push_str(&self.metric.id);
         match &self.target {
-            Target::Counter { period, .. } => format!("{}-{}", self.metric.id, period.as_str()),
-            Target::Gauge => self.metric.id.clone(),
-            Target::Rate { label, .. } => format!("{}-{}", self.metric.id, label),
+            Target::Counter { period, .. } => {
+                out.push('-');
+                out.push_str(period.as_str());
+            }
+            Target::Gauge => {}
+            Target::Rate { label, .. } => {
+                out.push('-');
+                out.push_str(label);
+            }
         }
     }
 }

@@ -7,8 +7,6 @@
 //! Structured Field lists) plus the common `X-RateLimit-*` trio, which describes the single limit
 //! with the least headroom (smallest remaining fraction of its limit).
 
-use std::fmt::Write as _;
-
 use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
@@ -267,30 +265,43 @@ impl RateLimitHeaders {
 
 /// Header values for every limit that applied (unlimited meters are left out).
 pub fn ratelimit_headers(eval: &Evaluation<'_>) -> RateLimitHeaders {
-    let mut h = RateLimitHeaders::default();
+    let mut h = RateLimitHeaders {
+        policy: String::with_capacity(96),
+        ratelimit: String::with_capacity(96),
+        ..RateLimitHeaders::default()
+    };
     let mut nearest: Option<(&LimitState<'_>, f64)> = None;
+    // Plain appends and `itoa` rather than `write!`: this runs for every metered request, and the
+    // formatting machinery was most of its cost.
+    let mut num = itoa::Buffer::new();
     for state in eval.states.iter().filter(|s| s.limit.limit.is_some()) {
         let limit = &state.limit;
-        let name = limit.policy_name();
         let q = limit.limit.unwrap_or(0);
         if !h.policy.is_empty() {
             h.policy.push_str(", ");
             h.ratelimit.push_str(", ");
         }
-        let _ = write!(h.policy, "\"{name}\";q={q}");
-        match &limit.target {
-            Target::Counter { window, .. } => {
-                let _ = write!(h.policy, ";w={}", window.length_seconds());
-            }
-            Target::Rate { window, .. } => {
-                let _ = write!(h.policy, ";w={}", window.as_secs().max(1));
-            }
-            Target::Gauge => {}
+        h.policy.push('"');
+        limit.push_policy_name(&mut h.policy);
+        h.policy.push_str("\";q=");
+        h.policy.push_str(num.format(q));
+        let window = match &limit.target {
+            Target::Counter { window, .. } => Some(window.length_seconds()),
+            Target::Rate { window, .. } => Some(window.as_secs().max(1)),
+            Target::Gauge => None,
+        };
+        if let Some(w) = window {
+            h.policy.push_str(";w=");
+            h.policy.push_str(num.format(w));
         }
-        let r = state.remaining.unwrap_or(0);
-        let _ = write!(h.ratelimit, "\"{name}\";r={r}");
+        h.ratelimit.push('"');
+        limit.push_policy_name(&mut h.ratelimit);
+        h.ratelimit.push_str("\";r=");
+        h.ratelimit
+            .push_str(num.format(state.remaining.unwrap_or(0)));
         if let Some(t) = state.reset_seconds {
-            let _ = write!(h.ratelimit, ";t={t}");
+            h.ratelimit.push_str(";t=");
+            h.ratelimit.push_str(num.format(t));
         }
         if let Some(room) = state.headroom()
             && nearest.is_none_or(|(_, best)| room < best)

@@ -169,6 +169,7 @@ impl ProxyServer {
                 },
             };
             let _ = stream.set_nodelay(true);
+            let peer = Arc::new(headers::Peer::new(peer));
             let state = state.clone();
             let stop = stop.clone();
             let builder = builder.clone();
@@ -176,9 +177,10 @@ impl ProxyServer {
                 let force = state.force.clone();
                 let service = service_fn(move |req| {
                     let state = state.clone();
+                    let peer = peer.clone();
                     async move {
                         let _counted = InFlight::new(&state.stats.in_flight);
-                        Ok::<_, Infallible>(observed(state.clone(), peer, req).await)
+                        Ok::<_, Infallible>(observed(state.clone(), &peer, req).await)
                     }
                 });
                 let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
@@ -232,7 +234,7 @@ struct Observation {
 /// One request with its timing, metrics and one info log line (never a key or a body).
 async fn observed(
     state: Arc<ProxyState>,
-    peer: SocketAddr,
+    peer: &headers::Peer,
     mut req: Request<Incoming>,
 ) -> Response<Body> {
     let started = Instant::now();
@@ -281,7 +283,7 @@ async fn observed(
 /// Steps 1–4 for one request (see the module docs for why in this order).
 async fn handle(
     state: &Arc<ProxyState>,
-    peer: SocketAddr,
+    peer: &headers::Peer,
     req: Request<Incoming>,
     obs: &mut Observation,
 ) -> Response<Body> {
@@ -511,7 +513,7 @@ impl ForwardError {
 /// `forward`, with the upstream's response time and status class in the metrics.
 async fn timed_forward(
     state: &Arc<ProxyState>,
-    peer: SocketAddr,
+    peer: &headers::Peer,
     req: Request<Incoming>,
     action: &RouteAction,
     meta: Option<Upstream<'_>>,
@@ -540,7 +542,7 @@ async fn timed_forward(
 
 async fn forward(
     state: &Arc<ProxyState>,
-    peer: SocketAddr,
+    peer: &headers::Peer,
     mut req: Request<Incoming>,
     action: &RouteAction,
     meta: Option<Upstream<'_>>,

@@ -38,23 +38,28 @@ impl Keys {
     /// `c:<metric>:<period>:<period start, unix seconds>` for counters,
     /// `g:<metric>` for gauges, `r:<metric>:<window ms>` for rates.
     pub fn limit(&self, org: &OrgId, limit: &Limit<'_>) -> String {
-        use std::fmt::Write as _;
         let metric = &limit.metric.id;
-        let mut s = self.org_base(org, metric.len() + 24);
+        // Room for the version suffix too, so `version` never reallocates.
+        let mut s = self.org_base(org, metric.len() + 40);
+        let mut num = itoa::Buffer::new();
         match &limit.target {
             Target::Counter { period, window } => {
-                let _ = write!(
-                    s,
-                    "c:{metric}:{}:{}",
-                    period.as_str(),
-                    window.start.timestamp()
-                );
+                s.push_str("c:");
+                s.push_str(metric);
+                s.push(':');
+                s.push_str(period.as_str());
+                s.push(':');
+                s.push_str(num.format(window.start.timestamp()));
             }
             Target::Gauge => {
-                let _ = write!(s, "g:{metric}");
+                s.push_str("g:");
+                s.push_str(metric);
             }
             Target::Rate { window, .. } => {
-                let _ = write!(s, "r:{metric}:{}", window.as_millis());
+                s.push_str("r:");
+                s.push_str(metric);
+                s.push(':');
+                s.push_str(num.format(window.as_millis()));
             }
         }
         s
@@ -72,7 +77,16 @@ impl Keys {
 
     /// The version key of a durable counter or gauge (incremented with every change).
     pub fn version(value_key: &str) -> String {
-        format!("{value_key}:v")
+        let mut s = String::with_capacity(value_key.len() + 2);
+        Self::version_into(&mut s, value_key);
+        s
+    }
+
+    /// `version` into a reused buffer (the hot path builds one per durable limit).
+    pub fn version_into(buf: &mut String, value_key: &str) {
+        buf.clear();
+        buf.push_str(value_key);
+        buf.push_str(":v");
     }
 
     /// Marks that an org's durable counters of the month starting at `month_start` are complete
@@ -80,7 +94,7 @@ impl Keys {
     pub fn restore_marker(&self, org: &OrgId, month_start: i64) -> String {
         let mut s = self.org_base(org, 24);
         s.push_str("restored:");
-        s.push_str(&month_start.to_string());
+        s.push_str(itoa::Buffer::new().format(month_start));
         s
     }
 

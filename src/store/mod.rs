@@ -411,10 +411,13 @@ impl Store {
         if let Some(m) = &marker {
             cmd.arg(m);
         }
+        // One scratch buffer for the version keys: `Cmd` copies each argument anyway.
+        let mut version = String::new();
         for spec in specs {
             cmd.arg(&spec.key);
             if spec.is_durable() {
-                cmd.arg(Keys::version(&spec.key));
+                Keys::version_into(&mut version, &spec.key);
+                cmd.arg(&version);
             }
         }
         cmd.arg(now.timestamp_micros()).arg(mode.as_arg());
