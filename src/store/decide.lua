@@ -45,54 +45,58 @@
 -- amount * window, and it fits when D + amount * window <= window * limit, so a fresh burst admits
 -- exactly `limit` units, never one more.
 
+-- Cost matters: this runs once per request, inside Redis's single thread. The first pass keeps
+-- what the second needs in flat arrays (no table per limit); numbers go back to Redis as the
+-- caller's own argument strings where they can, sparing a number-to-string conversion per call.
+
 local now = tonumber(ARGV[1])
 local mode = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
-local marker = tonumber(ARGV[4])
 local k = 1
 local idem_key = nil
 if idem_ttl > 0 then
   idem_key = KEYS[k]
   k = k + 1
 end
-if marker > 0 then
+if ARGV[4] ~= '0' then
   if redis.call('EXISTS', KEYS[k]) == 0 then
     return { 5 }
   end
   k = k + 1
 end
-if idem_key and not redis.call('SET', idem_key, '1', 'NX', 'PX', idem_ttl) then
+if idem_key and not redis.call('SET', idem_key, '1', 'NX', 'PX', ARGV[3]) then
   return { 3 }
 end
 
+local record = mode == 'record'
 local out = { 0 }
-local plan = {}
+local n = 1
+-- per limit i: the index of its key in KEYS, of its first argument in ARGV, and the counter's
+-- value before this call (c/m/g) or the rate's debt after it (r)
+local key_at, arg_at, state = {}, {}, {}
 local denied = false
-local a = 5
 local i = 0
-while a <= #ARGV do
+for a = 5, #ARGV, 5 do
   i = i + 1
+  key_at[i] = k
+  arg_at[i] = a
   local key = KEYS[k]
-  k = k + 1
   local kind = ARGV[a]
   local amount = tonumber(ARGV[a + 1])
   local limit = tonumber(ARGV[a + 2])
-  local block = ARGV[a + 3] == '1' and mode ~= 'record'
-  local param = tonumber(ARGV[a + 4])
-  a = a + 5
+  local block = not record and ARGV[a + 3] == '1'
   local d, value, millis = 0, 0, 0
-  local step = { kind = kind, key = key, amount = amount, param = param }
-  if kind == 'm' or kind == 'g' then
-    step.version = KEYS[k]
-    k = k + 1
-  end
-
   if kind == 'r' then
+    k = k + 1
+    local param = tonumber(ARGV[a + 4])
     local debt, stamp = 0, now
     local raw = redis.call('GET', key)
     if raw then
-      local ds, ss = string.match(raw, '^([^:]+):(.+)$')
-      debt, stamp = tonumber(ds) or 0, tonumber(ss) or now
+      local sep = string.find(raw, ':', 1, true)
+      if sep then
+        debt = tonumber(string.sub(raw, 1, sep - 1)) or 0
+        stamp = tonumber(string.sub(raw, sep + 1)) or now
+      end
     end
     local elapsed = now - stamp
     if elapsed > 0 then
@@ -100,7 +104,8 @@ while a <= #ARGV do
     end
     local cap = param * limit
     local new_debt = debt + amount * param
-    value = math.max(0, math.floor((cap - debt) / param))
+    value = math.floor((cap - debt) / param)
+    if value < 0 then value = 0 end
     if block and new_debt > cap then
       d = 1
       denied = true
@@ -112,23 +117,22 @@ while a <= #ARGV do
     else
       millis = math.ceil(debt / limit / 1000)
     end
-    step.new_debt = new_debt
-    step.limit = limit
-    step.cap = cap
+    state[i] = new_debt
   else
+    -- durable kinds (m, g) have their version key right after the value key
+    if kind == 'c' then k = k + 1 else k = k + 2 end
     local current = tonumber(redis.call('GET', key) or '0')
     if block and limit > 0 and amount > 0 and current + amount > limit then
       d = 1
       denied = true
     end
     value = current
-    step.current = current
+    state[i] = current
   end
-
-  plan[i] = step
-  out[#out + 1] = d
-  out[#out + 1] = value
-  out[#out + 1] = millis
+  out[n + 1] = d
+  out[n + 2] = value
+  out[n + 3] = millis
+  n = n + 3
 end
 
 if denied and mode ~= 'shadow' then
@@ -142,29 +146,40 @@ if mode == 'dry' then
 end
 
 for j = 1, i do
-  local s = plan[j]
-  if s.kind == 'r' then
-    local debt = math.max(0, s.new_debt)
-    redis.call('SET', s.key, string.format('%.0f:%.0f', debt, now), 'PX',
-      math.ceil(debt / s.limit / 1000) + 1000)
+  local key = KEYS[key_at[j]]
+  local a = arg_at[j]
+  local kind = ARGV[a]
+  if kind == 'r' then
+    local limit = tonumber(ARGV[a + 2])
+    local param = tonumber(ARGV[a + 4])
+    local debt = state[j]
+    if debt < 0 then debt = 0 end
+    local millis = math.ceil(debt / limit / 1000)
+    redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', millis + 1000)
     local o = 1 + (j - 1) * 3
-    out[o + 2] = math.max(0, math.floor((s.cap - debt) / s.param))
-    out[o + 3] = math.ceil(debt / s.limit / 1000)
+    local left = math.floor((param * limit - debt) / param)
+    if left < 0 then left = 0 end
+    out[o + 2] = left
+    out[o + 3] = millis
   else
+    local amount = tonumber(ARGV[a + 1])
     local changed = false
-    if s.amount >= 0 then
-      local v = redis.call('INCRBY', s.key, s.amount)
-      if s.kind ~= 'g' and v == s.amount then
-        redis.call('PEXPIREAT', s.key, s.param)
+    if amount >= 0 then
+      local v = redis.call('INCRBY', key, ARGV[a + 1])
+      if kind ~= 'g' and v == amount then
+        redis.call('PEXPIREAT', key, ARGV[a + 4])
       end
-      changed = s.amount > 0
-    elseif s.current > 0 then
-      redis.call('SET', s.key, math.max(0, s.current + s.amount), 'KEEPTTL')
+      changed = amount > 0
+    elseif state[j] > 0 then
+      local lowered = state[j] + amount
+      if lowered < 0 then lowered = 0 end
+      redis.call('SET', key, lowered, 'KEEPTTL')
       changed = true
     end
-    if changed and s.version then
-      if redis.call('INCR', s.version) == 1 and s.kind == 'm' then
-        redis.call('PEXPIREAT', s.version, s.param)
+    if changed and kind ~= 'c' then
+      local version = KEYS[key_at[j] + 1]
+      if redis.call('INCR', version) == 1 and kind == 'm' then
+        redis.call('PEXPIREAT', version, ARGV[a + 4])
       end
     end
   end
