@@ -306,22 +306,40 @@ pub async fn usage(
                 .enumerate()
                 .map(|(i, ev)| validate_event(&catalog, ev, &format!("events[{i}]")))
                 .collect::<Result<_, _>>()?;
-            let outcomes = try_join_all(valid.iter().map(|ev| {
-                state.quota.decide(
-                    &catalog,
-                    &ev.org,
-                    std::slice::from_ref(&ev.charge),
-                    Mode::Record,
-                    ev.idempotency_key.as_deref(),
-                )
-            }))
+            // A key repeated within the batch is a duplicate of its first occurrence, decided
+            // here: sent concurrently, the two would race and either could be the one counted.
+            let mut seen = std::collections::HashSet::new();
+            let repeated: Vec<bool> = valid
+                .iter()
+                .map(|ev| {
+                    ev.idempotency_key
+                        .as_deref()
+                        .is_some_and(|k| !seen.insert((ev.org.as_str(), k)))
+                })
+                .collect();
+            let decided = try_join_all(valid.iter().zip(&repeated).filter(|(_, r)| !**r).map(
+                |(ev, _)| {
+                    state.quota.decide(
+                        &catalog,
+                        &ev.org,
+                        std::slice::from_ref(&ev.charge),
+                        Mode::Record,
+                        ev.idempotency_key.as_deref(),
+                    )
+                },
+            ))
             .await?;
+            let mut decided = decided.iter().map(|d| d.duplicate);
+            let outcomes: Vec<bool> = repeated
+                .iter()
+                .map(|r| *r || decided.next().unwrap_or(false))
+                .collect();
             let results: Vec<_> = outcomes
                 .iter()
                 .enumerate()
-                .map(|(i, d)| json!({ "index": i, "duplicate": d.duplicate }))
+                .map(|(i, d)| json!({ "index": i, "duplicate": d }))
                 .collect();
-            let duplicates = outcomes.iter().filter(|d| d.duplicate).count();
+            let duplicates = outcomes.iter().filter(|d| **d).count();
             Ok(Json(json!({
                 "recorded": outcomes.len() - duplicates,
                 "duplicates": duplicates,
