@@ -132,17 +132,37 @@ redis_calls() {
     '$1 == "cmdstat_evalsha" { n += $3 } END { print n + 0 }'
 }
 
+# CPU time (user + system, in clock ticks) of the given processes, summed. Per-request CPU by
+# component is what shows where a shared machine's cores go: wrk, the upstream, Redis and the
+# proxy under test all run on the same few cores, so throughput alone hides who spent them.
+TICK_US=$((1000000 / $(getconf CLK_TCK)))
+cpu_ticks() {
+  local total=0 p
+  for p in "$@"; do
+    [ -r "/proc/$p/stat" ] && total=$((total + $(awk '{ print $14 + $15 }' "/proc/$p/stat")))
+  done
+  echo "$total"
+}
+workers() { pgrep -P "$(cat "$1")" | tr '\n' ' '; }
+UP_PIDS=$(workers "$WORK/up.pid")
+NGX_PIDS=$(workers "$WORK/ngx.pid")
+REDIS_PID=$(redis-cli INFO server | tr -d '\r' | sed -n 's/^process_id://p')
+
 ROWS=()
 want() { [[ ",$ROW_SET," == *",$1,"* ]]; }
-# run NAME URL [BODY] [AUTH]
+# run NAME URL BODY AUTH PROXY_PIDS
 run() {
-  local name=$1 url=$2 body=${3:-} auth=${4:-}
+  local name=$1 url=$2 body=$3 auth=$4 proxy_pids=$5
   LAST_RPS=0; LAST_P99=0
   want "${name%%.*}" || return 0
-  local before after out
+  local before after out cpu_before cpu_after
   before=$(redis_calls)
+  # shellcheck disable=SC2086
+  cpu_before=($(cpu_ticks $proxy_pids) $(cpu_ticks $UP_PIDS) $(cpu_ticks "$REDIS_PID"))
   out=$(QG_BODY="$body" QG_AUTH="$auth" wrk -t2 -c"$CONNS" -d"${DURATION}s" -s "$ROOT/benches/load/report.lua" "$url" | grep QG_RESULT)
   after=$(redis_calls)
+  # shellcheck disable=SC2086
+  cpu_after=($(cpu_ticks $proxy_pids) $(cpu_ticks $UP_PIDS) $(cpu_ticks "$REDIS_PID"))
   local requests seconds errors p50 p99 p999
   requests=$(sed -n 's/.*requests=\([0-9]*\).*/\1/p' <<<"$out")
   seconds=$(sed -n 's/.*seconds=\([0-9.]*\).*/\1/p' <<<"$out")
@@ -153,14 +173,20 @@ run() {
   local rps per
   rps=$(awk -v r="$requests" -v s="$seconds" 'BEGIN { printf "%.0f", r / s }')
   per=$(awk -v a="$after" -v b="$before" -v r="$requests" 'BEGIN { printf "%.2f", (a - b) / r }')
-  ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s' "$name" "$rps" "$p50" "$p99" "$p999" "$errors" "$per")")
+  local cpu=() i
+  for i in 0 1 2; do
+    cpu+=("$(awk -v a="${cpu_after[$i]}" -v b="${cpu_before[$i]}" -v t="$TICK_US" -v r="$requests" \
+      'BEGIN { printf "%.1f", (a - b) * t / r }')")
+  done
+  [ -z "$proxy_pids" ] && cpu[0]="-"
+  ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s %8s %8s %8s' "$name" "$rps" "$p50" "$p99" "$p999" "$errors" "$per" "${cpu[@]}")")
   LAST_RPS=$rps; LAST_P99=$p99
 }
 
-run "1. upstream (nginx return 200)" "http://127.0.0.1:$UP/"
-run "2. nginx reverse proxy" "http://127.0.0.1:$NGX/"; NGX_RPS=$LAST_RPS; NGX_P99=$LAST_P99
-run "3. gateway proxy, metered" "http://127.0.0.1:$PXY/" "" "Bearer $KEY"; GW_RPS=$LAST_RPS; GW_P99=$LAST_P99
-run "4. /v1/check" "http://127.0.0.1:$API/v1/check" '{"org_id":"bench","metric":"requests"}'; CHECK_RPS=$LAST_RPS
+run "1. upstream (nginx return 200)" "http://127.0.0.1:$UP/" "" "" ""
+run "2. nginx reverse proxy" "http://127.0.0.1:$NGX/" "" "" "$NGX_PIDS"; NGX_RPS=$LAST_RPS; NGX_P99=$LAST_P99
+run "3. gateway proxy, metered" "http://127.0.0.1:$PXY/" "" "Bearer $KEY" "$GW"; GW_RPS=$LAST_RPS; GW_P99=$LAST_P99
+run "4. /v1/check" "http://127.0.0.1:$API/v1/check" '{"org_id":"bench","metric":"requests"}' "" "$GW"; CHECK_RPS=$LAST_RPS
 
 # 5. The decide script itself, with the arguments a /v1/check of the bench plan sends.
 RB_RPS=0
@@ -179,11 +205,12 @@ if want 5; then
   RB_RPS=$(awk -F'","' '{ printf "%.0f", $2 }' <<<"$RB")
   RB_P50=$(awk -F'","' '{ printf "%.0f", $5 * 1000 }' <<<"$RB")
   RB_P99=$(awk -F'","' '{ printf "%.0f", $7 * 1000 }' <<<"$RB")
-  ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s' "5. redis-benchmark EVALSHA decide" "$RB_RPS" "$RB_P50" "$RB_P99" "-" "-" "1.00")")
+  ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s %8s %8s %8s' "5. redis-benchmark EVALSHA decide" "$RB_RPS" "$RB_P50" "$RB_P99" "-" "-" "1.00" "-" "-" "-")")
 fi
 echo
-printf '%-34s %10s %9s %9s %9s %8s %10s\n' "target ($CONNS connections, ${DURATION}s)" "req/s" "p50 µs" "p99 µs" "p99.9 µs" "errors" "EVALSHA/req"
+printf '%-34s %10s %9s %9s %9s %8s %10s %8s %8s %8s\n' "target ($CONNS connections, ${DURATION}s)" "req/s" "p50 µs" "p99 µs" "p99.9 µs" "errors" "EVALSHA/req" "proxy" "upstream" "redis"
 for r in "${ROWS[@]}"; do echo "$r"; done
+echo "(proxy, upstream, redis: CPU µs per request of that process, user + system)"
 echo
 awk -v g="$GW_RPS" -v n="$NGX_RPS" -v gp="$GW_P99" -v np="$NGX_P99" -v c="$CHECK_RPS" -v rb="$RB_RPS" 'BEGIN {
   if (g > 0 && n > 0) {
