@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::db::{self, DbError, orgs::OrgRecord};
 use crate::domain::org::OrgId;
+use crate::singleflight::SingleFlight;
 use crate::store::Store;
 
 /// Past this many cached orgs the cache starts over, bounding memory on a replica that sees
@@ -36,6 +37,8 @@ pub struct OrgDirectory {
     epoch: AtomicU64,
     subscribed: AtomicBool,
     dependents: RwLock<Vec<Arc<dyn OrgCache>>>,
+    /// Concurrent misses for one org (at one epoch) share a single query.
+    lookups: SingleFlight<(u64, OrgId), Arc<OrgRecord>>,
 }
 
 /// Another per-org cache that must forget an org whenever the directory does (the proxy's API-key
@@ -68,6 +71,7 @@ impl OrgDirectory {
             epoch: AtomicU64::new(0),
             subscribed: AtomicBool::new(false),
             dependents: RwLock::new(Vec::new()),
+            lookups: SingleFlight::default(),
         }
     }
 
@@ -94,7 +98,12 @@ impl OrgDirectory {
             return Ok(hit);
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        let record = Arc::new(db::orgs::get(&self.pool, org).await?);
+        let record = self
+            .lookups
+            .run((epoch, org.clone()), || async {
+                Ok::<_, DbError>(Arc::new(db::orgs::get(&self.pool, org).await?))
+            })
+            .await?;
         if let Ok(mut cache) = self.cache.write()
             && self.epoch.load(Ordering::Acquire) == epoch
         {

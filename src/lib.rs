@@ -15,6 +15,7 @@
 //! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
 //! - `reload`: hot reload of the plan catalog (SIGHUP or a change on disk).
 //! - `metrics`: the Prometheus registry and every metric, served at `/metrics`.
+//! - `singleflight`: one Postgres lookup per burst of concurrent cache misses for the same key.
 //! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
 
 pub mod api;
@@ -32,6 +33,7 @@ pub mod quota;
 pub mod reload;
 pub mod respond;
 pub mod shutdown;
+pub mod singleflight;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -23,6 +23,7 @@ use crate::config::{IdentityMode, IdentitySettings};
 use crate::db::{self, DbError};
 use crate::directory::{OrgCache, OrgDirectory};
 use crate::domain::org::OrgId;
+use crate::singleflight::SingleFlight;
 
 /// Past this many cached keys the cache starts over (bounds memory under key spraying).
 const MAX_CACHED_KEYS: usize = 100_000;
@@ -57,6 +58,7 @@ impl Identifier {
             directory: directory.clone(),
             entries: RwLock::new(HashMap::new()),
             epoch: AtomicU64::new(0),
+            lookups: SingleFlight::default(),
         });
         directory.register(keys.clone());
         Self { settings, keys }
@@ -128,6 +130,8 @@ struct KeyCache {
     entries: RwLock<HashMap<Vec<u8>, (OrgId, Instant)>>,
     /// Bumped on every invalidation; a lookup that raced one does not insert what it read.
     epoch: AtomicU64,
+    /// Concurrent misses for one key (at one epoch) share a single query.
+    lookups: SingleFlight<(u64, Vec<u8>), Option<OrgId>>,
 }
 
 impl KeyCache {
@@ -137,11 +141,24 @@ impl KeyCache {
             return Ok(Some(org));
         }
         let epoch = self.epoch.load(Ordering::Acquire);
-        let Some(raw) = db::api_keys::find_org(&self.pool, key).await? else {
-            return Ok(None);
-        };
-        let Ok(org) = OrgId::parse(&raw) else {
-            tracing::error!("an api key belongs to an org id that is not valid; refusing it");
+        let found = self
+            .lookups
+            .run((epoch, hash.clone()), || async {
+                let Some(raw) = db::api_keys::find_org(&self.pool, key).await? else {
+                    return Ok::<_, DbError>(None);
+                };
+                match OrgId::parse(&raw) {
+                    Ok(org) => Ok(Some(org)),
+                    Err(_) => {
+                        tracing::error!(
+                            "an api key belongs to an org id that is not valid; refusing it"
+                        );
+                        Ok(None)
+                    }
+                }
+            })
+            .await?;
+        let Some(org) = found else {
             return Ok(None);
         };
         if let Ok(mut entries) = self.entries.write()
