@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The load benchmark: one command, one run, one table.
 #
-#   benches/load/run.sh [--duration SECONDS] [--connections N] [--rows 1,2,3,4,5] [--soak MINUTES]
+#   benches/load/run.sh [--duration SECONDS] [--connections N] [--warmup SECONDS]
+#                       [--rows 1,2,3,4,5] [--soak MINUTES]
 #
 # Starts a tiny upstream (nginx answering 200), nginx as a plain reverse proxy to it, and the
 # gateway (release build) against the local Redis and Postgres, then drives each with wrk over
@@ -19,6 +20,7 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 DURATION=10
 CONNS=64
 SOAK=0
+WARMUP=2
 ROW_SET=1,2,3,4,5
 while [ $# -gt 0 ]; do
   case $1 in
@@ -26,6 +28,7 @@ while [ $# -gt 0 ]; do
     --connections) CONNS=$2; shift 2 ;;
     --soak) SOAK=$2; shift 2 ;;
     --rows) ROW_SET=$2; shift 2 ;;
+    --warmup) WARMUP=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 64 ;;
   esac
 done
@@ -156,6 +159,10 @@ run() {
   LAST_RPS=0; LAST_P99=0
   want "${name%%.*}" || return 0
   local before after out cpu_before cpu_after
+  # Unmeasured first: connection set-up and cold caches are not the steady state.
+  if [ "$WARMUP" != "0" ]; then
+    QG_BODY="$body" QG_AUTH="$auth" wrk -t2 -c"$CONNS" -d"${WARMUP}s" -s "$ROOT/benches/load/report.lua" "$url" >/dev/null
+  fi
   before=$(redis_calls)
   # shellcheck disable=SC2086
   cpu_before=($(cpu_ticks $proxy_pids) $(cpu_ticks $UP_PIDS) $(cpu_ticks "$REDIS_PID"))
