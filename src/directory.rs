@@ -3,42 +3,32 @@
 //! The request path must not ask Postgres on every decision, so each replica caches what it read.
 //! A change made anywhere (admin API, webhooks) is written to Postgres first and then announced on
 //! the `org-changes` channel; every replica drops its cached entry and reads the new state on the
-//! next request. Two races are closed here:
-//! - a load that started before an invalidation must not re-insert the stale row it read, so
-//!   loads only insert when no invalidation happened meanwhile (an epoch counter);
-//! - messages published while a replica's subscription was down are lost, so every
-//!   (re)subscription clears the whole cache, and while the subscription is down an entry is
-//!   trusted for at most one second (Postgres is then read at most once a second per org).
+//! next request. Messages published while a replica's subscription was down are lost, so every
+//! (re)subscription clears the whole cache, and while the subscription is down an entry is trusted
+//! for at most one second (`cache::ChangeCache` holds the rules shared with the API-key cache).
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
+use crate::cache::ChangeCache;
 use crate::db::{self, DbError, orgs::OrgRecord};
 use crate::domain::org::OrgId;
-use crate::singleflight::SingleFlight;
 use crate::store::Store;
 
 /// Past this many cached orgs the cache starts over, bounding memory on a replica that sees
 /// many one-off orgs.
 const MAX_CACHED_ORGS: usize = 200_000;
 
-/// How long a cached entry is trusted while no change notifications can arrive.
-const UNSUBSCRIBED_MAX_AGE: Duration = Duration::from_secs(1);
-
 pub struct OrgDirectory {
     pool: PgPool,
-    cache: RwLock<HashMap<OrgId, (Arc<OrgRecord>, Instant)>>,
-    epoch: AtomicU64,
+    cache: ChangeCache<OrgId, Arc<OrgRecord>>,
     subscribed: AtomicBool,
     dependents: RwLock<Vec<Arc<dyn OrgCache>>>,
-    /// Concurrent misses for one org (at one epoch) share a single query.
-    lookups: SingleFlight<(u64, OrgId), Arc<OrgRecord>>,
 }
 
 /// Another per-org cache that must forget an org whenever the directory does (the proxy's API-key
@@ -67,11 +57,9 @@ impl OrgDirectory {
     pub fn new(pool: PgPool) -> Self {
         Self {
             pool,
-            cache: RwLock::new(HashMap::new()),
-            epoch: AtomicU64::new(0),
+            cache: ChangeCache::new(MAX_CACHED_ORGS),
             subscribed: AtomicBool::new(false),
             dependents: RwLock::new(Vec::new()),
-            lookups: SingleFlight::default(),
         }
     }
 
@@ -94,51 +82,24 @@ impl OrgDirectory {
     }
 
     pub async fn get(&self, org: &OrgId) -> Result<Arc<OrgRecord>, DbError> {
-        if let Some(hit) = self.read_cache(org) {
-            return Ok(hit);
-        }
-        let epoch = self.epoch.load(Ordering::Acquire);
         let record = self
-            .lookups
-            .run((epoch, org.clone()), || async {
-                Ok::<_, DbError>(Arc::new(db::orgs::get(&self.pool, org).await?))
+            .cache
+            .get_or_load(org, self.is_subscribed(), || async {
+                Ok::<_, DbError>(Some(Arc::new(db::orgs::get(&self.pool, org).await?)))
             })
             .await?;
-        if let Ok(mut cache) = self.cache.write()
-            && self.epoch.load(Ordering::Acquire) == epoch
-        {
-            if cache.len() >= MAX_CACHED_ORGS {
-                cache.clear();
-            }
-            cache.insert(org.clone(), (record.clone(), Instant::now()));
-        }
-        Ok(record)
-    }
-
-    fn read_cache(&self, org: &OrgId) -> Option<Arc<OrgRecord>> {
-        let cache = self.cache.read().ok()?;
-        let (record, loaded) = cache.get(org)?;
-        if !self.is_subscribed() && loaded.elapsed() > UNSUBSCRIBED_MAX_AGE {
-            return None;
-        }
-        Some(record.clone())
+        Ok(record.unwrap_or_default())
     }
 
     pub fn invalidate(&self, org: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut cache) = self.cache.write() {
-            cache.retain(|k, _| k.as_str() != org);
-        }
+        self.cache.retain(|k, _| k.as_str() != org);
         for d in self.dependents() {
             d.invalidate_org(org);
         }
     }
 
     pub fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut cache) = self.cache.write() {
-            cache.clear();
-        }
+        self.cache.clear();
         for d in self.dependents() {
             d.invalidate_all();
         }

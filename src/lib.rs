@@ -6,7 +6,8 @@
 //! - `domain`: org ids, plans, periods, decisions and their rendering; pure, no I/O.
 //! - `store`: Redis: key layout (`store::keys`) and the one Lua script a decision runs.
 //! - `db`: Postgres: orgs, API keys, plan changes, adjustments; migrations in `migrations/`.
-//! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub.
+//! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub; `cache`
+//!   holds the invalidation rules it shares with the proxy's API-key cache.
 //! - `flush`: writes changed monthly counters to Postgres (`usage_counters`), the billing record.
 //! - `local`: deciding while Redis is unreachable, and replaying what was admitted meanwhile.
 //! - `quota`: the use cases that combine catalog, directory, store and clock.
@@ -15,10 +16,11 @@
 //! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
 //! - `reload`: hot reload of the plan catalog (SIGHUP or a change on disk).
 //! - `metrics`: the Prometheus registry and every metric, served at `/metrics`.
-//! - `singleflight`: one Postgres lookup per burst of concurrent cache misses for the same key.
+//! - `singleflight`: one lookup per burst of concurrent cache misses for the same key.
 //! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
 
 pub mod api;
+pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod db;

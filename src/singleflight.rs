@@ -56,8 +56,8 @@ impl<K: Hash + Eq + Clone, V: Clone> SingleFlight<K, V> {
         result
     }
 
-    /// Lookups under way (for tests).
-    pub fn in_flight(&self) -> usize {
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
         self.flights.lock().map(|f| f.len()).unwrap_or(0)
     }
 }

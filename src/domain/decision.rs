@@ -71,15 +71,8 @@ impl Limit<'_> {
         self.is_meter() || matches!(self.target, Target::Gauge)
     }
 
-    /// The name used in `RateLimit-Policy` and `RateLimit` headers.
-    pub fn policy_name(&self) -> String {
-        let mut name = String::new();
-        self.push_policy_name(&mut name);
-        name
-    }
-
-    /// `policy_name` appended to `out`: header rendering runs on every request and needs no
-    /// `String` of its own for it.
+    /// The name used in `RateLimit-Policy` and `RateLimit` headers, appended to `out` (header
+    /// rendering runs on every request and needs no `String` of its own for it).
     pub fn push_policy_name(&self, out: &mut String) {
         out.push_str(&self.metric.id);
         match &self.target {
@@ -412,7 +405,14 @@ mod tests {
             now(),
             None,
         );
-        let names: Vec<_> = limits.iter().map(|l| l.policy_name()).collect();
+        let names: Vec<_> = limits
+            .iter()
+            .map(|l| {
+                let mut name = String::new();
+                l.push_policy_name(&mut name);
+                name
+            })
+            .collect();
         assert_eq!(names, ["requests-month", "requests-day", "requests-1s"]);
         assert_eq!(limits[0].limit, Some(1000));
         assert!(limits[0].blocks());

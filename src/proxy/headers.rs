@@ -80,7 +80,6 @@ pub fn set_upgrade(headers: &mut HeaderMap, upgrade: HeaderValue) {
 /// per request.
 #[derive(Debug, Clone)]
 pub struct Peer {
-    pub addr: SocketAddr,
     /// The client's IP as an `X-Forwarded-For` entry.
     ip: HeaderValue,
 }
@@ -89,7 +88,7 @@ impl Peer {
     pub fn new(addr: SocketAddr) -> Self {
         let ip = HeaderValue::from_str(&addr.ip().to_string())
             .expect("an IP address is a valid header value");
-        Self { addr, ip }
+        Self { ip }
     }
 }
 

@@ -9,27 +9,21 @@
 //! subscription is down, an entry is trusted for at most a second, like the directory's own.
 //! Unknown keys are not cached: a key created a moment ago must work at once.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
 
 use http::HeaderMap;
 use http::header::{self, HeaderName};
 use sqlx::PgPool;
 
 use super::headers::X_API_KEY;
+use crate::cache::ChangeCache;
 use crate::config::{IdentityMode, IdentitySettings};
 use crate::db::{self, DbError};
 use crate::directory::{OrgCache, OrgDirectory};
 use crate::domain::org::OrgId;
-use crate::singleflight::SingleFlight;
 
 /// Past this many cached keys the cache starts over (bounds memory under key spraying).
 const MAX_CACHED_KEYS: usize = 100_000;
-
-/// How long a cached key is trusted while no change notifications can arrive.
-const UNSUBSCRIBED_MAX_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
@@ -56,9 +50,7 @@ impl Identifier {
         let keys = Arc::new(KeyCache {
             pool,
             directory: directory.clone(),
-            entries: RwLock::new(HashMap::new()),
-            epoch: AtomicU64::new(0),
-            lookups: SingleFlight::default(),
+            entries: ChangeCache::new(MAX_CACHED_KEYS),
         });
         directory.register(keys.clone());
         Self { settings, keys }
@@ -127,25 +119,17 @@ fn presented_key(headers: &HeaderMap) -> Option<(&str, HeaderName)> {
 struct KeyCache {
     pool: PgPool,
     directory: Arc<OrgDirectory>,
-    entries: RwLock<HashMap<Vec<u8>, (OrgId, Instant)>>,
-    /// Bumped on every invalidation; a lookup that raced one does not insert what it read.
-    epoch: AtomicU64,
-    /// Concurrent misses for one key (at one epoch) share a single query.
-    lookups: SingleFlight<(u64, Vec<u8>), Option<OrgId>>,
+    /// Indexed by the key's SHA-256: the plaintext is never kept.
+    entries: ChangeCache<Vec<u8>, OrgId>,
 }
 
 impl KeyCache {
     async fn org_of(&self, key: &str) -> Result<Option<OrgId>, DbError> {
         let hash = db::api_keys::hash_key(key);
-        if let Some(org) = self.cached(&hash) {
-            return Ok(Some(org));
-        }
-        let epoch = self.epoch.load(Ordering::Acquire);
-        let found = self
-            .lookups
-            .run((epoch, hash.clone()), || async {
+        self.entries
+            .get_or_load(&hash, self.directory.is_subscribed(), || async {
                 let Some(raw) = db::api_keys::find_org(&self.pool, key).await? else {
-                    return Ok::<_, DbError>(None);
+                    return Ok(None);
                 };
                 match OrgId::parse(&raw) {
                     Ok(org) => Ok(Some(org)),
@@ -157,44 +141,17 @@ impl KeyCache {
                     }
                 }
             })
-            .await?;
-        let Some(org) = found else {
-            return Ok(None);
-        };
-        if let Ok(mut entries) = self.entries.write()
-            && self.epoch.load(Ordering::Acquire) == epoch
-        {
-            if entries.len() >= MAX_CACHED_KEYS {
-                entries.clear();
-            }
-            entries.insert(hash, (org.clone(), Instant::now()));
-        }
-        Ok(Some(org))
-    }
-
-    fn cached(&self, hash: &[u8]) -> Option<OrgId> {
-        let entries = self.entries.read().ok()?;
-        let (org, loaded) = entries.get(hash)?;
-        if !self.directory.is_subscribed() && loaded.elapsed() > UNSUBSCRIBED_MAX_AGE {
-            return None;
-        }
-        Some(org.clone())
+            .await
     }
 }
 
 impl OrgCache for KeyCache {
     fn invalidate_org(&self, org: &str) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut entries) = self.entries.write() {
-            entries.retain(|_, (o, _)| o.as_str() != org);
-        }
+        self.entries.retain(|_, o| o.as_str() != org);
     }
 
     fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::AcqRel);
-        if let Ok(mut entries) = self.entries.write() {
-            entries.clear();
-        }
+        self.entries.clear();
     }
 }
 

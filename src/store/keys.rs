@@ -39,8 +39,7 @@ impl Keys {
     /// `g:<metric>` for gauges, `r:<metric>:<window ms>` for rates.
     pub fn limit(&self, org: &OrgId, limit: &Limit<'_>) -> String {
         let metric = &limit.metric.id;
-        // Room for the version suffix too, so `version` never reallocates.
-        let mut s = self.org_base(org, metric.len() + 40);
+        let mut s = self.org_base(org, metric.len() + 24);
         let mut num = itoa::Buffer::new();
         match &limit.target {
             Target::Counter { period, window } => {
