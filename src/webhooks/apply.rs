@@ -180,6 +180,10 @@ pub async fn settle_org(
     cause: &str,
     event_id: Option<&str>,
 ) -> Result<bool, DbError> {
+    // Lock the org before reading its subscriptions: a concurrent event for another of them then
+    // commits first, and (each statement seeing the latest commits) is read here, instead of this
+    // transaction settling the org from a view that was stale by the time it got the lock.
+    let assigned = orgs::lock_plan(tx, org).await?;
     let catalog = policy.catalog;
     let default = catalog.default_plan.as_str();
     let mut target: Option<String> = None;
@@ -201,7 +205,6 @@ pub async fn settle_org(
         tracing::warn!(org = %org, plan = %target, "mapped plan is not in the catalog; leaving the org as it is");
         return Ok(false);
     }
-    let assigned = orgs::lock_plan(tx, org).await?;
     let current = catalog.plan_or_default(assigned.as_deref()).id.clone();
     if target == current {
         return Ok(false);
