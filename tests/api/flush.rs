@@ -287,6 +287,8 @@ async fn counters_of_a_replica_that_died_before_flushing_are_found_by_reconcilia
         0,
         "B never touched the counter"
     );
+    // Nothing reached Postgres before reconciliation (A's own flusher did not get there first).
+    assert_eq!(b.stored_usage("acme", "requests").await, None);
     let seeds =
         crate::helpers::cluster_seeds().unwrap_or_else(|| vec![crate::helpers::test_redis_url()]);
     let marked = quota_gateway::flush::reconcile(b.state.quota.store(), &seeds)

@@ -721,6 +721,16 @@ pub async fn closed_port() -> SocketAddr {
 }
 
 impl TestApp {
+    /// A GET through the proxy with the key in `x-api-key`, the most common proxied request.
+    pub async fn proxy_get(&self, path: &str, key: &str) -> reqwest::Response {
+        self.client
+            .get(self.proxy_url(path))
+            .header("x-api-key", key)
+            .send()
+            .await
+            .unwrap()
+    }
+
     pub fn proxy_url(&self, path: &str) -> String {
         format!(
             "http://{}{}",

@@ -67,6 +67,12 @@ async fn decisions_and_latencies_are_counted_without_org_ids() {
             &[("route", "/v1/check"), ("status", "2xx")]
         ) >= 3.0
     );
+    assert!(
+        s.samples
+            .iter()
+            .any(|x| x.metric == "quota_gateway_degraded"),
+        "the degraded gauge is exported"
+    );
     assert_eq!(counter(&s, "quota_gateway_degraded", &[]), 0.0);
     assert!(
         s.samples
