@@ -141,6 +141,19 @@ impl ProviderKind {
         }
     }
 
+    /// How a Standard Webhooks secret becomes the HMAC key; `None` for Stripe, which signs with
+    /// the secret's bytes as they are.
+    pub fn key_encoding(&self) -> Option<crate::webhooks::signature::StandardKeyEncoding> {
+        use crate::webhooks::signature::StandardKeyEncoding;
+        match self {
+            ProviderKind::Stripe => None,
+            ProviderKind::Polar => Some(StandardKeyEncoding::Utf8Bytes),
+            ProviderKind::Dodo | ProviderKind::Standard(_) => {
+                Some(StandardKeyEncoding::Base64AfterWhsecPrefix)
+            }
+        }
+    }
+
     /// Label for metrics: bounded, so every standard endpoint shares one.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -876,7 +889,7 @@ fn billing_settings(
     v: toml::Value,
     env: &EnvOverrides,
 ) -> Option<BillingSettings> {
-    use crate::webhooks::signature::{StandardKeyEncoding, standard_key};
+    use crate::webhooks::signature::standard_key;
     let raw: BillingRaw = r.parse("billing", v)?;
     let grace_period = duration_or(
         r,
@@ -898,13 +911,7 @@ fn billing_settings(
                 "at least one signing secret is required",
             );
         }
-        let encoding = match kind {
-            ProviderKind::Stripe => None,
-            ProviderKind::Polar => Some(StandardKeyEncoding::Utf8Bytes),
-            ProviderKind::Dodo | ProviderKind::Standard(_) => {
-                Some(StandardKeyEncoding::Base64AfterWhsecPrefix)
-            }
-        };
+        let encoding = kind.key_encoding();
         for (i, s) in secrets.iter().enumerate() {
             let bad = s.trim().is_empty() || encoding.is_some_and(|e| standard_key(s, e).is_err());
             if bad {

@@ -45,10 +45,7 @@ pub async fn create(pool: &PgPool, org: &OrgId, name: &str) -> Result<NewKey, Db
     let id = Uuid::now_v7();
     let key_prefix: String = key.chars().take(KEY_PREFIX.len() + 8).collect();
     let mut tx = pool.begin().await?;
-    sqlx::query("INSERT INTO orgs (org_id) VALUES ($1) ON CONFLICT (org_id) DO NOTHING")
-        .bind(org.as_str())
-        .execute(&mut *tx)
-        .await?;
+    super::orgs::ensure(&mut *tx, org).await?;
     let created_at: DateTime<Utc> = sqlx::query_scalar(
         "INSERT INTO api_keys (id, org_id, name, key_hash, key_prefix) \
          VALUES ($1, $2, $3, $4, $5) RETURNING created_at",

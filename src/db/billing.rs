@@ -3,7 +3,7 @@
 //! at all (a failure leaves the event unrecorded and the provider retries).
 
 use chrono::{DateTime, Utc};
-use sqlx::{PgPool, Postgres, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 
 use super::DbError;
 use crate::domain::subscription::{StoredSubscription, SubscriptionStatus};
@@ -186,9 +186,10 @@ pub async fn set_next_change(
     Ok(())
 }
 
-/// Every subscription of an org (an org's plan is the best any of them grants).
-pub async fn org_subscriptions_tx(
-    tx: Tx<'_, '_>,
+/// Every subscription of an org (an org's plan is the best any of them grants), inside a
+/// transaction or not.
+pub async fn org_subscriptions<'e>(
+    db: impl sqlx::PgExecutor<'e>,
     org_id: &str,
 ) -> Result<Vec<SubscriptionRow>, DbError> {
     let sql = format!(
@@ -196,21 +197,7 @@ pub async fn org_subscriptions_tx(
     );
     let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
         .bind(org_id)
-        .fetch_all(&mut **tx)
-        .await?;
-    rows.iter().map(row_to_subscription).collect()
-}
-
-pub async fn org_subscriptions(
-    pool: &PgPool,
-    org_id: &str,
-) -> Result<Vec<SubscriptionRow>, DbError> {
-    let sql = format!(
-        "SELECT {COLUMNS} FROM subscriptions WHERE org_id = $1 ORDER BY provider, subscription_id"
-    );
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql))
-        .bind(org_id)
-        .fetch_all(pool)
+        .fetch_all(db)
         .await?;
     rows.iter().map(row_to_subscription).collect()
 }

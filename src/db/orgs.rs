@@ -44,10 +44,10 @@ pub async fn get(pool: &PgPool, org: &OrgId) -> Result<OrgRecord, DbError> {
 }
 
 /// Make sure the org has a row (keys reference it) without touching its plan.
-pub async fn ensure(pool: &PgPool, org: &OrgId) -> Result<(), DbError> {
+pub async fn ensure<'e>(db: impl sqlx::PgExecutor<'e>, org: &OrgId) -> Result<(), DbError> {
     sqlx::query("INSERT INTO orgs (org_id) VALUES ($1) ON CONFLICT (org_id) DO NOTHING")
         .bind(org.as_str())
-        .execute(pool)
+        .execute(db)
         .await?;
     Ok(())
 }
@@ -76,10 +76,7 @@ pub async fn lock_plan(
     tx: &mut Transaction<'_, Postgres>,
     org: &OrgId,
 ) -> Result<Option<String>, DbError> {
-    sqlx::query("INSERT INTO orgs (org_id) VALUES ($1) ON CONFLICT (org_id) DO NOTHING")
-        .bind(org.as_str())
-        .execute(&mut **tx)
-        .await?;
+    ensure(&mut **tx, org).await?;
     let previous: Option<String> =
         sqlx::query_scalar("SELECT plan_id FROM orgs WHERE org_id = $1 FOR UPDATE")
             .bind(org.as_str())

@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::config::BillingProvider;
+use crate::config::{BillingProvider, BillingSettings};
 use crate::db::billing::{self as store, SubscriptionRow};
 use crate::db::{DbError, orgs};
 use crate::domain::org::OrgId;
@@ -53,6 +53,17 @@ pub struct Policy<'a> {
     pub catalog: &'a Catalog,
     pub grace: chrono::Duration,
     pub auto_downgrade: bool,
+}
+
+impl<'a> Policy<'a> {
+    pub fn new(catalog: &'a Catalog, billing: &BillingSettings) -> Self {
+        Self {
+            catalog,
+            grace: chrono::Duration::from_std(billing.grace_period)
+                .unwrap_or(chrono::Duration::MAX),
+            auto_downgrade: billing.auto_downgrade,
+        }
+    }
 }
 
 pub async fn apply(
@@ -187,7 +198,7 @@ pub async fn settle_org(
     let catalog = policy.catalog;
     let default = catalog.default_plan.as_str();
     let mut target: Option<String> = None;
-    for sub in store::org_subscriptions_tx(tx, org.as_str()).await? {
+    for sub in store::org_subscriptions(&mut **tx, org.as_str()).await? {
         let eff = effective_plan(&sub.state, default, policy.grace, now);
         if sub.next_change_at != eff.next_change_at {
             store::set_next_change(tx, &sub.provider, &sub.subscription_id, eff.next_change_at)

@@ -11,28 +11,6 @@
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 
-/// Which sender (and so which parser and signature scheme) a delivery came from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum Provider {
-    Stripe,
-    Dodo,
-    Polar,
-    /// Our own normalized format, for teams whose billing code sends events itself.
-    Standard,
-}
-
-impl Provider {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Provider::Stripe => "stripe",
-            Provider::Dodo => "dodo",
-            Provider::Polar => "polar",
-            Provider::Standard => "standard",
-        }
-    }
-}
-
 /// The four states the quota logic distinguishes. Provider vocabularies are
 /// larger; each parser documents how it folds them into these.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -282,6 +260,5 @@ mod tests {
         ] {
             assert_eq!(SubscriptionStatus::parse(s.as_str()), Some(s));
         }
-        assert_eq!(serde_json::to_string(&Provider::Dodo).unwrap(), "\"dodo\"");
     }
 }

@@ -87,10 +87,9 @@ fn verify_and_parse(
             stripe::parse(body, &provider.org_id_from).map_err(Rejected::Payload)
         }
         kind => {
-            let encoding = match kind {
-                ProviderKind::Polar => StandardKeyEncoding::Utf8Bytes,
-                _ => StandardKeyEncoding::Base64AfterWhsecPrefix,
-            };
+            let encoding = kind
+                .key_encoding()
+                .unwrap_or(StandardKeyEncoding::Base64AfterWhsecPrefix);
             let keys: Vec<Vec<u8>> = provider
                 .secrets
                 .iter()
@@ -163,11 +162,7 @@ async fn receive(
         }
     };
     let catalog = state.quota.catalog();
-    let policy = Policy {
-        catalog: &catalog,
-        grace: chrono::Duration::from_std(billing.grace_period).unwrap_or(chrono::Duration::MAX),
-        auto_downgrade: billing.auto_downgrade,
-    };
+    let policy = Policy::new(&catalog, billing);
     match apply::apply(&state.pool, provider, &policy, &event, now).await {
         Ok(applied) => {
             count(applied.label());

@@ -30,11 +30,7 @@ pub async fn try_apply_due_once(
         return Ok(Vec::new());
     }
     let catalog = state.quota.catalog();
-    let policy = Policy {
-        catalog: &catalog,
-        grace: chrono::Duration::from_std(billing.grace_period).unwrap_or(chrono::Duration::MAX),
-        auto_downgrade: true,
-    };
+    let policy = Policy::new(&catalog, billing);
     let mut tx = state.pool.begin().await?;
     let mut changed = Vec::new();
     for org in crate::db::billing::lock_due_orgs(&mut tx, now, BATCH).await? {

@@ -91,35 +91,6 @@ fn any_match(expected: &[Vec<u8>], candidates: &[Vec<u8>]) -> bool {
         .any(|e| candidates.iter().any(|c| bool::from(e.as_slice().ct_eq(c))))
 }
 
-fn hex_encode(bytes: &[u8]) -> String {
-    const DIGITS: &[u8; 16] = b"0123456789abcdef";
-    let mut s = String::with_capacity(bytes.len() * 2);
-    for b in bytes {
-        s.push(char::from(DIGITS[usize::from(b >> 4)]));
-        s.push(char::from(DIGITS[usize::from(b & 0x0f)]));
-    }
-    s
-}
-
-fn hex_decode(s: &str) -> Option<Vec<u8>> {
-    fn nibble(c: u8) -> Option<u8> {
-        match c {
-            b'0'..=b'9' => Some(c - b'0'),
-            b'a'..=b'f' => Some(c - b'a' + 10),
-            b'A'..=b'F' => Some(c - b'A' + 10),
-            _ => None,
-        }
-    }
-    let bytes = s.as_bytes();
-    if !bytes.len().is_multiple_of(2) {
-        return None;
-    }
-    bytes
-        .chunks_exact(2)
-        .map(|pair| Some((nibble(pair[0])? << 4) | nibble(pair[1])?))
-        .collect()
-}
-
 /// Verifies a `Stripe-Signature` header against the raw body.
 ///
 /// `secrets` holds every currently valid `whsec_...` string as bytes (the whole
@@ -170,7 +141,7 @@ pub fn verify_stripe(
                 saw_v1 = true;
                 // A v1 that is not 32 bytes of hex can never match; skip it rather
                 // than failing, so one odd entry cannot mask a valid one.
-                if let Some(sig) = hex_decode(value.trim()) {
+                if let Ok(sig) = hex::decode(value.trim()) {
                     candidates.push(sig);
                 }
             }
@@ -205,15 +176,8 @@ pub fn verify_stripe(
 /// Produces a full `Stripe-Signature` header value exactly as Stripe would, for tests
 /// and for tooling that replays events.
 pub fn sign_stripe(secret: &[u8], t: i64, body: &[u8]) -> String {
-    let tag = HmacSha256::new_from_slice(secret)
-        .map(|mut m| {
-            m.update(t.to_string().as_bytes());
-            m.update(b".");
-            m.update(body);
-            m.finalize().into_bytes().to_vec()
-        })
-        .unwrap_or_default();
-    format!("t={t},v1={}", hex_encode(&tag))
+    let tag = mac(secret, &[t.to_string().as_bytes(), b".", body]).unwrap_or_default();
+    format!("t={t},v1={}", hex::encode(tag))
 }
 
 /// Verifies a Standard Webhooks delivery given its three header values.
@@ -287,16 +251,11 @@ pub fn verify_standard(
 /// Produces a `webhook-signature` header value (`v1,<base64>`) as a Standard
 /// Webhooks sender would, for tests and replay tooling.
 pub fn sign_standard(key: &[u8], id: &str, t: i64, body: &[u8]) -> String {
-    let tag = HmacSha256::new_from_slice(key)
-        .map(|mut m| {
-            m.update(id.as_bytes());
-            m.update(b".");
-            m.update(t.to_string().as_bytes());
-            m.update(b".");
-            m.update(body);
-            m.finalize().into_bytes().to_vec()
-        })
-        .unwrap_or_default();
+    let tag = mac(
+        key,
+        &[id.as_bytes(), b".", t.to_string().as_bytes(), b".", body],
+    )
+    .unwrap_or_default();
     format!("v1,{}", BASE64.encode(tag))
 }
 
@@ -848,10 +807,26 @@ mod tests {
     }
 
     #[test]
-    fn hex_round_trip() {
-        assert_eq!(hex_encode(&[0x00, 0xab, 0xff]), "00abff");
-        assert_eq!(hex_decode("00ABff"), Some(vec![0x00, 0xab, 0xff]));
-        assert_eq!(hex_decode("0"), None);
-        assert_eq!(hex_decode("zz"), None);
+    fn stripe_hex_is_read_in_either_case_and_malformed_hex_is_no_match() {
+        let header = sign_stripe(STRIPE_SECRET, STRIPE_T, STRIPE_BODY);
+        assert_eq!(
+            header,
+            format!(
+                "t={STRIPE_T},v1={}",
+                independent_stripe_hex(STRIPE_SECRET, STRIPE_T, STRIPE_BODY)
+            )
+        );
+        let upper = format!(
+            "t={STRIPE_T},v1={}",
+            header.split_once("v1=").unwrap().1.to_uppercase()
+        );
+        assert_eq!(
+            verify_stripe(&upper, STRIPE_BODY, &[STRIPE_SECRET], STRIPE_T, 300),
+            Ok(STRIPE_T)
+        );
+        for bad in ["0", "zz"] {
+            let h = format!("t={STRIPE_T},v1={bad}");
+            assert!(verify_stripe(&h, STRIPE_BODY, &[STRIPE_SECRET], STRIPE_T, 300).is_err());
+        }
     }
 }
