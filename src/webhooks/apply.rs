@@ -32,6 +32,9 @@ pub enum Applied {
     Processed {
         org: OrgId,
         plan_changed: bool,
+        /// The org the subscription moved away from (its metadata now names `org`), when losing
+        /// it changed that org's plan.
+        left: Option<OrgId>,
     },
 }
 
@@ -177,7 +180,22 @@ async fn apply_subscription(
     };
     store::upsert_subscription(tx, &row).await?;
     let plan_changed = settle_org(tx, &org, policy, now, "webhook", Some(&event.event_id)).await?;
-    Ok(Applied::Processed { org, plan_changed })
+    // A subscription that moved to another org no longer counts for the one it left.
+    let moved_from = stored
+        .as_ref()
+        .filter(|s| s.org_id != org.as_str())
+        .and_then(|s| OrgId::parse(&s.org_id).ok());
+    let mut left = None;
+    if let Some(old) = moved_from
+        && settle_org(tx, &old, policy, now, "webhook", Some(&event.event_id)).await?
+    {
+        left = Some(old);
+    }
+    Ok(Applied::Processed {
+        org,
+        plan_changed,
+        left,
+    })
 }
 
 /// Move `org` to the best plan any of its subscriptions grants at `now` (never down when

@@ -175,10 +175,16 @@ async fn receive(
             );
             if let Applied::Processed {
                 org,
-                plan_changed: true,
+                plan_changed,
+                left,
             } = &applied
             {
-                state.quota.announce(Change::Org(org)).await;
+                if *plan_changed {
+                    state.quota.announce(Change::Org(org)).await;
+                }
+                if let Some(left) = left {
+                    state.quota.announce(Change::Org(left)).await;
+                }
             }
             Json(json!({"received": true, "outcome": applied.label()})).into_response()
         }

@@ -660,3 +660,39 @@ async fn a_database_failure_answers_500_and_the_retry_applies() {
     assert_eq!(json(r).await["outcome"], "processed");
     assert_eq!(plan_of(&app, "acme").await, "pro");
 }
+
+#[tokio::test]
+async fn a_subscription_moved_to_another_org_stops_counting_for_the_first() {
+    let app = app(true).await;
+    let t = now_unix(&app);
+    let period_end = t + 86_400 * 30;
+    let first = stripe_subscription(
+        "customer.subscription.created",
+        "evt_move_1",
+        t,
+        "acme",
+        "active",
+        false,
+        period_end,
+    );
+    assert_eq!(
+        send_stripe(&app, &first, STRIPE_SECRET, t).await.status(),
+        200
+    );
+    assert_eq!(plan_of(&app, "acme").await, "pro");
+    // The same subscription, now carrying another org in its metadata.
+    let moved = stripe_subscription(
+        "customer.subscription.updated",
+        "evt_move_2",
+        t + 60,
+        "globex",
+        "active",
+        false,
+        period_end,
+    );
+    let r = send_stripe(&app, &moved, STRIPE_SECRET, t + 60).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["outcome"], "processed");
+    assert_eq!(plan_of(&app, "globex").await, "pro");
+    assert_eq!(plan_of(&app, "acme").await, "free");
+}
