@@ -192,7 +192,8 @@ pub struct ApiSettings {
 pub struct RedisSettings {
     pub url: SecretString,
     pub key_prefix: String,
-    /// A Redis call slower than this counts as Redis being unreachable for that request.
+    /// How long Redis may go without answering anything before it counts as unreachable (a
+    /// slow answer while Redis answers others is waited for; see `store::Store::await_decide`).
     pub timeout: Duration,
     pub connect_timeout: Duration,
     /// What decisions do while Redis is unreachable.
@@ -753,7 +754,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             &mut r,
             "redis.timeout",
             rr.timeout,
-            Duration::from_millis(50),
+            Duration::from_secs(1),
         );
         let local_share = rr.local_share.unwrap_or(1.0);
         if !(local_share > 0.0 && local_share <= 1.0) {

@@ -30,7 +30,8 @@ pub enum ApiError {
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body too large")]
-    PayloadTooLarge,
+    /// What was too large, and the bound.
+    PayloadTooLarge(String),
     /// The proxy found no route for a request and has no default route.
     #[error("no proxy route matches this request")]
     NoRoute,
@@ -113,11 +114,9 @@ impl IntoResponse for ApiError {
                 "method_not_allowed",
                 "this route does not accept that method",
             ),
-            ApiError::PayloadTooLarge => error_response(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                "the request body is too large",
-            ),
+            ApiError::PayloadTooLarge(message) => {
+                error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+            }
             ApiError::NoRoute => {
                 error_response(StatusCode::NOT_FOUND, "no_route", &self.to_string())
             }

@@ -1,24 +1,35 @@
-//! Deciding while Redis is unreachable, and giving Redis back every unit admitted meanwhile.
+//! Deciding while Redis is unreachable, and giving Redis back every unit admitted meanwhile,
+//! exactly once.
 //!
-//! A Redis call that fails or is slower than `[redis] timeout` trips this replica into degraded
-//! mode. Until a background probe reaches Redis again, decisions skip Redis entirely (so no
-//! request waits for a timeout) and are made here, per `[redis] on_error`:
+//! Slow is not down: a decision waits for Redis as long as Redis makes progress (see
+//! `Store::await_decide`). Only evidence of unreachability (a refused, reset or closed
+//! connection, or a deadline with no reply at all) trips this replica into degraded mode. Until a
+//! background probe reaches Redis again, decisions skip Redis entirely (so no request waits for a
+//! deadline) and are made here, per `[redis] on_error`:
 //! - `local`: counters and gauges are checked against what this replica last saw in Redis plus
-//!   what it admitted since, with at most `local_share` of what was left of each limit; rates use
-//!   `governor` with `local_share` of each rate.
+//!   everything it admitted that Redis has not confirmed yet, with at most `local_share` of what
+//!   was left of each limit; rates use `governor` with `local_share` of each rate.
 //! - `open`: everything is admitted and counted.
 //! - `closed`: decisions answer 503 (this module only tracks the degraded state).
 //!
-//! Everything admitted is kept as pending increments per Redis key and replayed when Redis is
-//! back, one batch per org with an idempotency key of its own, so a replay whose reply was lost
-//! is not counted twice. Bounds, documented in the README: each replica only knows the values it
-//! last saw; idempotency keys of usage reports cannot be checked during the outage; rate state is
-//! not replayed.
+//! Exactness rests on three rules:
+//! - **Unconfirmed units count.** A unit admitted here counts against the local cap until Redis
+//!   has confirmed it, so failed replays never grant the quota again.
+//! - **Replays are idempotent.** Units are replayed in batches that carry an idempotency key: the
+//!   gateway's own for aggregated traffic, the client's own for usage reports, so a report
+//!   resent during or after the outage is a duplicate whichever copy reached Redis first.
+//! - **A call in doubt is learned, not guessed.** A decision sent to Redis whose answer did not
+//!   come in time is awaited in the background: if Redis applied it, the local admission is not
+//!   replayed; if not, it is. Only a call whose answer can never arrive (its connection broke) is
+//!   replayed on a guess, and counted in `quota_gateway_in_doubt_total{outcome="unknown"}`.
+//!
+//! On shutdown with Redis unreachable, what is left goes to Postgres (`replay_outbox`), which any
+//! replica applies to Redis once it is reachable, with the same idempotency keys.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::num::NonZeroU32;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use dashmap::DashMap;
@@ -29,14 +40,21 @@ use crate::config::OnRedisError;
 use crate::domain::decision::{Limit, LimitReply, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
-use crate::store::{KeySpec, Mode, Reply, SpecKind, Status, Store};
+use crate::store::{
+    InDoubt, KeySpec, Mode, REPLAY_IDEMPOTENCY_TTL, Reply, SpecKind, Status, Store,
+};
 
 /// How often a degraded replica probes Redis and retries its replay.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
+/// How often a healthy replica looks for usage other replicas left in Postgres.
+const OUTBOX_EVERY: Duration = Duration::from_secs(5);
 /// Bound on remembered counter values; past it the memory starts over.
 const MAX_KNOWN: usize = 500_000;
+/// Bound on the idempotency keys of usage reports remembered while degraded; past it the memory
+/// starts over (Redis still recognises every key when the replay reaches it).
+const MAX_ACCEPTED: usize = 100_000;
 
-/// Usage admitted while degraded, per Redis key.
+/// Usage admitted while degraded without an idempotency key, per Redis key.
 #[derive(Debug, Clone)]
 struct Pending {
     kind: SpecKind,
@@ -44,11 +62,115 @@ struct Pending {
     amount: i64,
 }
 
-/// A batch being replayed; kept with its id until Redis confirms it.
-struct Batch {
+/// Units to add to Redis under one idempotency key; kept until Redis confirms them.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub org: OrgId,
+    /// The idempotency key: `replay:<uuid>`, or a usage report's own key.
+    pub key: String,
+    pub ttl_ms: u64,
+    pub specs: Vec<KeySpec>,
+    /// Gives back units Redis counted for a request this replica refused: it never counted
+    /// against the local cap.
+    pub compensation: bool,
+}
+
+/// A locally made decision whose Redis call is in doubt.
+struct Doubt {
     org: OrgId,
-    id: String,
     specs: Vec<KeySpec>,
+    idempotency_key: Option<String>,
+    /// Whether this replica admitted (and so counted) the request.
+    admitted: bool,
+}
+
+#[derive(Default)]
+struct Ledger {
+    pending: HashMap<OrgId, HashMap<String, Pending>>,
+    batches: Vec<Batch>,
+    /// Per Redis key: units admitted here that Redis has not confirmed (pending, in batches, or
+    /// in doubt). They count against the local cap until confirmed.
+    unconfirmed: HashMap<String, i64>,
+    /// Usage-report idempotency keys accepted here while degraded.
+    accepted: HashSet<(OrgId, String)>,
+    doubts: HashMap<u64, Doubt>,
+}
+
+impl Ledger {
+    fn add_unconfirmed(&mut self, specs: &[KeySpec], sign: i64) {
+        for s in specs {
+            let e = self.unconfirmed.entry(s.key.clone()).or_insert(0);
+            *e += sign * s.amount;
+            if *e == 0 {
+                self.unconfirmed.remove(&s.key);
+            }
+        }
+    }
+
+    /// Queue admitted units for replay: under the report's own key, or aggregated per org.
+    fn queue(&mut self, org: &OrgId, specs: Vec<KeySpec>, key: Option<String>, ttl: Duration) {
+        if specs.is_empty() {
+            return;
+        }
+        match key {
+            Some(key) => self.batches.push(Batch {
+                org: org.clone(),
+                key,
+                ttl_ms: ttl.as_millis() as u64,
+                specs,
+                compensation: false,
+            }),
+            None => {
+                let org_pending = self.pending.entry(org.clone()).or_default();
+                for s in specs {
+                    org_pending
+                        .entry(s.key)
+                        .or_insert(Pending {
+                            kind: s.kind,
+                            param: s.param,
+                            amount: 0,
+                        })
+                        .amount += s.amount;
+                }
+            }
+        }
+    }
+
+    /// Turn aggregated pending units into batches with fresh idempotency keys.
+    fn seal(&mut self) {
+        for (org, entries) in std::mem::take(&mut self.pending) {
+            let specs: Vec<KeySpec> = entries
+                .into_iter()
+                .filter(|(_, p)| p.amount != 0)
+                .map(|(key, p)| replay_spec(key, p.kind, p.param, p.amount))
+                .collect();
+            if !specs.is_empty() {
+                self.batches.push(Batch {
+                    org,
+                    key: format!("replay:{}", uuid::Uuid::new_v4()),
+                    ttl_ms: REPLAY_IDEMPOTENCY_TTL.as_millis() as u64,
+                    specs,
+                    compensation: false,
+                });
+            }
+        }
+    }
+
+    fn has_work(&self) -> bool {
+        !self.pending.is_empty() || !self.batches.is_empty()
+    }
+}
+
+/// A limit as a replay carries it: never denies.
+fn replay_spec(key: String, kind: SpecKind, param: i64, amount: i64) -> KeySpec {
+    KeySpec {
+        key,
+        kind,
+        amount,
+        limit: 0,
+        block: false,
+        param,
+    }
 }
 
 type RateKey = (String, Duration);
@@ -59,9 +181,11 @@ pub struct LocalMode {
     degraded: AtomicBool,
     /// Last value seen in Redis for each limited counter and gauge.
     known: DashMap<String, i64>,
-    pending: Mutex<HashMap<OrgId, HashMap<String, Pending>>>,
-    unconfirmed: Mutex<Vec<Batch>>,
+    ledger: Mutex<Ledger>,
+    next_doubt: AtomicU64,
     rates: Mutex<HashMap<RateKey, Arc<DefaultKeyedRateLimiter<OrgId>>>>,
+    /// How long usage-report idempotency keys are kept (`[usage] idempotency_ttl`).
+    idempotency_ttl: Duration,
     metrics: Arc<Metrics>,
 }
 
@@ -72,16 +196,29 @@ pub struct LocalReply {
 }
 
 impl LocalMode {
-    pub fn new(on_error: OnRedisError, share: f64, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        on_error: OnRedisError,
+        share: f64,
+        idempotency_ttl: Duration,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             on_error,
             share,
             degraded: AtomicBool::new(false),
             known: DashMap::new(),
-            pending: Mutex::new(HashMap::new()),
-            unconfirmed: Mutex::new(Vec::new()),
+            ledger: Mutex::new(Ledger::default()),
+            next_doubt: AtomicU64::new(0),
             rates: Mutex::new(HashMap::new()),
+            idempotency_ttl,
             metrics,
+        }
+    }
+
+    fn ledger(&self) -> MutexGuard<'_, Ledger> {
+        match self.ledger.lock() {
+            Ok(l) => l,
+            Err(poisoned) => poisoned.into_inner(),
         }
     }
 
@@ -98,7 +235,7 @@ impl LocalMode {
         self.on_error != OnRedisError::Closed && self.is_degraded()
     }
 
-    /// Redis just failed a call.
+    /// Redis is unreachable (a failed call, or one in doubt).
     pub fn trip(&self) {
         if !self.degraded.swap(true, Ordering::AcqRel) {
             self.metrics.degraded.set(1);
@@ -129,20 +266,29 @@ impl LocalMode {
     }
 
     /// Decide without Redis. `specs` are the limits' script arguments (keys and expiries).
+    /// `idempotency_key`: a usage report's key (a repeat of one accepted here is a duplicate).
+    /// `hold`: the request's Redis call is in doubt; its units count against the cap but are
+    /// not queued for replay until the call's outcome is known (see `settle`).
     pub fn decide(
         &self,
         org: &OrgId,
         limits: &[Limit<'_>],
         specs: &[KeySpec],
         mode: Mode,
+        idempotency_key: Option<&str>,
+        hold: bool,
     ) -> LocalReply {
         let enforce = self.on_error == OnRedisError::Local
             && matches!(mode, Mode::Check | Mode::DryRun | Mode::Shadow);
-        let mut pending = match self.pending.lock() {
-            Ok(p) => p,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let org_pending = pending.entry(org.clone()).or_default();
+        let mut ledger = self.ledger();
+        if let Some(k) = idempotency_key
+            && ledger.accepted.contains(&(org.clone(), k.to_owned()))
+        {
+            return LocalReply {
+                status: Status::Duplicate,
+                limits: Vec::new(),
+            };
+        }
         let mut replies = Vec::with_capacity(limits.len());
         let mut denied = false;
         for (limit, spec) in limits.iter().zip(specs) {
@@ -152,7 +298,7 @@ impl LocalMode {
                 continue;
             }
             let known = self.known.get(&spec.key).map_or(0, |v| *v);
-            let admitted = org_pending.get(&spec.key).map_or(0, |p| p.amount);
+            let admitted = ledger.unconfirmed.get(&spec.key).copied().unwrap_or(0);
             reply.value = (known + admitted).max(0);
             if enforce
                 && limit.blocks()
@@ -193,16 +339,21 @@ impl LocalMode {
                 limits: replies,
             };
         }
-        for (limit, spec) in limits.iter().zip(specs) {
-            if limit.is_rate() {
-                continue;
+        let counted = counted_specs(specs);
+        ledger.add_unconfirmed(&counted, 1);
+        if let Some(k) = idempotency_key {
+            if ledger.accepted.len() >= MAX_ACCEPTED {
+                ledger.accepted.clear();
             }
-            let entry = org_pending.entry(spec.key.clone()).or_insert(Pending {
-                kind: spec.kind,
-                param: spec.param,
-                amount: 0,
-            });
-            entry.amount = entry.amount.saturating_add(limit.amount);
+            ledger.accepted.insert((org.clone(), k.to_owned()));
+        }
+        if !hold {
+            ledger.queue(
+                org,
+                counted,
+                idempotency_key.map(str::to_owned),
+                self.idempotency_ttl,
+            );
         }
         LocalReply {
             status: if denied {
@@ -211,6 +362,104 @@ impl LocalMode {
                 Status::Applied
             },
             limits: replies,
+        }
+    }
+
+    /// Learn the outcome of Redis calls in doubt, in the background, and account for each of the
+    /// decisions they carried exactly once. `decisions`: per decision in the call, in order, its
+    /// org, specs, idempotency key and whether this replica admitted it (after `decide` with
+    /// `hold`).
+    pub fn settle(
+        self: &Arc<Self>,
+        store: &Store,
+        in_doubt: InDoubt,
+        decisions: Vec<(OrgId, Vec<KeySpec>, Option<String>, bool)>,
+    ) {
+        let ids: Vec<u64> = {
+            let mut ledger = self.ledger();
+            decisions
+                .into_iter()
+                .map(|(org, specs, idempotency_key, admitted)| {
+                    let id = self.next_doubt.fetch_add(1, Ordering::Relaxed);
+                    ledger.doubts.insert(
+                        id,
+                        Doubt {
+                            org,
+                            specs: counted_specs(&specs),
+                            idempotency_key,
+                            admitted,
+                        },
+                    );
+                    id
+                })
+                .collect()
+        };
+        let this = self.clone();
+        let store = store.clone();
+        tokio::spawn(async move {
+            let statuses = in_doubt.resolve().await;
+            for (i, id) in ids.into_iter().enumerate() {
+                let status = statuses.as_ref().and_then(|s| s.get(i).copied());
+                this.resolve_doubt(&store, id, status);
+            }
+        });
+    }
+
+    /// Account for one decision whose Redis call was in doubt, now that its outcome is known
+    /// (`None`: it never will be). A doubt already taken by shutdown is left alone.
+    fn resolve_doubt(&self, store: &Store, id: u64, status: Option<Status>) {
+        let mut ledger = self.ledger();
+        let Some(d) = ledger.doubts.remove(&id) else {
+            return;
+        };
+        let applied = matches!(status, Some(Status::Applied | Status::AppliedOverLimit));
+        let duplicate = status == Some(Status::Duplicate);
+        let outcome = match status {
+            None => "unknown",
+            Some(_) if applied => "applied",
+            Some(_) => "not_applied",
+        };
+        self.metrics.in_doubt.with_label_values(&[outcome]).inc();
+        match (d.admitted, applied || duplicate, status.is_some()) {
+            // Redis counted it (or an earlier copy of the report): nothing to replay.
+            (true, true, _) => {
+                ledger.add_unconfirmed(&d.specs, -1);
+                if applied {
+                    for s in &d.specs {
+                        if let Some(mut v) = self.known.get_mut(&s.key) {
+                            *v = (*v + s.amount).max(0);
+                        }
+                    }
+                    store.mark(&d.specs);
+                }
+            }
+            // Admitted here, and Redis did not count it, or nobody can tell: replay it. With the
+            // report's own key the guess is exact; without one it may count a unit twice.
+            (true, false, _) => {
+                let ttl = self.idempotency_ttl;
+                ledger.queue(&d.org, d.specs, d.idempotency_key, ttl);
+            }
+            // Refused here, and Redis counted it: give the units back (rates keep the attempt).
+            // Not for a usage report: Redis keeps its key, so the client's retry is a duplicate
+            // and the units must stay.
+            (false, true, true) if applied && d.idempotency_key.is_none() => {
+                let specs: Vec<KeySpec> = d
+                    .specs
+                    .into_iter()
+                    .map(|s| KeySpec {
+                        amount: -s.amount,
+                        ..s
+                    })
+                    .collect();
+                ledger.batches.push(Batch {
+                    org: d.org,
+                    key: format!("refund:{}", uuid::Uuid::new_v4()),
+                    ttl_ms: REPLAY_IDEMPOTENCY_TTL.as_millis() as u64,
+                    specs,
+                    compensation: true,
+                });
+            }
+            _ => {}
         }
     }
 
@@ -243,42 +492,48 @@ impl LocalMode {
         }
     }
 
-    /// Units admitted locally and not yet confirmed by Redis.
+    /// Units admitted locally and not yet confirmed by Redis (in doubt included).
     pub fn pending_units(&self) -> i64 {
-        let pending: i64 = self
-            .pending
-            .lock()
-            .map(|p| p.values().flat_map(|m| m.values()).map(|e| e.amount).sum())
-            .unwrap_or(0);
-        let unconfirmed: i64 = self
-            .unconfirmed
-            .lock()
-            .map(|b| b.iter().flat_map(|b| &b.specs).map(|s| s.amount).sum())
-            .unwrap_or(0);
-        pending + unconfirmed
+        self.ledger().unconfirmed.values().sum()
     }
 
-    /// Probe Redis while degraded and replay pending usage; returns when `stop` fires.
+    /// Calls in doubt whose outcome is still awaited.
+    pub fn in_doubt(&self) -> usize {
+        self.ledger().doubts.len()
+    }
+
+    fn has_work(&self) -> bool {
+        self.ledger().has_work()
+    }
+
+    /// Probe Redis while degraded and replay pending usage; apply what other replicas left in
+    /// Postgres; on `stop`, hand Redis (or else Postgres) everything still unconfirmed.
     pub async fn recover(self: Arc<Self>, state: crate::api::SharedState, stop: CancellationToken) {
         let store = state.quota.store().clone();
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_outbox: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    // Shutting down: hand Redis what this replica admitted, if it can.
-                    if self.pending_units() != 0 || self.has_batches() {
-                        match self.replay(&state, &store, state.quota.now()).await {
-                            Ok(n) => tracing::info!(units = n, "replayed admitted usage before exiting"),
-                            Err(e) => tracing::error!(error = %e, units = self.pending_units(), "usage admitted while Redis was unreachable could not be replayed before exiting"),
-                        }
-                    }
+                    self.drain_on_shutdown(&state, &store).await;
                     return;
                 }
                 _ = tick.tick() => {}
             }
-            let has_work = self.pending_units() != 0 || self.has_batches();
-            if !self.is_degraded() && !has_work {
+            if !self.is_degraded() && !self.has_work() {
+                if last_outbox.is_none_or(|t| t.elapsed() >= OUTBOX_EVERY) {
+                    last_outbox = Some(tokio::time::Instant::now());
+                    match self.apply_outbox(&state, &store).await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            tracing::info!(units = n, "applied usage left in the replay outbox")
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "replay outbox not applied; retrying later")
+                        }
+                    }
+                }
                 continue;
             }
             if store.ping().await.is_err() {
@@ -295,7 +550,9 @@ impl LocalMode {
                     continue;
                 }
             }
-            if self.is_degraded() && self.pending_units() == 0 && !self.has_batches() {
+            // Redis answers and has what this replica queued: decide there again. Decisions
+            // that were already under way locally queue their units for the next tick.
+            if self.is_degraded() {
                 self.degraded.store(false, Ordering::Release);
                 self.metrics.degraded.set(0);
                 tracing::info!("Redis reachable again: degraded mode over");
@@ -303,95 +560,158 @@ impl LocalMode {
         }
     }
 
-    fn has_batches(&self) -> bool {
-        self.unconfirmed
-            .lock()
-            .map(|b| !b.is_empty())
-            .unwrap_or(false)
+    /// Shutdown: wait a little for calls in doubt, then replay everything; what Redis does not
+    /// take goes to the replay outbox in Postgres. Nothing admitted is dropped while either store
+    /// is up.
+    async fn drain_on_shutdown(&self, state: &crate::api::SharedState, store: &Store) {
+        let wait_until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while self.in_doubt() > 0 && tokio::time::Instant::now() < wait_until {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        {
+            // Calls still in doubt can no longer be learned before exiting: replay them (with a
+            // report's own key, exactly; without, possibly twice: counted as unknown).
+            let mut ledger = self.ledger();
+            let ttl = self.idempotency_ttl;
+            for (_, d) in std::mem::take(&mut ledger.doubts) {
+                self.metrics.in_doubt.with_label_values(&["unknown"]).inc();
+                if d.admitted {
+                    ledger.queue(&d.org, d.specs, d.idempotency_key, ttl);
+                }
+            }
+        }
+        if !self.has_work() {
+            return;
+        }
+        match self.replay(state, store, state.quota.now()).await {
+            Ok(n) => {
+                tracing::info!(units = n, "replayed admitted usage before exiting");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Redis did not take the admitted usage before exiting; writing it to Postgres")
+            }
+        }
+        let batches = {
+            let mut ledger = self.ledger();
+            ledger.seal();
+            std::mem::take(&mut ledger.batches)
+        };
+        let units: i64 = batches
+            .iter()
+            .flat_map(|b| &b.specs)
+            .map(|s| s.amount)
+            .sum();
+        match crate::db::outbox::put(&state.pool, &batches).await {
+            Ok(()) => tracing::info!(
+                units,
+                batches = batches.len(),
+                "admitted usage written to the replay outbox; the next replica to reach Redis applies it"
+            ),
+            Err(e) => {
+                self.metrics.usage_lost.inc_by(units.max(0) as u64);
+                tracing::error!(error = %e, units, "neither Redis nor Postgres took the admitted usage before exiting; it is lost");
+            }
+        }
     }
 
-    /// Move pending usage into batches and send them; a batch leaves only when Redis confirmed
-    /// it (applied, or already applied by an earlier attempt).
+    /// Apply batches other replicas (or this one, before a restart) left in Postgres.
+    async fn apply_outbox(
+        &self,
+        state: &crate::api::SharedState,
+        store: &Store,
+    ) -> Result<i64, crate::quota::QuotaError> {
+        let mut tx = state.pool.begin().await.map_err(crate::db::DbError::from)?;
+        let claimed = crate::db::outbox::claim(&mut tx).await?;
+        if claimed.is_empty() {
+            return Ok(0);
+        }
+        let now = state.quota.now();
+        let mut units = 0;
+        for (_, batch) in &claimed {
+            self.send(state, store, batch, now).await?;
+            units += batch.specs.iter().map(|s| s.amount).sum::<i64>();
+        }
+        let ids: Vec<uuid::Uuid> = claimed.iter().map(|(id, _)| *id).collect();
+        crate::db::outbox::remove(&mut tx, &ids).await?;
+        tx.commit().await.map_err(crate::db::DbError::from)?;
+        Ok(units)
+    }
+
+    /// Replay one batch, restoring the org's counters first if Redis lost them.
+    async fn send(
+        &self,
+        state: &crate::api::SharedState,
+        store: &Store,
+        batch: &Batch,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Status, crate::quota::QuotaError> {
+        let ttl = Duration::from_millis(batch.ttl_ms);
+        let mut status = store
+            .replay(&batch.org, &batch.specs, &batch.key, ttl, now)
+            .await?;
+        if status == Status::NeedsRestore {
+            // Redis lost the org's counters meanwhile: restore them first, then add ours.
+            let catalog = state.quota.catalog();
+            state.quota.restore_org(&catalog, &batch.org, now).await?;
+            status = store
+                .replay(&batch.org, &batch.specs, &batch.key, ttl, now)
+                .await?;
+        }
+        if status == Status::NeedsRestore {
+            return Err(crate::store::StoreError::Protocol(
+                "restore marker missing during replay".into(),
+            )
+            .into());
+        }
+        Ok(status)
+    }
+
+    /// Seal pending usage into batches and send them; a batch leaves only when Redis confirmed
+    /// it (applied, or already applied by an earlier attempt). Until then its units keep
+    /// counting against the local cap.
     async fn replay(
         &self,
         state: &crate::api::SharedState,
         store: &Store,
         now: chrono::DateTime<chrono::Utc>,
     ) -> Result<i64, crate::quota::QuotaError> {
-        let drained: HashMap<OrgId, HashMap<String, Pending>> = match self.pending.lock() {
-            Ok(mut p) => std::mem::take(&mut *p),
-            Err(_) => HashMap::new(),
+        let batches = {
+            let mut ledger = self.ledger();
+            ledger.seal();
+            std::mem::take(&mut ledger.batches)
         };
-        if let Ok(mut batches) = self.unconfirmed.lock() {
-            for (org, entries) in drained {
-                let specs: Vec<KeySpec> = entries
-                    .into_iter()
-                    .filter(|(_, p)| p.amount != 0)
-                    .map(|(key, p)| KeySpec {
-                        key,
-                        kind: p.kind,
-                        amount: p.amount,
-                        limit: 0,
-                        block: false,
-                        param: p.param,
-                    })
-                    .collect();
-                if !specs.is_empty() {
-                    batches.push(Batch {
-                        org,
-                        id: format!("replay:{}", uuid::Uuid::new_v4()),
-                        specs,
-                    });
-                }
-            }
-        }
         let mut replayed = 0;
-        loop {
-            let batch = match self.unconfirmed.lock() {
-                Ok(mut b) => b.pop(),
-                Err(_) => None,
-            };
-            let Some(batch) = batch else { break };
-            let mut result = store.replay(&batch.org, &batch.specs, &batch.id, now).await;
-            if matches!(result, Ok(Status::NeedsRestore)) {
-                // Redis lost the org's counters meanwhile: restore them first, then add ours.
-                let catalog = state.quota.catalog();
-                if let Err(e) = state.quota.restore_org(&catalog, &batch.org, now).await {
-                    if let Ok(mut b) = self.unconfirmed.lock() {
-                        b.push(batch);
-                    }
-                    return Err(e);
-                }
-                result = store.replay(&batch.org, &batch.specs, &batch.id, now).await;
+        let mut left = batches.into_iter();
+        while let Some(batch) = left.next() {
+            if let Err(e) = self.send(state, store, &batch, now).await {
+                let mut ledger = self.ledger();
+                ledger.batches.push(batch);
+                ledger.batches.extend(left);
+                return Err(e);
             }
-            match result {
-                Ok(Status::NeedsRestore) => {
-                    if let Ok(mut b) = self.unconfirmed.lock() {
-                        b.push(batch);
+            replayed += batch.specs.iter().map(|s| s.amount).sum::<i64>();
+            if !batch.compensation {
+                self.ledger().add_unconfirmed(&batch.specs, -1);
+                // Redis now holds these units too: keep the local view in step with it for a
+                // next outage.
+                for spec in &batch.specs {
+                    if let Some(mut v) = self.known.get_mut(&spec.key) {
+                        *v = (*v + spec.amount).max(0);
                     }
-                    return Err(crate::store::StoreError::Protocol(
-                        "restore marker missing during replay".into(),
-                    )
-                    .into());
-                }
-                Ok(_) => {
-                    replayed += batch.specs.iter().map(|s| s.amount).sum::<i64>();
-                    // Redis now holds these units too: keep the local view in step with it
-                    // for a next outage.
-                    for spec in &batch.specs {
-                        if let Some(mut v) = self.known.get_mut(&spec.key) {
-                            *v = (*v + spec.amount).max(0);
-                        }
-                    }
-                }
-                Err(e) => {
-                    if let Ok(mut b) = self.unconfirmed.lock() {
-                        b.push(batch);
-                    }
-                    return Err(e.into());
                 }
             }
         }
         Ok(replayed)
     }
+}
+
+/// The specs of a decision that carry units to count: counters and gauges, not rates (rate state
+/// is not replayed) and not zero amounts.
+fn counted_specs(specs: &[KeySpec]) -> Vec<KeySpec> {
+    specs
+        .iter()
+        .filter(|s| s.kind != SpecKind::Rate && s.amount != 0)
+        .map(|s| replay_spec(s.key.clone(), s.kind, s.param, s.amount))
+        .collect()
 }

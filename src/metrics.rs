@@ -43,6 +43,11 @@ pub struct Metrics {
     pub flush_failures: IntCounter,
     /// Seconds since the oldest change not yet in Postgres (0 when none).
     pub flush_oldest_unflushed: prometheus::Gauge,
+    /// Decisions whose Redis call was in doubt, by what was learned: applied | not_applied |
+    /// unknown (replayed on a guess: exact with a usage report's key, else possibly twice).
+    pub in_doubt: IntCounterVec,
+    /// Units admitted that neither Redis nor Postgres would take before the process exited.
+    pub usage_lost: IntCounter,
 }
 
 impl Metrics {
@@ -151,7 +156,26 @@ impl Metrics {
             "Age of the oldest usage change not yet in Postgres.",
         )
         .expect("valid metric");
+        let in_doubt = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_in_doubt_total",
+                "Decisions whose Redis call was in doubt, by what was learned of it.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        // Present at 0 from the start, so a dashboard (or a drill) reads a number, not a gap.
+        for outcome in ["applied", "not_applied", "unknown"] {
+            in_doubt.with_label_values(&[outcome]);
+        }
+        let usage_lost = IntCounter::new(
+            "quota_gateway_usage_lost_total",
+            "Admitted units that neither Redis nor Postgres took before the process exited.",
+        )
+        .expect("valid metric");
         for c in [
+            Box::new(in_doubt.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(usage_lost.clone()),
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_requests.clone()),
             Box::new(proxy_request_duration.clone()),
@@ -198,6 +222,8 @@ impl Metrics {
             flush_rows,
             flush_failures,
             flush_oldest_unflushed,
+            in_doubt,
+            usage_lost,
         }
     }
 

@@ -68,6 +68,7 @@ impl QuotaService {
             local: Arc::new(LocalMode::new(
                 crate::config::OnRedisError::Closed,
                 1.0,
+                idempotency_ttl,
                 Arc::new(crate::metrics::Metrics::new()),
             )),
         }
@@ -140,6 +141,7 @@ impl QuotaService {
         now: chrono::DateTime<chrono::Utc>,
         idem: Option<(&str, Duration)>,
     ) -> Result<(Status, Vec<LimitReply>), QuotaError> {
+        let mut in_doubt = None;
         if !self.local.serves_locally() {
             let mut result = self.store.run(org, limits, mode, now, idem).await;
             if matches!(&result, Ok(r) if r.status == Status::NeedsRestore) {
@@ -156,6 +158,10 @@ impl QuotaService {
                     self.local.remember(limits, &reply);
                     return Ok((reply.status, reply.limits));
                 }
+                Err(StoreError::InDoubt(after, call)) => {
+                    self.local.trip();
+                    in_doubt = Some((after, call));
+                }
                 Err(e) if e.is_unavailable() => {
                     self.local.trip();
                     if self.local.on_error() == crate::config::OnRedisError::Closed {
@@ -166,8 +172,144 @@ impl QuotaService {
             }
         }
         let specs: Vec<_> = limits.iter().map(|l| self.store.spec(org, l)).collect();
-        let reply = self.local.decide(org, limits, &specs, mode);
-        Ok((reply.status, reply.limits))
+        let key = idem.map(|(k, _)| k);
+        let Some((after, call)) = in_doubt else {
+            let reply = self.local.decide(org, limits, &specs, mode, key, false);
+            return Ok((reply.status, reply.limits));
+        };
+        // Redis may have applied this call: decide here (or refuse, in `closed` mode) without
+        // queueing the units, and let the call's own answer say whether they must be replayed.
+        let closed = self.local.on_error() == crate::config::OnRedisError::Closed;
+        let reply = (!closed && mode != Mode::DryRun)
+            .then(|| self.local.decide(org, limits, &specs, mode, key, true));
+        let admitted = reply
+            .as_ref()
+            .is_some_and(|r| matches!(r.status, Status::Applied | Status::AppliedOverLimit));
+        if mode != Mode::DryRun {
+            self.local.settle(
+                &self.store,
+                call,
+                vec![(org.clone(), specs, key.map(str::to_owned), admitted)],
+            );
+        }
+        match reply {
+            Some(reply) => Ok((reply.status, reply.limits)),
+            None => Err(StoreError::Timeout(after).into()),
+        }
+    }
+
+    /// Record a batch of usage reports of one org in one round trip (a pipeline): each item is
+    /// its charge and idempotency key. Returns, per item, whether it was a duplicate.
+    pub async fn record_many(
+        &self,
+        catalog: &Catalog,
+        org: &OrgId,
+        items: &[(Charge<'_>, Option<&str>)],
+    ) -> Result<Vec<bool>, QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let now = self.clock.now();
+        let ttl = self.idempotency_ttl;
+        let limits: Vec<Vec<crate::domain::decision::Limit<'_>>> = items
+            .iter()
+            .map(|(charge, _)| {
+                limits_for(
+                    plan,
+                    std::slice::from_ref(charge),
+                    now,
+                    record.billing_anchor,
+                )
+            })
+            .collect();
+        let specs: Vec<(Vec<crate::store::KeySpec>, Option<&str>)> = limits
+            .iter()
+            .zip(items)
+            .map(|(ls, (_, key))| (ls.iter().map(|l| self.store.spec(org, l)).collect(), *key))
+            .collect();
+        let local = |hold: bool| -> Vec<bool> {
+            specs
+                .iter()
+                .zip(&limits)
+                .map(|((s, key), ls)| {
+                    self.local
+                        .decide(org, ls, s, Mode::Record, *key, hold)
+                        .status
+                        == Status::Duplicate
+                })
+                .collect()
+        };
+        if self.local.serves_locally() {
+            return Ok(local(false));
+        }
+        let mut result = self
+            .store
+            .run_many(org, &specs, Mode::Record, now, ttl)
+            .await;
+        if let Ok(replies) = &result
+            && replies.iter().any(|r| r.status == Status::NeedsRestore)
+        {
+            // Nothing of this org was applied without its marker; another replica may have
+            // restored meanwhile, so only the items that asked are sent again.
+            self.restore_org(catalog, org, now).await?;
+            let replies = result.as_ref().map(Vec::clone).unwrap_or_default();
+            let again: Vec<usize> = (0..replies.len())
+                .filter(|i| replies[*i].status == Status::NeedsRestore)
+                .collect();
+            let retry: Vec<_> = again.iter().map(|i| specs[*i].clone()).collect();
+            result = match self
+                .store
+                .run_many(org, &retry, Mode::Record, now, ttl)
+                .await
+            {
+                Ok(second) => {
+                    let mut merged = replies;
+                    for (i, r) in again.into_iter().zip(second) {
+                        merged[i] = r;
+                    }
+                    Ok(merged)
+                }
+                Err(e) => Err(e),
+            };
+        }
+        match result {
+            Ok(replies) => {
+                if replies.iter().any(|r| r.status == Status::NeedsRestore) {
+                    return Err(QuotaError::Store(StoreError::Protocol(
+                        "restore marker missing right after a restore".into(),
+                    )));
+                }
+                Ok(replies
+                    .iter()
+                    .map(|r| r.status == Status::Duplicate)
+                    .collect())
+            }
+            Err(StoreError::InDoubt(after, call)) => {
+                self.local.trip();
+                if self.local.on_error() == crate::config::OnRedisError::Closed {
+                    let decisions = specs
+                        .into_iter()
+                        .map(|(s, k)| (org.clone(), s, k.map(str::to_owned), false))
+                        .collect();
+                    self.local.settle(&self.store, call, decisions);
+                    return Err(StoreError::Timeout(after).into());
+                }
+                let duplicates = local(true);
+                let decisions = specs
+                    .into_iter()
+                    .zip(&duplicates)
+                    .map(|((s, k), dup)| (org.clone(), s, k.map(str::to_owned), !dup))
+                    .collect();
+                self.local.settle(&self.store, call, decisions);
+                Ok(duplicates)
+            }
+            Err(e) if e.is_unavailable() => {
+                self.local.trip();
+                if self.local.on_error() == crate::config::OnRedisError::Closed {
+                    return Err(e.into());
+                }
+                Ok(local(false))
+            }
+            Err(e) => Err(e.into()),
+        }
     }
 
     /// Put every plan in shadow mode (`[enforcement] mode = "shadow"`).

@@ -48,6 +48,8 @@ pub struct Application {
     api_addr: SocketAddr,
     state: SharedState,
     stop: CancellationToken,
+    flush_stop: CancellationToken,
+    /// Joined in order on shutdown: the recovery task before the flusher.
     tasks: Vec<(&'static str, JoinHandle<()>)>,
     /// The reverse proxy, when `[proxy]` is configured.
     proxy: Option<ProxyServer>,
@@ -90,6 +92,7 @@ impl Application {
         let local = Arc::new(LocalMode::new(
             settings.redis.on_error,
             settings.redis.local_share,
+            settings.usage.idempotency_ttl,
             metrics.clone(),
         ));
         if let Err(e) = redis_up {
@@ -115,11 +118,14 @@ impl Application {
             billing: settings.billing.clone(),
         });
         let recovery = tokio::spawn(local.clone().recover(state.clone(), stop.child_token()));
+        // The flusher stops after the recovery task, so its final flush carries what the
+        // recovery replayed on the way out (see `run_until_stopped`).
+        let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(crate::flush::run(
             state.clone(),
             settings.flush.interval,
             settings.redis.seeds(),
-            stop.child_token(),
+            flush_stop.clone(),
         ));
         let downgrades = tokio::spawn(crate::webhooks::scheduler::run(
             state.clone(),
@@ -145,6 +151,7 @@ impl Application {
             api_addr,
             state,
             stop,
+            flush_stop,
             tasks: vec![
                 ("org-change follower", follower),
                 ("catalog reloader", reloader),
@@ -215,6 +222,9 @@ impl Application {
             }
         }
         for (name, task) in self.tasks {
+            if name == "usage flusher" {
+                self.flush_stop.cancel();
+            }
             match tokio::time::timeout(Duration::from_secs(15), task).await {
                 Ok(Ok(())) => tracing::info!(task = name, "stopped"),
                 Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),

@@ -40,7 +40,7 @@ fn map_rejection(rejection: JsonRejection) -> ApiError {
             message: "expected `Content-Type: application/json`".into(),
         },
         JsonRejection::BytesRejection(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            ApiError::PayloadTooLarge
+            ApiError::PayloadTooLarge("the request body is too large (at most 2 MiB)".into())
         }
         other => ApiError::bad_request(other.body_text()),
     }

@@ -20,7 +20,9 @@ use crate::store::Mode;
 /// Amounts travel through JSON and Lua doubles: keep them exactly representable.
 pub const MAX_AMOUNT: i64 = 1 << 53;
 pub const MAX_CHARGES: usize = 100;
-pub const MAX_EVENTS: usize = 1000;
+/// The largest `/v1/usage` batch. Each org's events reach Redis as one pipeline, so a full
+/// batch costs one round trip per org, not one per event.
+pub const MAX_EVENTS: usize = 10_000;
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 
 pub fn parse_org(raw: &str, field: &str) -> Result<OrgId, ApiError> {
@@ -294,9 +296,13 @@ pub async fn usage(
                     "events: give either one event's fields or `events`, not both",
                 ));
             }
-            if events.is_empty() || events.len() > MAX_EVENTS {
-                return Err(ApiError::invalid(format!(
-                    "events: must hold 1 to {MAX_EVENTS} events"
+            if events.is_empty() {
+                return Err(ApiError::invalid("events: must hold at least one event"));
+            }
+            if events.len() > MAX_EVENTS {
+                return Err(ApiError::PayloadTooLarge(format!(
+                    "events: {} events in one batch; at most {MAX_EVENTS} (split the batch)",
+                    events.len()
                 )));
             }
             // Validate everything before recording anything: a batch with a bad event is
@@ -309,7 +315,7 @@ pub async fn usage(
             // A key repeated within the batch is a duplicate of its first occurrence, decided
             // here: sent concurrently, the two would race and either could be the one counted.
             let mut seen = std::collections::HashSet::new();
-            let repeated: Vec<bool> = valid
+            let mut outcomes: Vec<bool> = valid
                 .iter()
                 .map(|ev| {
                     ev.idempotency_key
@@ -317,23 +323,31 @@ pub async fn usage(
                         .is_some_and(|k| !seen.insert((ev.org.as_str(), k)))
                 })
                 .collect();
-            let decided = try_join_all(valid.iter().zip(&repeated).filter(|(_, r)| !**r).map(
-                |(ev, _)| {
-                    state.quota.decide(
-                        &catalog,
-                        &ev.org,
-                        std::slice::from_ref(&ev.charge),
-                        Mode::Record,
-                        ev.idempotency_key.as_deref(),
-                    )
-                },
-            ))
+            // One pipeline per org, the orgs concurrently.
+            let mut by_org: std::collections::HashMap<&OrgId, Vec<usize>> = Default::default();
+            for (i, ev) in valid.iter().enumerate() {
+                if !outcomes[i] {
+                    by_org.entry(&ev.org).or_default().push(i);
+                }
+            }
+            let decided = try_join_all(by_org.into_iter().map(|(org, indices)| {
+                let items: Vec<_> = indices
+                    .iter()
+                    .map(|i| (valid[*i].charge, valid[*i].idempotency_key.as_deref()))
+                    .collect();
+                let quota = &state.quota;
+                let catalog = &catalog;
+                async move {
+                    let duplicates = quota.record_many(catalog, org, &items).await?;
+                    Ok::<_, crate::quota::QuotaError>((indices, duplicates))
+                }
+            }))
             .await?;
-            let mut decided = decided.iter().map(|d| d.duplicate);
-            let outcomes: Vec<bool> = repeated
-                .iter()
-                .map(|r| *r || decided.next().unwrap_or(false))
-                .collect();
+            for (indices, duplicates) in decided {
+                for (i, d) in indices.into_iter().zip(duplicates) {
+                    outcomes[i] = d;
+                }
+            }
             let results: Vec<_> = outcomes
                 .iter()
                 .enumerate()

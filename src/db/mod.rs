@@ -7,6 +7,7 @@ pub mod adjustments;
 pub mod api_keys;
 pub mod billing;
 pub mod orgs;
+pub mod outbox;
 pub mod usage;
 
 use secrecy::ExposeSecret;

@@ -27,14 +27,18 @@ pub enum StoreError {
     Timeout(Duration),
     #[error("unexpected reply from the decide script: {0}")]
     Protocol(String),
+    /// A decision was sent, and Redis made no progress at all for the deadline: it may or may
+    /// not have applied it. The call is still alive; `InDoubt::resolve` learns its outcome.
+    #[error("redis made no progress within {0:?}; the decision is in doubt")]
+    InDoubt(Duration, InDoubt),
 }
 
 impl StoreError {
-    /// Redis could not be reached in time (as opposed to a script or protocol error): the
+    /// Evidence that Redis is unreachable (as opposed to a script or protocol error): the
     /// outage modes apply.
     pub fn is_unavailable(&self) -> bool {
         match self {
-            StoreError::Timeout(_) => true,
+            StoreError::Timeout(_) | StoreError::InDoubt(..) => true,
             StoreError::Redis(e) => {
                 e.is_io_error()
                     || e.is_connection_dropped()
@@ -44,7 +48,58 @@ impl StoreError {
             StoreError::Protocol(_) => false,
         }
     }
+
+    /// The call broke with its connection: it may have reached Redis before the reply was lost.
+    pub fn lost_with_connection(&self) -> bool {
+        matches!(self, StoreError::Redis(e)
+            if !e.is_connection_refusal() && (e.is_io_error() || e.is_connection_dropped()))
+    }
 }
+
+/// Raw script replies of one call: one per decision it carried (a pipeline carries several).
+type RawReplies = Vec<Vec<i64>>;
+type CallFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = redis::RedisResult<RawReplies>> + Send + 'static>,
+>;
+
+/// A decision call whose answer did not arrive in time. Dropping it would throw the answer away,
+/// and with it the only way to know whether Redis counted the units; so it is kept, and awaited
+/// (up to a backstop) by whoever must account for them.
+pub struct InDoubt {
+    // Behind a mutex only so that errors carrying it stay `Sync`; it is never contended.
+    call: std::sync::Mutex<CallFuture>,
+    backstop: Duration,
+}
+
+impl std::fmt::Debug for InDoubt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InDoubt").finish_non_exhaustive()
+    }
+}
+
+impl InDoubt {
+    /// Wait for the answer: the status of each decision the call carried, or `None` when it
+    /// cannot be learned (the connection broke, or no answer within the backstop).
+    pub async fn resolve(self) -> Option<Vec<Status>> {
+        let call = match self.call.into_inner() {
+            Ok(call) => call,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        match tokio::time::timeout(self.backstop, call).await {
+            Ok(Ok(raw)) => raw
+                .iter()
+                .map(|r| status_of(r.first().copied()).ok())
+                .collect(),
+            _ => None,
+        }
+    }
+}
+
+/// While calls queue behind each other, a slow answer is not a missing one: a call only falls
+/// in doubt after this many deadlines in total, however much progress Redis makes meanwhile.
+const PATIENCE: u32 = 10;
+/// How long an in-doubt call's answer is awaited at most, in deadlines.
+const BACKSTOP: u32 = 30;
 
 /// How the script treats the limits it is given.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,7 +147,7 @@ pub struct Reply {
     pub keys: Vec<String>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SpecKind {
     Counter,
     /// The calendar-month meter of a counter: durable.
@@ -113,7 +168,7 @@ impl SpecKind {
 }
 
 /// One limit as the script sees it (see the argument contract in `decide.lua`).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct KeySpec {
     pub key: String,
     pub kind: SpecKind,
@@ -133,7 +188,7 @@ impl KeySpec {
 }
 
 /// How long a replayed batch's id is remembered.
-const REPLAY_IDEMPOTENCY_TTL: Duration = Duration::from_secs(48 * 3600);
+pub const REPLAY_IDEMPOTENCY_TTL: Duration = Duration::from_secs(48 * 3600);
 
 /// How long a period counter outlives its period, so late reads (the usage view of a just-ended
 /// period, the flusher) still find it.
@@ -152,7 +207,12 @@ pub struct Store {
     client: redis::Client,
     keys: Keys,
     decide: std::sync::Arc<redis::Script>,
+    /// How long a call may go without Redis making any progress before Redis counts as
+    /// unreachable (`[redis] timeout`).
     timeout: Duration,
+    /// Replies received on this replica's connections: while it moves, Redis is alive, and a
+    /// call still waiting is queued, not lost.
+    progress: std::sync::Arc<std::sync::atomic::AtomicU64>,
     metrics: std::sync::Arc<Metrics>,
     /// False after a connection failure, until a call succeeds again (counts reconnects).
     healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
@@ -171,13 +231,15 @@ impl Store {
         let seeds = settings.seeds();
         // Pub/sub needs a connection of its own; in a cluster any node hears every PUBLISH.
         let client = redis::Client::open(seeds[0].as_str())?;
+        // The connection's own response timeout is only a backstop: the gateway's deadline
+        // (`await_decide`) decides when Redis counts as unreachable, and a call past it is kept
+        // alive to learn its outcome.
+        let backstop = settings.timeout * BACKSTOP;
         let conn = match settings.mode {
             RedisMode::Standalone => {
-                Conn::standalone(client.clone(), settings.connect_timeout, settings.timeout)?
+                Conn::standalone(client.clone(), settings.connect_timeout, backstop)?
             }
-            RedisMode::Cluster => {
-                Conn::cluster(&seeds, settings.connect_timeout, settings.timeout)?
-            }
+            RedisMode::Cluster => Conn::cluster(&seeds, settings.connect_timeout, backstop)?,
         };
         Ok(Self {
             conn,
@@ -185,6 +247,7 @@ impl Store {
             keys: Keys::new(settings.key_prefix.clone()),
             decide: std::sync::Arc::new(redis::Script::new(include_str!("decide.lua"))),
             timeout: settings.timeout,
+            progress: std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0)),
             metrics,
             healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             restore: std::sync::Arc::new(redis::Script::new(include_str!("restore.lua"))),
@@ -201,8 +264,8 @@ impl Store {
         &self.client
     }
 
-    /// Run one Redis call under the configured timeout, keeping the error counters and the
-    /// degraded gauge current.
+    /// Run one Redis call under the deadline, keeping the error counters and the degraded gauge
+    /// current. For calls that are safe to drop (reads, pings, idempotent replays).
     async fn bounded<T>(
         &self,
         fut: impl std::future::Future<Output = redis::RedisResult<T>>,
@@ -212,15 +275,22 @@ impl Store {
             Ok(Err(e)) => Err(StoreError::Redis(e)),
             Err(_) => Err(StoreError::Timeout(self.timeout)),
         };
-        match &result {
+        self.account(&result);
+        result
+    }
+
+    fn account<T>(&self, result: &Result<T, StoreError>) {
+        use std::sync::atomic::Ordering;
+        match result {
             Ok(_) => {
-                if !self.healthy.swap(true, std::sync::atomic::Ordering::AcqRel) {
+                self.progress.fetch_add(1, Ordering::Relaxed);
+                if !self.healthy.swap(true, Ordering::AcqRel) {
                     self.metrics.redis_reconnects.inc();
                 }
             }
             Err(e) => {
                 let kind = match e {
-                    StoreError::Timeout(_) => "timeout",
+                    StoreError::Timeout(_) | StoreError::InDoubt(..) => "timeout",
                     StoreError::Redis(r) if r.is_io_error() || r.is_connection_dropped() => {
                         "connection"
                     }
@@ -228,33 +298,64 @@ impl Store {
                 };
                 self.metrics.redis_errors.with_label_values(&[kind]).inc();
                 if kind != "other" {
-                    self.healthy
-                        .store(false, std::sync::atomic::Ordering::Release);
+                    self.healthy.store(false, Ordering::Release);
                 }
             }
         }
-        result
     }
 
-    /// `EVALSHA` the decide script, loading it once more when Redis answers `NOSCRIPT` (after a
-    /// restart, a failover or `SCRIPT FLUSH`).
-    async fn eval_decide(&self, cmd: &redis::Cmd) -> Result<Vec<i64>, StoreError> {
+    /// The decide script's call as a future that owns everything it needs, so that it can outlive
+    /// the request that made it (see `InDoubt`). `NOSCRIPT` (after a restart, a failover or
+    /// `SCRIPT FLUSH`) loads the script once more and retries.
+    fn decide_call(&self, call: Call) -> CallFuture {
         let mut conn = self.conn.clone();
-        let started = std::time::Instant::now();
-        let first = self.bounded(cmd.query_async::<Vec<i64>>(&mut conn)).await;
-        let result = match first {
-            Err(StoreError::Redis(e))
-                if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                self.metrics.redis_script_reloads.inc();
-                self.bounded(self.decide.load_async(&mut conn)).await?;
-                self.bounded(cmd.query_async::<Vec<i64>>(&mut conn)).await
+        let script = self.decide.clone();
+        let metrics = self.metrics.clone();
+        Box::pin(async move {
+            match call.query(&mut conn).await {
+                Err(e)
+                    if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
+                {
+                    metrics.redis_script_reloads.inc();
+                    script.load_async(&mut conn).await?;
+                    call.query(&mut conn).await
+                }
+                other => other,
             }
-            other => other,
+        })
+    }
+
+    /// Await a decision call. Slow is not down: while Redis answers anything on this replica's
+    /// connections, the call keeps waiting (it is queued behind others, which Redis is working
+    /// through), up to `PATIENCE` deadlines. Only a deadline with no progress at all (or the
+    /// patience spent) makes the call *in doubt*: it was sent, and Redis may have applied it.
+    async fn await_decide(&self, mut call: CallFuture) -> Result<RawReplies, StoreError> {
+        use std::sync::atomic::Ordering;
+        let started = std::time::Instant::now();
+        let mut seen = self.progress.load(Ordering::Relaxed);
+        let result = loop {
+            match tokio::time::timeout(self.timeout, &mut call).await {
+                Ok(r) => break r.map_err(StoreError::Redis),
+                Err(_) => {
+                    let now = self.progress.load(Ordering::Relaxed);
+                    if now != seen && started.elapsed() < self.timeout * PATIENCE {
+                        seen = now;
+                        continue;
+                    }
+                    break Err(StoreError::InDoubt(
+                        self.timeout,
+                        InDoubt {
+                            call: std::sync::Mutex::new(call),
+                            backstop: self.timeout * BACKSTOP,
+                        },
+                    ));
+                }
+            }
         };
         self.metrics
             .redis_duration
             .observe(started.elapsed().as_secs_f64());
+        self.account(&result);
         result
     }
 
@@ -301,22 +402,81 @@ impl Store {
         Ok(reply)
     }
 
-    /// Add usage counted while Redis was unreachable (see `local`). The batch carries its own
-    /// idempotency key, so a replay retried after a timeout that did reach Redis is not counted
-    /// twice.
+    /// Check and/or apply several decisions of one org in one round trip (a pipeline): a batch
+    /// of usage reports. Each item is its limits and its idempotency key.
+    pub async fn run_many(
+        &self,
+        org: &OrgId,
+        items: &[(Vec<KeySpec>, Option<&str>)],
+        mode: Mode,
+        now: DateTime<Utc>,
+        idempotency_ttl: Duration,
+    ) -> Result<Vec<Reply>, StoreError> {
+        let marker = self.marker(org, now);
+        let mut pipe = redis::Pipeline::with_capacity(items.len());
+        for (specs, idem) in items {
+            let idem = idem.map(|k| (self.keys.idempotency(org, k), idempotency_ttl));
+            pipe.add_command(self.decide_cmd(specs, mode, now, idem, Some(&marker)));
+        }
+        let raw = self
+            .await_decide(self.decide_call(Call::Many(pipe)))
+            .await?;
+        if raw.len() != items.len() {
+            return Err(StoreError::Protocol(format!(
+                "{} replies for {} decisions",
+                raw.len(),
+                items.len()
+            )));
+        }
+        raw.iter()
+            .zip(items)
+            .map(|(r, (specs, _))| {
+                let reply = parse_reply(r, specs.len())?;
+                self.mark_if_applied(specs, reply.status);
+                Ok(reply)
+            })
+            .collect()
+    }
+
+    /// Add usage that Redis has not counted yet (admitted while it was unreachable, or in
+    /// doubt). `idempotency_key` makes the call exactly-once however often it is retried: a
+    /// batch id of the gateway's own, or the client's key of a usage report, so a report the
+    /// client resends is a duplicate whichever of the two reached Redis first. Every key the
+    /// batch names is marked for the flusher whether it was applied now or before.
     pub async fn replay(
         &self,
         org: &OrgId,
         specs: &[KeySpec],
-        batch_id: &str,
+        idempotency_key: &str,
+        ttl: Duration,
         now: DateTime<Utc>,
     ) -> Result<Status, StoreError> {
-        let idem = Some((self.keys.idempotency(org, batch_id), REPLAY_IDEMPOTENCY_TTL));
+        let idem = Some((self.keys.idempotency(org, idempotency_key), ttl));
         let marker = self.marker(org, now);
-        Ok(self
-            .eval_specs(specs, Mode::Record, now, idem, Some(marker))
-            .await?
-            .status)
+        let cmd = self.decide_cmd(specs, Mode::Record, now, idem, Some(&marker));
+        let raw = self.bounded(self.decide_call(Call::One(cmd))).await?;
+        let status = status_of(raw.first().and_then(|r| r.first()).copied())?;
+        if matches!(
+            status,
+            Status::Applied | Status::AppliedOverLimit | Status::Duplicate
+        ) {
+            self.mark(specs);
+        }
+        Ok(status)
+    }
+
+    /// Mark durable keys changed by an applied call for the flusher.
+    fn mark_if_applied(&self, specs: &[KeySpec], status: Status) {
+        if matches!(status, Status::Applied | Status::AppliedOverLimit) {
+            self.mark(specs);
+        }
+    }
+
+    /// Mark the durable keys `specs` change for the flusher.
+    pub fn mark(&self, specs: &[KeySpec]) {
+        for spec in specs.iter().filter(|s| s.is_durable() && s.amount != 0) {
+            self.dirty.mark(&spec.key);
+        }
     }
 
     fn marker(&self, org: &OrgId, now: DateTime<Utc>) -> String {
@@ -397,6 +557,22 @@ impl Store {
         idempotency: Option<(String, Duration)>,
         marker: Option<String>,
     ) -> Result<Reply, StoreError> {
+        let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_deref());
+        let raw = self.await_decide(self.decide_call(Call::One(cmd))).await?;
+        let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs.len())?;
+        self.mark_if_applied(specs, reply.status);
+        Ok(reply)
+    }
+
+    /// One `EVALSHA` of the decide script (see the argument contract in `decide.lua`).
+    fn decide_cmd(
+        &self,
+        specs: &[KeySpec],
+        mode: Mode,
+        now: DateTime<Utc>,
+        idempotency: Option<(String, Duration)>,
+        marker: Option<&str>,
+    ) -> redis::Cmd {
         let durable = specs.iter().filter(|s| s.is_durable()).count();
         let mut cmd = redis::Cmd::with_capacity(6 + specs.len() * 7 + 2, 64 + specs.len() * 128);
         cmd.arg("EVALSHA").arg(self.decide.get_hash()).arg(
@@ -408,7 +584,7 @@ impl Store {
         if let Some((k, _)) = &idempotency {
             cmd.arg(k);
         }
-        if let Some(m) = &marker {
+        if let Some(m) = marker {
             cmd.arg(m);
         }
         // One scratch buffer for the version keys: `Cmd` copies each argument anyway.
@@ -433,17 +609,9 @@ impl Store {
                 .arg(if spec.block { "1" } else { "0" })
                 .arg(spec.param);
         }
-        let raw = self.eval_decide(&cmd).await?;
-        let reply = parse_reply(&raw, specs.len())?;
-        if matches!(reply.status, Status::Applied | Status::AppliedOverLimit) {
-            for spec in specs.iter().filter(|s| s.is_durable() && s.amount != 0) {
-                self.dirty.mark(&spec.key);
-            }
-        }
-        Ok(reply)
+        cmd
     }
 
-    /// Current values of counters and gauges (rates read as 0), one `MGET` for one org.
     /// Current values of counters and gauges (rates read as 0), one `MGET` for one org, with
     /// whether the month's restore marker is there (`None` when it is not: restore first).
     pub async fn read(
@@ -497,28 +665,42 @@ impl Store {
     }
 }
 
-fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
-    let status = match raw.first() {
+/// One call to Redis: a single `EVALSHA`, or a pipeline of them.
+enum Call {
+    One(redis::Cmd),
+    Many(redis::Pipeline),
+}
+
+impl Call {
+    async fn query(&self, conn: &mut Conn) -> redis::RedisResult<RawReplies> {
+        match self {
+            Call::One(cmd) => cmd.query_async::<Vec<i64>>(conn).await.map(|r| vec![r]),
+            Call::Many(pipe) => pipe.query_async(conn).await,
+        }
+    }
+}
+
+fn status_of(code: Option<i64>) -> Result<Status, StoreError> {
+    Ok(match code {
         Some(0) => Status::Applied,
         Some(1) => Status::Denied,
         Some(2) => Status::DryRunAllowed,
+        Some(3) => Status::Duplicate,
         Some(4) => Status::AppliedOverLimit,
-        Some(5) => {
-            return Ok(Reply {
-                status: Status::NeedsRestore,
-                limits: Vec::new(),
-                keys: Vec::new(),
-            });
-        }
-        Some(3) => {
-            return Ok(Reply {
-                status: Status::Duplicate,
-                limits: Vec::new(),
-                keys: Vec::new(),
-            });
-        }
+        Some(5) => Status::NeedsRestore,
         other => return Err(StoreError::Protocol(format!("status {other:?}"))),
-    };
+    })
+}
+
+fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
+    let status = status_of(raw.first().copied())?;
+    if matches!(status, Status::Duplicate | Status::NeedsRestore) {
+        return Ok(Reply {
+            status,
+            limits: Vec::new(),
+            keys: Vec::new(),
+        });
+    }
     if raw.len() != 1 + 3 * n {
         return Err(StoreError::Protocol(format!(
             "{} values for {n} limits",

@@ -105,11 +105,44 @@ async fn a_batch_with_one_bad_event_records_nothing() {
         "{body}"
     );
     assert!(app.usage_keys().await.is_empty());
-    let too_many: Vec<_> = (0..1001)
+    let too_many: Vec<_> = (0..10_001)
         .map(|_| json!({"org_id": "acme", "metric": "tokens"}))
         .collect();
     let r = app.post("/v1/usage", &json!({"events": too_many})).await;
-    assert_eq!(r.status(), 422);
+    assert_eq!(r.status(), 413);
+    let body = json(r).await;
+    assert_eq!(body["error"], "payload_too_large");
+    assert!(
+        body["message"].as_str().unwrap().contains("10000"),
+        "{body}"
+    );
+    assert!(app.usage_keys().await.is_empty());
+}
+
+/// A full batch reaches Redis as one pipeline per org: it completes without a timeout or
+/// degraded mode, counts every event once, and the same batch again is all duplicates.
+#[tokio::test]
+async fn a_batch_of_ten_thousand_events_counts_each_once_and_again_is_all_duplicates() {
+    let app = spawn_app().await;
+    let events: Vec<_> = (0..10_000)
+        .map(|i| {
+            json!({"org_id": if i % 2 == 0 { "acme" } else { "globex" },
+                   "metric": "tokens", "amount": 1, "idempotency_key": format!("k{i}")})
+        })
+        .collect();
+    let batch = json!({ "events": events });
+    let r = app.post("/v1/usage", &batch).await;
+    assert_eq!(r.status(), 200);
+    let body = json(r).await;
+    assert_eq!(body["recorded"], 10_000);
+    assert_eq!(body["duplicates"], 0);
+    let again = json(app.post("/v1/usage", &batch).await).await;
+    assert_eq!(again["recorded"], 0);
+    assert_eq!(again["duplicates"], 10_000);
+    assert_eq!(app.usage_of("acme", "tokens").await, 5_000);
+    assert_eq!(app.usage_of("globex", "tokens").await, 5_000);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(metrics.contains("quota_gateway_degraded 0"), "{metrics}");
 }
 
 #[tokio::test]
