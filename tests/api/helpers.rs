@@ -231,6 +231,8 @@ pub struct TestOptions {
     pub billing: Option<quota_gateway::config::BillingSettings>,
     /// Reach Postgres through a `ChaosProxy` (kept in `TestApp::pg_proxy`).
     pub postgres_proxy: bool,
+    /// `[redis] timeout` (the harness default is 2 s).
+    pub redis_timeout: Option<Duration>,
 }
 
 impl Default for TestOptions {
@@ -247,6 +249,7 @@ impl Default for TestOptions {
             proxy: None,
             billing: None,
             postgres_proxy: false,
+            redis_timeout: None,
         }
     }
 }
@@ -305,6 +308,9 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     };
     settings.redis.on_error = opts.on_error;
     settings.redis.local_share = opts.local_share;
+    if let Some(t) = opts.redis_timeout {
+        settings.redis.timeout = t;
+    }
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -1009,4 +1015,86 @@ async fn upstream_handle(
             .unwrap()
     };
     Ok(response)
+}
+
+/// A `redis-server` of the test's own on a free loopback port, for faults that must not touch the
+/// shared one (pausing it, restarting it empty). Killed when dropped.
+pub struct PrivateRedis {
+    pub port: u16,
+    child: std::process::Child,
+}
+
+impl PrivateRedis {
+    pub async fn start(extra: &[&str]) -> PrivateRedis {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(extra)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH");
+        let redis = PrivateRedis { port, child };
+        let up = eventually(Duration::from_secs(10), || async {
+            match redis.conn().await {
+                Ok(mut c) => redis::cmd("PING")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            }
+        })
+        .await;
+        assert!(up.is_some(), "private redis-server on port {port} came up");
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    pub async fn conn(&self) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+        redis::Client::open(self.url())?
+            .get_multiplexed_async_connection()
+            .await
+    }
+
+    /// The value of the only key matching `pattern`, version keys aside (0 when none).
+    pub async fn value_of(&self, pattern: &str) -> i64 {
+        let mut c = self.conn().await.unwrap();
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(pattern)
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        keys.retain(|k| !k.ends_with(":v"));
+        assert!(keys.len() <= 1, "{pattern} matches {keys:?}");
+        match keys.first() {
+            Some(k) => redis::cmd("GET")
+                .arg(k)
+                .query_async::<Option<i64>>(&mut c)
+                .await
+                .unwrap()
+                .unwrap_or(0),
+            None => 0,
+        }
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The value of a metric line on `/metrics` (`name{labels}` exactly as exposed); 0 when absent.
+pub async fn metric_value(app: &TestApp, series: &str) -> f64 {
+    let text = app.get("/metrics").await.text().await.unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
