@@ -48,9 +48,8 @@ pub struct Application {
     api_addr: SocketAddr,
     state: SharedState,
     stop: CancellationToken,
-    flush_stop: CancellationToken,
-    /// Joined in order on shutdown: the recovery task before the flusher.
-    tasks: Vec<(&'static str, JoinHandle<()>)>,
+    /// Joined in order on shutdown, each after cancelling its own token if it has one.
+    tasks: Vec<(&'static str, JoinHandle<()>, Option<CancellationToken>)>,
     /// The reverse proxy, when `[proxy]` is configured.
     proxy: Option<ProxyServer>,
 }
@@ -117,9 +116,11 @@ impl Application {
             guard: FloodGuard::new(settings.api.guard_per_second, settings.api.guard_burst),
             billing: settings.billing.clone(),
         });
-        let recovery = tokio::spawn(local.clone().recover(state.clone(), stop.child_token()));
-        // The flusher stops after the recovery task, so its final flush carries what the
-        // recovery replayed on the way out (see `run_until_stopped`).
+        // The recovery task and the flusher stop only after the listeners have drained, in
+        // that order: decisions made by the last requests are replayed, and the final flush
+        // carries the replay (see `run_until_stopped`).
+        let recovery_stop = CancellationToken::new();
+        let recovery = tokio::spawn(local.clone().recover(state.clone(), recovery_stop.clone()));
         let flush_stop = CancellationToken::new();
         let flusher = tokio::spawn(crate::flush::run(
             state.clone(),
@@ -151,13 +152,12 @@ impl Application {
             api_addr,
             state,
             stop,
-            flush_stop,
             tasks: vec![
-                ("org-change follower", follower),
-                ("catalog reloader", reloader),
-                ("redis recovery", recovery),
-                ("billing scheduler", downgrades),
-                ("usage flusher", flusher),
+                ("org-change follower", follower, None),
+                ("catalog reloader", reloader, None),
+                ("billing scheduler", downgrades, None),
+                ("redis recovery", recovery, Some(recovery_stop)),
+                ("usage flusher", flusher, Some(flush_stop)),
             ],
             proxy,
         })
@@ -221,14 +221,14 @@ impl Application {
                 Err(e) => tracing::error!(task = "proxy", error = %e, "task failed"),
             }
         }
-        for (name, task) in self.tasks {
-            if name == "usage flusher" {
-                self.flush_stop.cancel();
+        for (name, task, own_stop) in self.tasks {
+            if let Some(own_stop) = own_stop {
+                own_stop.cancel();
             }
             match tokio::time::timeout(Duration::from_secs(15), task).await {
                 Ok(Ok(())) => tracing::info!(task = name, "stopped"),
                 Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),
-                Err(_) => tracing::warn!(task = name, "did not stop within 5s"),
+                Err(_) => tracing::warn!(task = name, "did not stop within 15s"),
             }
         }
         served.context("serving the API")
