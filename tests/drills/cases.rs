@@ -159,6 +159,14 @@ pub async fn jitter(s: Scale) -> Row {
     let b = a.spawn_peer().await;
     // From here on, on the connections the replicas already hold too.
     proxy.set_delay(Duration::from_millis(30), Duration::from_millis(80));
+    let mut probe = redis_at(&format!("redis://{}/0", proxy.addr));
+    let started = std::time::Instant::now();
+    let pong: Result<String, _> = redis::cmd("PING").query_async(&mut probe).await;
+    let rtt = started.elapsed();
+    row.expect(
+        pong.is_ok() && rtt >= Duration::from_millis(30),
+        format!("a PING through the proxy took {rtt:?}: the drill did not slow Redis down"),
+    );
     let month = month_start(a.clock_now());
     let books = Load::start(checks(&[&a, &b]), s.clients, s.requests, s.load)
         .finish()

@@ -445,8 +445,15 @@ impl Drop for Deployment {
                     let sql = format!("DROP DATABASE IF EXISTS \"{db_name}\" WITH (FORCE)");
                     let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&pool).await;
                 }
+                // The processes always use the standalone Redis, even when the suite runs
+                // against a cluster.
                 let mut conn = redis_at(&test_redis_url());
-                for key in helpers::keys_matching(&format!("{prefix}:*")).await {
+                let keys: Vec<String> = redis::cmd("KEYS")
+                    .arg(format!("{prefix}:*"))
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap_or_default();
+                for key in keys {
                     let _: Result<(), _> = redis::cmd("DEL").arg(&key).query_async(&mut conn).await;
                 }
             });
