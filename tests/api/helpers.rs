@@ -306,11 +306,11 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     } else {
         None
     };
+    if let Some(timeout) = opts.redis_timeout {
+        settings.redis.timeout = timeout;
+    }
     settings.redis.on_error = opts.on_error;
     settings.redis.local_share = opts.local_share;
-    if let Some(t) = opts.redis_timeout {
-        settings.redis.timeout = t;
-    }
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -606,11 +606,14 @@ pub fn next_month_start(t: DateTime<Utc>) -> String {
 }
 
 /// A TCP proxy the test controls, placed between the gateway and Redis or Postgres to cut the
-/// connection without touching the shared server (other tests keep using it).
+/// connection without touching the shared server (other tests keep using it). It can also delay
+/// what goes towards the server (`set_delay`), to make a server slow rather than down.
 pub struct ChaosProxy {
     pub addr: SocketAddr,
     open: Arc<std::sync::atomic::AtomicBool>,
     cuts: tokio::sync::watch::Sender<u64>,
+    /// Per-chunk delay towards the target, in ms: (min, max); (0, 0) means none.
+    delay: Arc<Mutex<(u64, u64)>>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -621,13 +624,15 @@ impl ChaosProxy {
         let addr = listener.local_addr().unwrap();
         let open = Arc::new(std::sync::atomic::AtomicBool::new(true));
         let (cuts, _) = tokio::sync::watch::channel(0u64);
+        let delay = Arc::new(Mutex::new((0, 0)));
         let target = target.to_string();
         let task = tokio::spawn({
             let open = open.clone();
             let cuts = cuts.clone();
+            let delay = delay.clone();
             async move {
                 loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
+                    let Ok((inbound, _)) = listener.accept().await else {
                         return;
                     };
                     if !open.load(Ordering::SeqCst) {
@@ -636,12 +641,18 @@ impl ChaosProxy {
                     }
                     let mut cut = cuts.subscribe();
                     let target = target.clone();
+                    let delay = delay.clone();
                     tokio::spawn(async move {
-                        let Ok(mut outbound) = tokio::net::TcpStream::connect(&target).await else {
+                        let Ok(outbound) = tokio::net::TcpStream::connect(&target).await else {
                             return;
                         };
+                        let _ = inbound.set_nodelay(true);
+                        let _ = outbound.set_nodelay(true);
+                        let (in_read, mut in_write) = inbound.into_split();
+                        let (mut out_read, out_write) = outbound.into_split();
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                            _ = delayed_copy(in_read, out_write, delay) => {}
+                            _ = tokio::io::copy(&mut out_read, &mut in_write) => {}
                             _ = cut.changed() => {}
                         }
                     });
@@ -652,6 +663,7 @@ impl ChaosProxy {
             addr,
             open,
             cuts,
+            delay,
             task,
         }
     }
@@ -665,6 +677,56 @@ impl ChaosProxy {
     pub fn restore(&self) {
         self.open.store(true, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Hold every chunk sent towards the target for a random time in `[min, max]`, on open
+    /// connections too. A chunk never overtakes the one before it (bytes stay in order), so the
+    /// server sees a slow link, not a broken one. `(0, 0)` removes the delay.
+    pub fn set_delay(&self, min: Duration, max: Duration) {
+        *self.delay.lock().unwrap() = (min.as_millis() as u64, max.as_millis() as u64);
+    }
+}
+
+/// Copy `from` to `to`, each chunk released no earlier than its own jittered deadline and never
+/// before the chunk ahead of it. Returns when either side closes.
+async fn delayed_copy(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    delay: Arc<Mutex<(u64, u64)>>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(tokio::time::Instant, Vec<u8>)>();
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    let reader = async move {
+        let mut last_due = tokio::time::Instant::now();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            let (min, max) = *delay.lock().unwrap();
+            let now = tokio::time::Instant::now();
+            let wait = if max == 0 {
+                0
+            } else {
+                rand::random_range(min..=max.max(min))
+            };
+            last_due = last_due.max(now + Duration::from_millis(wait));
+            if tx.send((last_due, buf[..n].to_vec())).is_err() {
+                return;
+            }
+        }
+    };
+    // The writer finishes what the reader queued before the connection ends.
+    tokio::join!(reader, writer);
 }
 
 impl Drop for ChaosProxy {
