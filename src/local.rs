@@ -463,6 +463,16 @@ impl LocalMode {
         }
     }
 
+    /// Decisions whose call broke with its connection: Redis may have run them before the reply
+    /// was lost, and nobody can learn whether. They are decided here like any other while
+    /// degraded, so each may be counted twice; `in_doubt_total{outcome="unknown"}` bounds that.
+    pub fn lost_with_connection(&self, decisions: usize) {
+        self.metrics
+            .in_doubt
+            .with_label_values(&["unknown"])
+            .inc_by(decisions as u64);
+    }
+
     /// `None` when the rate admits `limit.amount` now, else how long until it would.
     fn check_rate(&self, org: &OrgId, limit: &Limit<'_>, window: Duration) -> Option<Duration> {
         let max = ((limit.limit.unwrap_or(1) as f64) * self.share)

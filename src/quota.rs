@@ -164,6 +164,9 @@ impl QuotaService {
                 }
                 Err(e) if e.is_unavailable() => {
                     self.local.trip();
+                    if e.lost_with_connection() && mode != Mode::DryRun {
+                        self.local.lost_with_connection(1);
+                    }
                     if self.local.on_error() == crate::config::OnRedisError::Closed {
                         return Err(e.into());
                     }
@@ -303,6 +306,9 @@ impl QuotaService {
             }
             Err(e) if e.is_unavailable() => {
                 self.local.trip();
+                if e.lost_with_connection() {
+                    self.local.lost_with_connection(items.len());
+                }
                 if self.local.on_error() == crate::config::OnRedisError::Closed {
                     return Err(e.into());
                 }

@@ -298,8 +298,8 @@ pub async fn in_doubt_metric(base: &str) -> i64 {
     };
     let text = r.text().await.unwrap_or_default();
     text.lines()
-        .filter(|l| l.starts_with("quota_gateway_in_doubt_total"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .filter_map(|l| l.strip_prefix("quota_gateway_in_doubt_total{outcome=\"unknown\"} "))
+        .filter_map(|v| v.parse::<f64>().ok())
         .sum::<f64>() as i64
 }
 
