@@ -43,6 +43,8 @@ pub struct Metrics {
     pub flush_failures: IntCounter,
     /// Seconds since the oldest change not yet in Postgres (0 when none).
     pub flush_oldest_unflushed: prometheus::Gauge,
+    /// 1 while every Redis primary's `maxmemory-policy` is `noeviction` (see `store::eviction`).
+    pub redis_eviction_policy_ok: IntGauge,
 }
 
 impl Metrics {
@@ -151,6 +153,12 @@ impl Metrics {
             "Age of the oldest usage change not yet in Postgres.",
         )
         .expect("valid metric");
+        let redis_eviction_policy_ok = IntGauge::new(
+            "quota_gateway_redis_eviction_policy_ok",
+            "1 while every Redis primary's maxmemory-policy is noeviction; 0 when one may evict \
+             keys (an evicted counter silently resets a budget), or before the first check.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_requests.clone()),
@@ -169,6 +177,7 @@ impl Metrics {
             Box::new(flush_rows.clone()),
             Box::new(flush_failures.clone()),
             Box::new(flush_oldest_unflushed.clone()),
+            Box::new(redis_eviction_policy_ok.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -198,6 +207,7 @@ impl Metrics {
             flush_rows,
             flush_failures,
             flush_oldest_unflushed,
+            redis_eviction_policy_ok,
         }
     }
 

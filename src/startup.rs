@@ -131,6 +131,10 @@ impl Application {
             Some(p) => Some(ProxyServer::bind(p, state.clone()).await?),
             None => None,
         };
+        let eviction = tokio::spawn(crate::store::eviction::watch(
+            state.quota.store().clone(),
+            stop.child_token(),
+        ));
         let reloader = tokio::spawn(crate::reload::follow(
             settings.clone(),
             state.clone(),
@@ -151,6 +155,7 @@ impl Application {
                 ("redis recovery", recovery),
                 ("billing scheduler", downgrades),
                 ("usage flusher", flusher),
+                ("redis eviction check", eviction),
             ],
             proxy,
         })

@@ -6,6 +6,7 @@
 
 pub mod connection;
 pub mod dirty;
+pub mod eviction;
 pub mod keys;
 
 use std::time::Duration;
@@ -167,6 +168,7 @@ pub struct Store {
     healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     restore: std::sync::Arc<redis::Script>,
     dirty: std::sync::Arc<dirty::DirtySet>,
+    eviction: std::sync::Arc<eviction::EvictionWatch>,
 }
 
 impl Store {
@@ -198,6 +200,9 @@ impl Store {
             healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             restore: std::sync::Arc::new(redis::Script::new(include_str!("restore.lua"))),
             dirty: std::sync::Arc::new(dirty::DirtySet::default()),
+            eviction: std::sync::Arc::new(eviction::EvictionWatch::new(
+                settings.require_noeviction,
+            )),
         })
     }
 

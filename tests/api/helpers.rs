@@ -231,6 +231,8 @@ pub struct TestOptions {
     pub billing: Option<quota_gateway::config::BillingSettings>,
     /// Reach Postgres through a `ChaosProxy` (kept in `TestApp::pg_proxy`).
     pub postgres_proxy: bool,
+    /// `[redis] require_noeviction = false`.
+    pub allow_eviction: bool,
 }
 
 impl Default for TestOptions {
@@ -247,6 +249,7 @@ impl Default for TestOptions {
             proxy: None,
             billing: None,
             postgres_proxy: false,
+            allow_eviction: false,
         }
     }
 }
@@ -304,6 +307,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
         None
     };
     settings.redis.on_error = opts.on_error;
+    settings.redis.require_noeviction = !opts.allow_eviction;
     settings.redis.local_share = opts.local_share;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
@@ -525,6 +529,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             on_error: Default::default(),
             local_share: 1.0,
             mode: Default::default(),
+            require_noeviction: true,
         },
         database: DatabaseSettings {
             url: SecretString::from(db_url.to_string()),
