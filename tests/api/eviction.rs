@@ -9,6 +9,73 @@ use serde_json::Value;
 
 use crate::helpers::{TestApp, TestOptions, closed_port, eventually, json, spawn_app_with};
 
+/// Three private cluster primaries with the given policies, slots spread over all three.
+struct PrivateCluster {
+    nodes: Vec<PrivateRedis>,
+    dir: std::path::PathBuf,
+}
+
+impl PrivateCluster {
+    async fn start(policies: [&str; 3]) -> PrivateCluster {
+        let dir =
+            std::env::temp_dir().join(format!("qg-cluster-{}", uuid::Uuid::new_v4().simple()));
+        let mut nodes = Vec::new();
+        for policy in policies {
+            let port = closed_port().await.port();
+            let bus = closed_port().await.port();
+            let node_dir = dir.join(port.to_string());
+            std::fs::create_dir_all(&node_dir).unwrap();
+            let extra = [
+                "--cluster-enabled".to_string(),
+                "yes".into(),
+                "--cluster-port".into(),
+                bus.to_string(),
+                "--cluster-config-file".into(),
+                "nodes.conf".into(),
+                "--dir".into(),
+                node_dir.display().to_string(),
+            ];
+            nodes.push(PrivateRedis::start_with(port, policy, &extra).await);
+        }
+        let created = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(nodes.iter().map(|n| format!("127.0.0.1:{}", n.port)))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .stdout(Stdio::null())
+            .status()
+            .expect("redis-cli on PATH");
+        assert!(created.success(), "redis-cli --cluster create");
+        for node in &nodes {
+            let client = redis::Client::open(node.url()).unwrap();
+            let ready = eventually(Duration::from_secs(10), || async {
+                let Ok(mut c) = client.get_multiplexed_async_connection().await else {
+                    return false;
+                };
+                redis::cmd("CLUSTER")
+                    .arg("INFO")
+                    .query_async::<String>(&mut c)
+                    .await
+                    .is_ok_and(|i| i.contains("cluster_state:ok"))
+            })
+            .await;
+            assert!(ready.is_some(), "the private cluster becomes ready");
+        }
+        PrivateCluster { nodes, dir }
+    }
+
+    /// Only the first node: the gateway discovers the others.
+    fn seed(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.nodes[0].port)
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        self.nodes.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// A `redis-server` of this test's own, killed when dropped.
 struct PrivateRedis {
     port: u16,
@@ -21,10 +88,15 @@ impl PrivateRedis {
     }
 
     async fn start_on(port: u16, policy: &str) -> PrivateRedis {
+        Self::start_with(port, policy, &[]).await
+    }
+
+    async fn start_with(port: u16, policy: &str, extra: &[String]) -> PrivateRedis {
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--maxmemory", "64mb", "--maxmemory-policy", policy])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -162,4 +234,28 @@ async fn a_redis_that_comes_back_evicting_is_caught_after_the_reconnect() {
     .await;
     assert!(caught.is_some(), "{:?}", readyz(&app).await);
     gauge_becomes(&app, 0.0).await;
+}
+
+#[tokio::test]
+async fn in_a_cluster_every_primary_is_checked() {
+    let cluster = PrivateCluster::start(["noeviction", "noeviction", "allkeys-lfu"]).await;
+    let evicting = format!("127.0.0.1:{}", cluster.nodes[2].port);
+    let app = spawn_app_with(TestOptions {
+        redis_cluster: Some(cluster.seed()),
+        ..Default::default()
+    })
+    .await;
+    gauge_becomes(&app, 0.0).await;
+    let (status, body) = readyz(&app).await;
+    assert_eq!(status, 503, "{body}");
+    assert_names_the_policy(&body, "allkeys-lfu");
+    assert!(
+        body["problem"].as_str().unwrap().contains(&evicting),
+        "names the primary that is not the seed: {body}"
+    );
+    // Decisions still run on the cluster: only readiness is refused.
+    let r = app
+        .check(serde_json::json!({"org_id": "acme", "metric": "requests"}))
+        .await;
+    assert_eq!(r.status(), 200);
 }

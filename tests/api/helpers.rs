@@ -233,6 +233,9 @@ pub struct TestOptions {
     pub postgres_proxy: bool,
     /// `[redis] require_noeviction = false`.
     pub allow_eviction: bool,
+    /// Seed URLs (comma-separated) of a Redis Cluster the gateway uses instead of the shared
+    /// Redis; the harness still asserts and cleans up on the shared one.
+    pub redis_cluster: Option<String>,
 }
 
 impl Default for TestOptions {
@@ -250,6 +253,7 @@ impl Default for TestOptions {
             billing: None,
             postgres_proxy: false,
             allow_eviction: false,
+            redis_cluster: None,
         }
     }
 }
@@ -288,6 +292,10 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     if let Some(url) = opts.redis_url {
         settings.redis.url = SecretString::from(url);
         settings.redis.mode = quota_gateway::config::RedisMode::Standalone;
+    }
+    if let Some(seeds) = opts.redis_cluster {
+        settings.redis.url = SecretString::from(seeds);
+        settings.redis.mode = quota_gateway::config::RedisMode::Cluster;
     }
     if let Some(path) = opts.plans_file {
         settings.plans_path = path;
