@@ -140,6 +140,7 @@ pub async fn watch(store: Store, stop: CancellationToken) {
     let mut last_ok: Option<Instant> = None;
     let mut seen_reconnects = store.metrics.redis_reconnects.get();
     let mut logged: Option<(Instant, Evicting)> = None;
+    let mut warned_unreadable: Option<Instant> = None;
     loop {
         let reconnects = store.metrics.redis_reconnects.get();
         if last_ok.is_none_or(|t| t.elapsed() >= CHECK_EVERY) || reconnects != seen_reconnects {
@@ -164,7 +165,17 @@ pub async fn watch(store: Store, stop: CancellationToken) {
                         }
                     }
                 }
-                Err(e) => tracing::debug!(error = %e, "cannot read Redis maxmemory-policy yet"),
+                // Unreachable is reported by `/readyz` and the degraded gauge; a Redis that
+                // answers but will not tell its policy is worth a warning of its own.
+                Err(e) if e.is_unavailable() => {
+                    tracing::debug!(error = %e, "cannot read Redis maxmemory-policy yet");
+                }
+                Err(e) => {
+                    if warned_unreadable.is_none_or(|t| t.elapsed() >= LOG_EVERY) {
+                        tracing::warn!(error = %e, "cannot read Redis maxmemory-policy from INFO memory");
+                        warned_unreadable = Some(Instant::now());
+                    }
+                }
             }
         }
         tokio::select! {
