@@ -30,7 +30,7 @@ for p in "${PORTS[@]}"; do
     mkdir -p "$DIR/$p"
     redis-server --port "$p" --bind 127.0.0.1 --daemonize yes --dir "$DIR/$p" \
       --cluster-enabled yes --cluster-config-file nodes.conf --cluster-node-timeout 2000 \
-      --save "" --appendonly no --logfile "$DIR/$p/redis.log"
+      --save "" --appendonly no --maxmemory-policy noeviction --logfile "$DIR/$p/redis.log"
   fi
 done
 for p in "${PORTS[@]}"; do

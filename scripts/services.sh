@@ -33,7 +33,8 @@ ensure_redis() {
     log "redis: installing redis-server"; apt_install redis-server
   fi
   log "redis: starting"
-  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no
+  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --maxmemory-policy noeviction
   wait_for redis redis-cli -h 127.0.0.1 -p 6379 ping
 }
 

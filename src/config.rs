@@ -203,6 +203,9 @@ pub struct RedisSettings {
     pub local_share: f64,
     /// A single Redis (or a managed primary with replicas) or a Redis Cluster.
     pub mode: RedisMode,
+    /// Refuse readiness while a Redis primary may evict keys (`maxmemory-policy` other than
+    /// `noeviction`): an evicted counter silently resets a budget.
+    pub require_noeviction: bool,
 }
 
 impl RedisSettings {
@@ -351,6 +354,8 @@ struct RedisRaw {
     local_share: Option<f64>,
     #[serde(default)]
     mode: RedisMode,
+    #[serde(default)]
+    require_noeviction: Option<bool>,
 }
 
 fn default_prefix() -> String {
@@ -775,6 +780,7 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             on_error: rr.on_error,
             local_share,
             mode: rr.mode,
+            require_noeviction: rr.require_noeviction.unwrap_or(true),
         })
     });
 
@@ -1706,10 +1712,14 @@ url = "postgres://postgres@127.0.0.1:5432/x"
 "#;
 
     fn load_text(gateway: &str) -> Result<(Settings, Catalog), ConfigError> {
+        load_whole(&format!("{BASE}{gateway}"))
+    }
+
+    fn load_whole(gateway: &str) -> Result<(Settings, Catalog), ConfigError> {
         let dir = std::env::temp_dir().join(format!("qg-config-{}", uuid::Uuid::new_v4()));
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("plans.toml"), PLANS_TOML).unwrap();
-        std::fs::write(dir.join("gateway.toml"), format!("{BASE}{gateway}")).unwrap();
+        std::fs::write(dir.join("gateway.toml"), gateway).unwrap();
         let r = load(&dir.join("gateway.toml"), &EnvOverrides::default());
         let _ = std::fs::remove_dir_all(&dir);
         r
@@ -1717,6 +1727,17 @@ url = "postgres://postgres@127.0.0.1:5432/x"
 
     fn keys_of(e: ConfigError) -> Vec<(String, String)> {
         e.problems.into_iter().map(|p| (p.key, p.reason)).collect()
+    }
+
+    #[test]
+    fn an_evicting_redis_is_refused_unless_accepted() {
+        let (s, _) = load_text("").unwrap();
+        assert!(s.redis.require_noeviction);
+        let accepted = BASE.replace("[redis]\n", "[redis]\nrequire_noeviction = false\n");
+        let (s, _) = load_whole(&accepted).unwrap();
+        assert!(!s.redis.require_noeviction);
+        let bad = BASE.replace("[redis]\n", "[redis]\nrequire_noeviction = \"no\"\n");
+        assert!(load_whole(&bad).is_err());
     }
 
     #[test]

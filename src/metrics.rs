@@ -48,6 +48,8 @@ pub struct Metrics {
     pub in_doubt: IntCounterVec,
     /// Units admitted that neither Redis nor Postgres would take before the process exited.
     pub usage_lost: IntCounter,
+    /// 1 while every Redis primary's `maxmemory-policy` is `noeviction` (see `store::eviction`).
+    pub redis_eviction_policy_ok: IntGauge,
 }
 
 impl Metrics {
@@ -173,6 +175,12 @@ impl Metrics {
             "Admitted units that neither Redis nor Postgres took before the process exited.",
         )
         .expect("valid metric");
+        let redis_eviction_policy_ok = IntGauge::new(
+            "quota_gateway_redis_eviction_policy_ok",
+            "1 while every Redis primary's maxmemory-policy is noeviction; 0 when one may evict \
+             keys (an evicted counter silently resets a budget), or before the first check.",
+        )
+        .expect("valid metric");
         for c in [
             Box::new(in_doubt.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(usage_lost.clone()),
@@ -193,6 +201,7 @@ impl Metrics {
             Box::new(flush_rows.clone()),
             Box::new(flush_failures.clone()),
             Box::new(flush_oldest_unflushed.clone()),
+            Box::new(redis_eviction_policy_ok.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -224,6 +233,7 @@ impl Metrics {
             flush_oldest_unflushed,
             in_doubt,
             usage_lost,
+            redis_eviction_policy_ok,
         }
     }
 

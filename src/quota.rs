@@ -495,8 +495,8 @@ impl QuotaService {
         let values = match self.store.read(org, &limits, now).await? {
             Some(v) => v,
             None => {
-                // Nothing decided for this org this month yet, or Redis lost it: restore first,
-                // so the view never shows zero for usage Postgres knows about.
+                // Redis lost the org's counters (or never held them): restore first, so the
+                // view never shows zero for usage Postgres knows about.
                 self.restore_org(catalog, org, now).await?;
                 self.store
                     .read(org, &limits, now)

@@ -138,6 +138,10 @@ impl Application {
             Some(p) => Some(ProxyServer::bind(p, state.clone()).await?),
             None => None,
         };
+        let eviction = tokio::spawn(crate::store::eviction::watch(
+            state.quota.store().clone(),
+            stop.child_token(),
+        ));
         let reloader = tokio::spawn(crate::reload::follow(
             settings.clone(),
             state.clone(),
@@ -156,6 +160,7 @@ impl Application {
                 ("org-change follower", follower, None),
                 ("catalog reloader", reloader, None),
                 ("billing scheduler", downgrades, None),
+                ("redis eviction check", eviction, None),
                 ("redis recovery", recovery, Some(recovery_stop)),
                 ("usage flusher", flusher, Some(flush_stop)),
             ],

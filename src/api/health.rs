@@ -20,7 +20,9 @@ pub async fn healthz() -> Json<serde_json::Value> {
 
 /// 200 when Redis and Postgres both answer, else 503 naming which does not. While Redis is
 /// unreachable in the `local` and `open` outage modes the gateway still decides, so it stays 200
-/// with `"status": "degraded"`: a load balancer must not drop every replica at once.
+/// with `"status": "degraded"`: a load balancer must not drop every replica at once. A Redis
+/// that may evict keys is 503 too (see `store::eviction`) unless the operator accepted it: it
+/// answers, but cannot keep budgets.
 pub async fn readyz(State(state): State<SharedState>) -> Response {
     let redis = tokio::time::timeout(PROBE_TIMEOUT, state.quota.store().ping());
     let pg = tokio::time::timeout(PROBE_TIMEOUT, crate::db::ping(&state.pool));
@@ -29,16 +31,24 @@ pub async fn readyz(State(state): State<SharedState>) -> Response {
     let pg_ok = matches!(pg, Ok(Ok(())));
     let word = |ok: bool| if ok { "ok" } else { "unreachable" };
     let serves_without_redis = state.quota.local().on_error() != OnRedisError::Closed;
+    let watch = state.quota.store().eviction();
+    let evicting = watch.evicting();
+    let refused = redis_ok && watch.required() && evicting.is_some();
     let (status, label) = match (redis_ok, pg_ok) {
+        _ if refused => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
         (true, true) => (StatusCode::OK, "ready"),
         (false, true) if serves_without_redis => (StatusCode::OK, "degraded"),
         _ => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
     };
-    let body = json!({
+    let mut body = json!({
         "status": label,
-        "redis": word(redis_ok),
+        "redis": if refused { "evicting" } else { word(redis_ok) },
         "postgres": word(pg_ok),
     });
+    if let Some(e) = evicting {
+        body["maxmemory_policy"] = json!(e.policy);
+        body["problem"] = json!(e.problem());
+    }
     (status, Json(body)).into_response()
 }
 

@@ -5,7 +5,8 @@
 --
 -- KEYS, in this order:
 --   the idempotency key        only when ARGV[3] > 0
---   the month's restore marker only when ARGV[4] > 0 (see restore.lua)
+--   the month's restore marker only when ARGV[4] > 0 (see restore.lua), and right after it
+--                              the org's resident key
 --   per limit: its key, and for durable limits (kinds "m" and "g") its version key right after
 --
 -- ARGV[1]  now, integer microseconds since the Unix epoch (the gateway's clock, so tests can
@@ -16,9 +17,11 @@
 --                "shadow" the same checks, but apply all even when one would deny (shadow
 --                         enforcement: count and report, never block)
 -- ARGV[3]  idempotency TTL in milliseconds; 0 when there is no idempotency key
--- ARGV[4]  1 when the restore marker must exist (else nothing is read or written and status 5
---          asks the gateway to restore the org's durable counters from Postgres first); 0: no
---          marker check
+-- ARGV[4]  the restore marker's absolute expiry (Unix ms) when the marker must exist; 0: no
+--          marker check. A missing marker with the resident key present (a new month, Redis kept
+--          its data) is created here and the decision goes on; with both missing nothing is read
+--          or written and status 5 asks the gateway to restore the org's durable counters from
+--          Postgres first
 -- then 5 arguments per limit:
 --   kind    "c" counter of one period, "m" the calendar-month meter of a counter (durable),
 --           "g" gauge level (durable), "r" GCRA rate
@@ -60,9 +63,18 @@ if idem_ttl > 0 then
 end
 if ARGV[4] ~= '0' then
   if redis.call('EXISTS', KEYS[k]) == 0 then
-    return { 5 }
+    -- A new month, or Redis lost the org's data: only the resident key (set by restore.lua,
+    -- gone with any loss) tells them apart. While it is there the org's counters are complete
+    -- and the new month's start at zero, so Postgres is not needed at a month boundary.
+    if redis.call('EXISTS', KEYS[k + 1]) == 0 then
+      return { 5 }
+    end
+    local expiry = tonumber(ARGV[4])
+    redis.call('SET', KEYS[k], '1', 'PXAT', expiry)
+    -- the same lifetime as in restore.lua: a year past the marker
+    redis.call('PEXPIREAT', KEYS[k + 1], expiry + 31622400000)
   end
-  k = k + 1
+  k = k + 2
 end
 if idem_key and not redis.call('SET', idem_key, '1', 'NX', 'PX', ARGV[3]) then
   return { 3 }

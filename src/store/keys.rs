@@ -97,6 +97,16 @@ impl Keys {
         s
     }
 
+    /// Says that Redis still holds everything of the org a restore put there, plus what was
+    /// counted since: set by `restore.lua`, refreshed with every month marker, and gone with any
+    /// loss of Redis data. With it a new month needs no restore (see `decide.lua`). It sits
+    /// under `restored:` with the month markers, so whatever skips those skips it too.
+    pub fn resident(&self, org: &OrgId) -> String {
+        let mut s = self.org_base(org, 17);
+        s.push_str("restored:resident");
+        s
+    }
+
     /// The org, metric and (for counters) month start of a durable key built by `limit`:
     /// `{prefix}:{org}:c:<metric>:month:<start>` or `{prefix}:{org}:g:<metric>`.
     pub fn parse_durable(&self, key: &str) -> Option<(OrgId, String, Option<i64>)> {

@@ -6,6 +6,7 @@
 
 pub mod connection;
 pub mod dirty;
+pub mod eviction;
 pub mod keys;
 
 use std::time::Duration;
@@ -187,6 +188,15 @@ impl KeySpec {
     }
 }
 
+/// The month's restore marker and what `decide.lua` needs to create it itself at a new month
+/// (see `restore.lua`).
+struct MonthMarker {
+    key: String,
+    resident: String,
+    /// Unix ms.
+    expiry: i64,
+}
+
 /// How long a replayed batch's id is remembered.
 pub const REPLAY_IDEMPOTENCY_TTL: Duration = Duration::from_secs(48 * 3600);
 
@@ -218,6 +228,7 @@ pub struct Store {
     healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     restore: std::sync::Arc<redis::Script>,
     dirty: std::sync::Arc<dirty::DirtySet>,
+    eviction: std::sync::Arc<eviction::EvictionWatch>,
 }
 
 impl Store {
@@ -252,6 +263,9 @@ impl Store {
             healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             restore: std::sync::Arc::new(redis::Script::new(include_str!("restore.lua"))),
             dirty: std::sync::Arc::new(dirty::DirtySet::default()),
+            eviction: std::sync::Arc::new(eviction::EvictionWatch::new(
+                settings.require_noeviction,
+            )),
         })
     }
 
@@ -479,11 +493,14 @@ impl Store {
         }
     }
 
-    fn marker(&self, org: &OrgId, now: DateTime<Utc>) -> String {
-        self.keys.restore_marker(
-            org,
-            crate::domain::period::calendar_month(now).start.timestamp(),
-        )
+    fn marker(&self, org: &OrgId, now: DateTime<Utc>) -> MonthMarker {
+        let month = crate::domain::period::calendar_month(now);
+        MonthMarker {
+            key: self.keys.restore_marker(org, month.start.timestamp()),
+            resident: self.keys.resident(org),
+            expiry: (month.end + expiry_grace(crate::domain::period::Period::Month))
+                .timestamp_millis(),
+        }
     }
 
     /// Keys changed since the last flush.
@@ -500,17 +517,16 @@ impl Store {
         now: DateTime<Utc>,
         entries: &[(String, i64, i64, i64)],
     ) -> Result<bool, StoreError> {
-        let month = crate::domain::period::calendar_month(now);
-        let marker_expiry =
-            (month.end + expiry_grace(crate::domain::period::Period::Month)).timestamp_millis();
+        let marker = self.marker(org, now);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.restore.get_hash())
-            .arg(1 + 2 * entries.len())
-            .arg(self.marker(org, now));
+            .arg(2 + 2 * entries.len())
+            .arg(&marker.key)
+            .arg(&marker.resident);
         for (key, ..) in entries {
             cmd.arg(key).arg(Keys::version(key));
         }
-        cmd.arg(marker_expiry);
+        cmd.arg(marker.expiry);
         for (_, value, version, expiry) in entries {
             cmd.arg(value).arg(version).arg(expiry);
         }
@@ -555,9 +571,9 @@ impl Store {
         mode: Mode,
         now: DateTime<Utc>,
         idempotency: Option<(String, Duration)>,
-        marker: Option<String>,
+        marker: Option<MonthMarker>,
     ) -> Result<Reply, StoreError> {
-        let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_deref());
+        let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_ref());
         let raw = self.await_decide(self.decide_call(Call::One(cmd))).await?;
         let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs.len())?;
         self.mark_if_applied(specs, reply.status);
@@ -571,7 +587,7 @@ impl Store {
         mode: Mode,
         now: DateTime<Utc>,
         idempotency: Option<(String, Duration)>,
-        marker: Option<&str>,
+        marker: Option<&MonthMarker>,
     ) -> redis::Cmd {
         let durable = specs.iter().filter(|s| s.is_durable()).count();
         let mut cmd = redis::Cmd::with_capacity(6 + specs.len() * 7 + 2, 64 + specs.len() * 128);
@@ -579,13 +595,13 @@ impl Store {
             specs.len()
                 + durable
                 + usize::from(idempotency.is_some())
-                + usize::from(marker.is_some()),
+                + 2 * usize::from(marker.is_some()),
         );
         if let Some((k, _)) = &idempotency {
             cmd.arg(k);
         }
         if let Some(m) = marker {
-            cmd.arg(m);
+            cmd.arg(&m.key).arg(&m.resident);
         }
         // One scratch buffer for the version keys: `Cmd` copies each argument anyway.
         let mut version = String::new();
@@ -601,7 +617,7 @@ impl Store {
             Some((_, ttl)) => cmd.arg(ttl.as_millis() as u64),
             None => cmd.arg(0),
         };
-        cmd.arg(u8::from(marker.is_some()));
+        cmd.arg(marker.as_ref().map_or(0, |m| m.expiry));
         for spec in specs {
             cmd.arg(spec.kind.as_arg())
                 .arg(spec.amount)
@@ -612,28 +628,30 @@ impl Store {
         cmd
     }
 
-    /// Current values of counters and gauges (rates read as 0), one `MGET` for one org, with
-    /// whether the month's restore marker is there (`None` when it is not: restore first).
+    /// Current values of counters and gauges (rates read as 0), one `MGET` for one org, or
+    /// `None` when Redis may have lost them (restore first). As in `decide.lua`, the resident
+    /// key stands in for a month marker not created yet: a new month's counters read as zero.
     pub async fn read(
         &self,
         org: &OrgId,
         limits: &[Limit<'_>],
         now: DateTime<Utc>,
     ) -> Result<Option<Vec<i64>>, StoreError> {
+        let marker = self.marker(org, now);
         let mut cmd = redis::cmd("MGET");
-        cmd.arg(self.marker(org, now));
+        cmd.arg(&marker.key).arg(&marker.resident);
         for l in limits {
             cmd.arg(self.keys.limit(org, l));
         }
         let mut conn = self.conn.clone();
         let values: Vec<Option<String>> = self.bounded(cmd.query_async(&mut conn)).await?;
-        if values.first().is_none_or(Option::is_none) {
+        if values.len() < 2 || (values[0].is_none() && values[1].is_none()) {
             return Ok(None);
         }
         Ok(Some(
             limits
                 .iter()
-                .zip(values.into_iter().skip(1))
+                .zip(values.into_iter().skip(2))
                 .map(|(l, v)| match l.target {
                     Target::Rate { .. } => 0,
                     _ => v.and_then(|s| s.parse().ok()).unwrap_or(0),

@@ -298,3 +298,152 @@ async fn counters_of_a_replica_that_died_before_flushing_are_found_by_reconcilia
     b.flush().await.unwrap();
     assert_eq!(b.stored_usage("acme", "requests").await, Some(6));
 }
+
+/// The first instant of the month after the one `app`'s clock is in.
+fn next_month(app: &TestApp) -> chrono::DateTime<chrono::Utc> {
+    chrono::DateTime::parse_from_rfc3339(&crate::helpers::next_month_start(app.clock_now()))
+        .unwrap()
+        .to_utc()
+}
+
+/// Three requests and four seats in the last seconds of a month, flushed; the clock stays
+/// there. Returns the first instant of the next month.
+async fn used_until_month_end(app: &TestApp) -> chrono::DateTime<chrono::Utc> {
+    let boundary = next_month(app);
+    app.clock.set(boundary - chrono::Duration::seconds(30));
+    for _ in 0..3 {
+        assert_eq!(app.check(check()).await.status(), 200);
+    }
+    let seats = json!({"org_id": "acme", "metric": "seats", "amount": 4});
+    assert_eq!(app.check(seats).await.status(), 200);
+    app.flush().await.unwrap();
+    assert_eq!(app.stored_usage("acme", "requests").await, Some(3));
+    boundary
+}
+
+async fn flush_when_postgres_is_back(app: &TestApp) {
+    let flushed = crate::helpers::eventually(Duration::from_secs(10), || async {
+        app.flush().await.is_ok()
+    })
+    .await;
+    assert!(
+        flushed.is_some(),
+        "the flush succeeds once Postgres is back"
+    );
+}
+
+#[tokio::test]
+async fn a_new_month_begins_without_postgres_while_redis_kept_its_data() {
+    let app = spawn_app_with(TestOptions {
+        plans: QUOTA_50.into(),
+        postgres_proxy: true,
+        ..Default::default()
+    })
+    .await;
+    let boundary = used_until_month_end(&app).await;
+    let pg = app.pg_proxy.clone().unwrap();
+    pg.cut();
+    app.clock.set(boundary + chrono::Duration::seconds(1));
+
+    // The usage view first: nothing has been decided in the new month yet.
+    let r = app.get("/v1/orgs/acme/usage").await;
+    assert_eq!(r.status(), 200, "the usage view needs no Postgres");
+    let view = json(r).await;
+    assert_eq!(usage_entry(&view, "metric", "requests")["current"], 0);
+    assert_eq!(usage_entry(&view, "metric", "seats")["current"], 4);
+    for i in 1..=4 {
+        let r = app.check(check()).await;
+        assert_eq!(r.status(), 200, "decision {i} of the new month");
+        assert_eq!(
+            json(r).await["usage"][0]["current"],
+            i,
+            "the new month counts from zero"
+        );
+    }
+    let r = app
+        .check(json!({"org_id": "acme", "metric": "seats", "amount": 7}))
+        .await;
+    assert_eq!(r.status(), 402, "the gauge level carries over (4 + 7 > 10)");
+    let r = app
+        .check(json!({"org_id": "acme", "metric": "seats", "amount": 6}))
+        .await;
+    assert_eq!(r.status(), 200);
+    let r = app.get("/v1/orgs/acme/usage").await;
+    assert_eq!(r.status(), 200);
+    let view = json(r).await;
+    assert_eq!(usage_entry(&view, "metric", "requests")["current"], 4);
+    assert_eq!(usage_entry(&view, "metric", "seats")["current"], 10);
+    assert!(app.flush().await.is_err(), "Postgres is still unreachable");
+
+    pg.restore();
+    flush_when_postgres_is_back(&app).await;
+    assert_eq!(app.stored_usage("acme", "requests").await, Some(4));
+    let seats: i64 = sqlx::query_scalar(
+        "SELECT quantity FROM usage_counters WHERE org_id = 'acme' AND metric = 'seats' \
+         AND period_start = $1",
+    )
+    .bind(boundary)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(seats, 10);
+    let last_month: i64 = sqlx::query_scalar(
+        "SELECT quantity FROM usage_counters WHERE org_id = 'acme' AND metric = 'requests' \
+         AND period_start < $1",
+    )
+    .bind(boundary)
+    .fetch_one(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(last_month, 3, "the month before keeps its own count");
+}
+
+#[tokio::test]
+async fn a_redis_that_lost_its_data_restores_at_a_new_month_once_postgres_answers() {
+    let app = spawn_app_with(TestOptions {
+        plans: QUOTA_50.into(),
+        postgres_proxy: true,
+        ..Default::default()
+    })
+    .await;
+    let boundary = used_until_month_end(&app).await;
+    // Redis loses everything of this gateway (a restart without persistence, a failover).
+    let mut conn = app.redis.clone();
+    for key in app.redis_keys().await {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let pg = app.pg_proxy.clone().unwrap();
+    pg.cut();
+    app.clock.set(boundary + chrono::Duration::seconds(1));
+
+    let seats = json!({"org_id": "acme", "metric": "seats", "amount": 7});
+    assert_eq!(
+        app.check(seats.clone()).await.status(),
+        503,
+        "without the restore the gauge would restart at zero"
+    );
+    assert_eq!(app.check(check()).await.status(), 503);
+    assert_eq!(app.get("/v1/orgs/acme/usage").await.status(), 503);
+    assert!(
+        app.usage_keys().await.is_empty(),
+        "nothing was counted without the restore"
+    );
+
+    pg.restore();
+    let restored = crate::helpers::eventually(Duration::from_secs(10), || async {
+        app.check(seats.clone()).await.status() != 503
+    })
+    .await;
+    assert!(restored.is_some(), "decisions resume once Postgres is back");
+    let r = app.check(seats).await;
+    assert_eq!(r.status(), 402, "the gauge level was restored (4 + 7 > 10)");
+    let r = app.check(check()).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(json(r).await["usage"][0]["current"], 1);
+    flush_when_postgres_is_back(&app).await;
+    assert_eq!(app.stored_usage("acme", "requests").await, Some(1));
+}

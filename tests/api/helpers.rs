@@ -233,6 +233,11 @@ pub struct TestOptions {
     pub postgres_proxy: bool,
     /// `[redis] timeout` (the harness default is 2 s).
     pub redis_timeout: Option<Duration>,
+    /// `[redis] require_noeviction = false`.
+    pub allow_eviction: bool,
+    /// Seed URLs (comma-separated) of a Redis Cluster the gateway uses instead of the shared
+    /// Redis; the harness still asserts and cleans up on the shared one.
+    pub redis_cluster: Option<String>,
 }
 
 impl Default for TestOptions {
@@ -250,6 +255,8 @@ impl Default for TestOptions {
             billing: None,
             postgres_proxy: false,
             redis_timeout: None,
+            allow_eviction: false,
+            redis_cluster: None,
         }
     }
 }
@@ -289,6 +296,10 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
         settings.redis.url = SecretString::from(url);
         settings.redis.mode = quota_gateway::config::RedisMode::Standalone;
     }
+    if let Some(seeds) = opts.redis_cluster {
+        settings.redis.url = SecretString::from(seeds);
+        settings.redis.mode = quota_gateway::config::RedisMode::Cluster;
+    }
     if let Some(path) = opts.plans_file {
         settings.plans_path = path;
     }
@@ -310,6 +321,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
         settings.redis.timeout = timeout;
     }
     settings.redis.on_error = opts.on_error;
+    settings.redis.require_noeviction = !opts.allow_eviction;
     settings.redis.local_share = opts.local_share;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
@@ -531,6 +543,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             on_error: Default::default(),
             local_share: 1.0,
             mode: Default::default(),
+            require_noeviction: true,
         },
         database: DatabaseSettings {
             url: SecretString::from(db_url.to_string()),
