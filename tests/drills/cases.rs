@@ -576,7 +576,11 @@ pub async fn sigterm_redis_unreachable(s: Scale) -> Row {
         s.outage / 2
     );
     row.expect_exact();
-    row.expect_within_quota(s.quota, 0);
+    // The staleness bound of local mode (README, Redis outages), as in the Redis-cut drill: a
+    // replica's view of the counter misses what was in flight when it last heard from Redis,
+    // and units whose call broke with the connection may count twice.
+    let slack = row.in_doubt_metric + s.clients as i64 / 2;
+    row.expect_within_quota(s.quota, slack);
     row
 }
 
