@@ -211,6 +211,19 @@ pub struct RedisSettings {
 impl RedisSettings {
     /// The node URLs: one for standalone; for a cluster, `url` may list several seeds
     /// separated by commas.
+    /// `host:port` of each seed, for messages (never a password).
+    pub fn describe_seeds(&self) -> String {
+        self.seeds()
+            .iter()
+            .map(|s| {
+                let rest = s.split_once("://").map_or(s.as_str(), |(_, r)| r);
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+                rest.split('/').next().unwrap_or(rest).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
     pub fn seeds(&self) -> Vec<String> {
         use secrecy::ExposeSecret;
         self.url
@@ -248,6 +261,9 @@ pub struct DatabaseSettings {
     pub url: SecretString,
     pub max_connections: u32,
     pub connect_timeout: Duration,
+    /// How long `serve` and `migrate` wait for Postgres at start-up before giving up:
+    /// orchestrators start services in any order.
+    pub start_timeout: Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -306,6 +322,16 @@ pub enum IdentityMode {
     Header,
 }
 
+impl IdentityMode {
+    /// As written in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            IdentityMode::ApiKey => "api_key",
+            IdentityMode::Header => "header",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct IdentitySettings {
     pub mode: IdentityMode,
@@ -337,6 +363,10 @@ struct ApiRaw {
     #[serde(default)]
     guard_burst: Option<i64>,
 }
+
+/// The admin token of the shipped example config. Anyone who has read the README knows it, so a
+/// gateway that uses it must not be reachable from other hosts.
+pub const EXAMPLE_ADMIN_TOKEN: &str = "dev-admin-token";
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -370,6 +400,8 @@ struct DatabaseRaw {
     max_connections: Option<i64>,
     #[serde(default)]
     connect_timeout: Option<String>,
+    #[serde(default)]
+    start_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -483,6 +515,9 @@ struct ReportRaw {
 struct Report<'a> {
     file: &'a Path,
     problems: &'a mut Vec<Problem>,
+    /// The plan catalog, when it loaded: settings that name metrics or plans are checked
+    /// against it in the same pass.
+    catalog: Option<&'a Catalog>,
 }
 
 impl Report<'_> {
@@ -614,10 +649,7 @@ impl EnvOverrides {
 /// Load `gateway.toml` and the plan catalog it names.
 pub fn load(path: &Path, env: &EnvOverrides) -> Result<(Settings, Catalog), ConfigError> {
     let mut problems = Vec::new();
-    let settings = load_settings(path, env, &mut problems);
-    let catalog = settings
-        .as_ref()
-        .and_then(|s| load_catalog_into(&s.plans_path, &mut problems));
+    let (settings, catalog) = load_settings(path, env, &mut problems);
     if let (Some(s), Some(c)) = (&settings, &catalog)
         && let Err(e) = check_against_catalog(s, c)
     {
@@ -638,11 +670,36 @@ pub fn load_catalog(path: &Path) -> Result<Catalog, ConfigError> {
     }
 }
 
-fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -> Option<Settings> {
-    let mut table = read_table(path, problems)?;
+/// The settings file and the catalog it names, in one pass: the catalog is read first, so checks
+/// that need it (a route's metric) are reported together with every other problem.
+fn load_settings(
+    path: &Path,
+    env: &EnvOverrides,
+    problems: &mut Vec<Problem>,
+) -> (Option<Settings>, Option<Catalog>) {
+    let Some(mut table) = read_table(path, problems) else {
+        return (None, None);
+    };
+    let base = path.parent().unwrap_or(Path::new("."));
+    let catalog = match table.get("plans") {
+        Some(toml::Value::String(p)) => load_catalog_into(&base.join(p), problems),
+        _ => None,
+    };
+    let settings = settings_from_table(path, &mut table, env, catalog.as_ref(), problems);
+    (settings, catalog)
+}
+
+fn settings_from_table(
+    path: &Path,
+    table: &mut toml::Table,
+    env: &EnvOverrides,
+    catalog: Option<&Catalog>,
+    problems: &mut Vec<Problem>,
+) -> Option<Settings> {
     let mut r = Report {
         file: path,
         problems,
+        catalog,
     };
 
     let plans_rel = match table.remove("plans") {
@@ -708,6 +765,16 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             })
             .ok()?;
         let admin = env.admin_token.clone().unwrap_or(a.admin_token);
+        if admin == EXAMPLE_ADMIN_TOKEN && !listen.ip().is_loopback() {
+            r.add(
+                "api.admin_token",
+                format!(
+                    "the example token `{EXAMPLE_ADMIN_TOKEN}` is public; it may only be used on a \
+                     loopback listener, and api.listen is {listen}. Set QG_ADMIN_TOKEN to a secret \
+                     of your own (e.g. `openssl rand -hex 24`)"
+                ),
+            );
+        }
         let mut positive = |key: &str, v: Option<i64>, default: u32| match v {
             None => std::num::NonZeroU32::new(default),
             Some(n) => match u32::try_from(n).ok().and_then(std::num::NonZeroU32::new) {
@@ -808,10 +875,17 @@ fn load_settings(path: &Path, env: &EnvOverrides, problems: &mut Vec<Problem>) -
             d.connect_timeout,
             Duration::from_secs(5),
         );
+        let start_timeout = duration_or(
+            &mut r,
+            "database.start_timeout",
+            d.start_timeout,
+            Duration::from_secs(60),
+        );
         ok.then(|| DatabaseSettings {
             url: SecretString::from(url),
             max_connections,
             connect_timeout,
+            start_timeout,
         })
     });
 
@@ -926,6 +1000,13 @@ fn billing_settings(
                     format!("{key}.secrets[{i}]"),
                     "not a usable secret (Standard Webhooks secrets are `whsec_` + base64)",
                 );
+            }
+        }
+        if let Some(catalog) = r.catalog {
+            for (product, plan) in &p.plans {
+                if let Some(reason) = plan_problem(catalog, plan) {
+                    r.add(format!("{key}.plans.{product}"), reason);
+                }
             }
         }
         providers.push(BillingProvider {
@@ -1155,6 +1236,9 @@ fn route_action(r: &mut Report<'_>, key: &str, raw: ActionRaw) -> RouteAction {
                     "must be an integer between 1 and 2^53",
                 );
             }
+            if let Some(reason) = r.catalog.and_then(|cat| metric_problem(cat, &c.metric)) {
+                r.add(format!("{key}.charges[{j}].metric"), reason);
+            }
             ChargeSpec {
                 metric: c.metric,
                 amount: c.amount,
@@ -1174,6 +1258,9 @@ fn route_action(r: &mut Report<'_>, key: &str, raw: ActionRaw) -> RouteAction {
                     )
                 })
                 .ok()?;
+            if let Some(reason) = r.catalog.and_then(|cat| metric_problem(cat, &rep.metric)) {
+                r.add(format!("{key}.report[{j}].metric"), reason);
+            }
             Some(ReportSpec {
                 header,
                 metric: rep.metric,
@@ -1217,6 +1304,27 @@ fn parse_upstream(r: &mut Report<'_>, key: &str, raw: &str) -> Option<http::Uri>
 }
 
 /// Metrics named by proxy routes must be declared counters of the catalog.
+/// Why a billing product may not map to `plan`, if it may not.
+fn plan_problem(catalog: &Catalog, plan: &str) -> Option<String> {
+    catalog
+        .plan(plan)
+        .is_none()
+        .then(|| format!("unknown plan `{plan}` (not in the plan catalog)"))
+}
+
+/// Why a route may not charge `metric`, if it may not.
+fn metric_problem(catalog: &Catalog, metric: &str) -> Option<String> {
+    match catalog.metric(metric) {
+        None => Some(format!(
+            "undeclared metric `{metric}` (declare it under [metrics] in the plan catalog)"
+        )),
+        Some(m) if m.kind == MetricKind::Gauge => Some(format!(
+            "`{metric}` is a gauge (a level); the proxy charges counters only"
+        )),
+        Some(_) => None,
+    }
+}
+
 fn check_proxy_metrics(
     file: &Path,
     proxy: &ProxySettings,
@@ -1224,14 +1332,8 @@ fn check_proxy_metrics(
     problems: &mut Vec<Problem>,
 ) {
     for (key, metric) in proxy.routes.metric_names() {
-        let reason = match catalog.metric(metric) {
-            None => format!(
-                "undeclared metric `{metric}` (declare it under [metrics] in the plan catalog)"
-            ),
-            Some(m) if m.kind == MetricKind::Gauge => {
-                format!("`{metric}` is a gauge (a level); the proxy charges counters only")
-            }
-            Some(_) => continue,
+        let Some(reason) = metric_problem(catalog, metric) else {
+            continue;
         };
         problems.push(Problem {
             file: file.to_path_buf(),
@@ -1255,11 +1357,11 @@ pub fn check_against_catalog(settings: &Settings, catalog: &Catalog) -> Result<(
                 other => format!("billing.{}", other.key()),
             };
             for (product, plan) in &p.plans {
-                if catalog.plan(plan).is_none() {
+                if let Some(reason) = plan_problem(catalog, plan) {
                     problems.push(Problem {
                         file: settings.config_path.clone(),
                         key: format!("{section}.plans.{product}"),
-                        reason: format!("unknown plan `{plan}` (not in the plan catalog)"),
+                        reason,
                     });
                 }
             }
@@ -1376,6 +1478,7 @@ fn catalog_from_table(
     let mut r = Report {
         file: path,
         problems,
+        catalog: None,
     };
     let before = r.problems.len();
 
@@ -1741,6 +1844,35 @@ url = "postgres://postgres@127.0.0.1:5432/x"
     }
 
     #[test]
+    fn the_example_admin_token_is_refused_off_loopback() {
+        let example = BASE.replace("[api]\n", "[api]\nadmin_token = \"dev-admin-token\"\n");
+        assert!(load_whole(&example).is_ok(), "fine on loopback");
+        let public = example.replace("127.0.0.1:0", "0.0.0.0:9000");
+        let problems = keys_of(load_whole(&public).unwrap_err());
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "api.admin_token");
+        assert!(problems[0].1.contains("0.0.0.0:9000"), "{problems:?}");
+        let own = public.replace("dev-admin-token", "a-secret-of-our-own");
+        assert!(load_whole(&own).is_ok());
+    }
+
+    #[test]
+    fn database_start_timeout_is_a_duration() {
+        let (s, _) = load_text("").unwrap();
+        assert_eq!(s.database.start_timeout, Duration::from_secs(60));
+        let set = BASE.replace("[database]\n", "[database]\nstart_timeout = \"5s\"\n");
+        assert_eq!(
+            load_whole(&set).unwrap().0.database.start_timeout,
+            Duration::from_secs(5)
+        );
+        let bad = BASE.replace("[database]\n", "[database]\nstart_timeout = \"soon\"\n");
+        assert_eq!(
+            keys_of(load_whole(&bad).unwrap_err())[0].0,
+            "database.start_timeout"
+        );
+    }
+
+    #[test]
     fn proxy_is_optional() {
         let (s, _) = load_text("").unwrap();
         assert!(s.proxy.is_none());
@@ -1840,6 +1972,9 @@ colour = "blue"
             "routes[1].path",
             "routes[1].upstream",
             "routes[1].charges[0].amount",
+            // catalog checks, reported in the same pass as the rest
+            "routes[1].charges[0].metric",
+            "routes[1].report[1].metric",
             "routes[1].report[0].header",
             "routes[2]",
             "routes[3].colour",

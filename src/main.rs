@@ -106,11 +106,12 @@ async fn run(cli: Cli) -> ExitCode {
             Ok((settings, catalog)) => {
                 print_summary(&config, &settings.plans_path, &catalog);
                 print_proxy_summary(&settings);
+                print_billing_summary(&settings);
                 ExitCode::SUCCESS
             }
             Err(e) => {
                 eprint!("{e}");
-                ExitCode::FAILURE
+                ExitCode::from(EX_USAGE)
             }
         },
         Command::Export {
@@ -137,6 +138,29 @@ async fn run(cli: Cli) -> ExitCode {
             match rows {
                 Ok(rows) => {
                     print!("{}", render_export(&rows, format));
+                    // Notes go to stderr, so the export on stdout stays machine-readable.
+                    let lag = chrono::Duration::from_std(settings.flush.interval)
+                        .unwrap_or(chrono::Duration::zero());
+                    if month.end + lag > chrono::Utc::now() {
+                        eprintln!(
+                            "note: {period} is still open (or closed less than one [flush] \
+                             interval ago): these figures are as of each replica's last flush, up \
+                             to {}s behind live usage, and will grow",
+                            settings.flush.interval.as_secs()
+                        );
+                    }
+                    if rows.is_empty() {
+                        eprintln!("{period}: no usage recorded for any org");
+                    } else {
+                        let orgs: std::collections::HashSet<&str> =
+                            rows.iter().map(|r| r.0.as_str()).collect();
+                        let total: i64 = rows.iter().map(|r| r.3).sum();
+                        eprintln!(
+                            "{period}: {} rows, {} orgs, {total} units in all",
+                            rows.len(),
+                            orgs.len()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -155,7 +179,7 @@ async fn run(cli: Cli) -> ExitCode {
             };
             telemetry::init(&settings.log);
             let result = async {
-                db::create_if_missing(&settings.database).await?;
+                db::wait_and_create(&settings.database).await?;
                 let pool = db::pool(&settings.database)?;
                 db::migrate(&pool).await
             }
@@ -319,8 +343,11 @@ fn print_proxy_summary(settings: &config::Settings) {
     };
     println!();
     println!(
-        "proxy: {} -> {} (identity: {:?}, header {})",
-        p.listen, p.upstream, p.identity.mode, p.identity.header
+        "proxy: {} -> {} (identity: {}, header {})",
+        p.listen,
+        p.upstream,
+        p.identity.mode.as_str(),
+        p.identity.header
     );
     for r in &p.routes.routes {
         let method = r.method.as_ref().map_or("*", |m| m.as_str());
@@ -334,4 +361,23 @@ fn print_proxy_summary(settings: &config::Settings) {
         Some(a) => println!("  default                          {}", describe(a)),
         None => println!("  default                          404 (no default route)"),
     }
+}
+
+fn print_billing_summary(settings: &config::Settings) {
+    println!();
+    let Some(b) = &settings.billing else {
+        println!("billing: off (no [billing] section)");
+        return;
+    };
+    let providers: Vec<String> = b.providers.iter().map(|p| p.kind.key()).collect();
+    println!(
+        "billing: {} (grace period {}s, auto_downgrade {})",
+        if providers.is_empty() {
+            "no providers".to_string()
+        } else {
+            providers.join(", ")
+        },
+        b.grace_period.as_secs(),
+        b.auto_downgrade
+    );
 }

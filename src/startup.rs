@@ -44,6 +44,8 @@ impl Default for Options {
 }
 
 pub struct Application {
+    /// What start-up found, logged once when serving begins.
+    banner: Banner,
     listener: TcpListener,
     api_addr: SocketAddr,
     state: SharedState,
@@ -54,6 +56,16 @@ pub struct Application {
     proxy: Option<ProxyServer>,
 }
 
+/// The start-up summary: one line an operator can read to know what this replica is.
+struct Banner {
+    catalog: String,
+    redis: String,
+    postgres: String,
+    billing: String,
+    enforcement: &'static str,
+    identity: Option<&'static str>,
+}
+
 impl Application {
     pub async fn build(
         settings: Settings,
@@ -62,7 +74,7 @@ impl Application {
     ) -> anyhow::Result<Self> {
         let pool = db::pool(&settings.database).context("database settings")?;
         if options.migrate {
-            db::create_if_missing(&settings.database)
+            db::wait_and_create(&settings.database)
                 .await
                 .context("creating the database")?;
             db::migrate(&pool)
@@ -95,7 +107,11 @@ impl Application {
             metrics.clone(),
         ));
         if let Err(e) = redis_up {
-            tracing::warn!(error = %e, "Redis is not reachable at start-up");
+            tracing::warn!(
+                redis = %settings.redis.describe_seeds(),
+                error = %e,
+                "Redis is not reachable at start-up; deciding in degraded mode ([redis] on_error) until it is"
+            );
             local.trip();
         }
         let quota = QuotaService::new(
@@ -151,7 +167,49 @@ impl Application {
             .await
             .with_context(|| format!("binding the API listener on {}", settings.api.listen))?;
         let api_addr = listener.local_addr()?;
+        let banner = Banner {
+            catalog: {
+                let c = state.quota.catalog();
+                format!(
+                    "{} plans ({}; default {}), {} metrics",
+                    c.plans.len(),
+                    c.plans.keys().cloned().collect::<Vec<_>>().join(", "),
+                    c.default_plan,
+                    c.metrics.len()
+                )
+            },
+            redis: format!(
+                "{} {} ({})",
+                match settings.redis.mode {
+                    crate::config::RedisMode::Standalone => "standalone",
+                    crate::config::RedisMode::Cluster => "cluster",
+                },
+                settings.redis.describe_seeds(),
+                if local.is_degraded() {
+                    "unreachable: degraded mode"
+                } else {
+                    "ok"
+                }
+            ),
+            postgres: db::describe_target(&settings.database),
+            billing: settings.billing.as_ref().map_or_else(
+                || "off".to_string(),
+                |b| {
+                    b.providers
+                        .iter()
+                        .map(|p| p.kind.key())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                },
+            ),
+            enforcement: match settings.enforcement {
+                crate::domain::plan::Enforcement::Enforce => "enforce",
+                crate::domain::plan::Enforcement::Shadow => "shadow",
+            },
+            identity: settings.proxy.as_ref().map(|p| p.identity.mode.as_str()),
+        };
         Ok(Self {
+            banner,
             listener,
             api_addr,
             state,
@@ -207,7 +265,19 @@ impl Application {
                 }
             }
         });
-        tracing::info!(api = %self.api_addr, proxy = ?self.proxy_addr(), "quota-gateway listening");
+        let b = &self.banner;
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            api = %self.api_addr,
+            proxy = %self.proxy_addr().map_or_else(|| "off".to_string(), |a| a.to_string()),
+            identity = b.identity.unwrap_or("-"),
+            catalog = %b.catalog,
+            redis = %b.redis,
+            postgres = %b.postgres,
+            billing = %b.billing,
+            enforcement = b.enforcement,
+            "quota-gateway serving"
+        );
         // The proxy drains on its own (up to `[proxy] drain_timeout`) while the API does the same.
         let proxy = self
             .proxy

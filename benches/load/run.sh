@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The load benchmark: one command, one run, one table.
 #
-#   benches/load/run.sh [--duration SECONDS] [--connections N] [--warmup SECONDS]
+#   [QG_BIN=path/to/quota-gateway] benches/load/run.sh [--duration SECONDS] [--connections N] [--warmup SECONDS]
 #                       [--rows 1,2,3,4,5] [--soak MINUTES]
 #
 # Starts a tiny upstream (nginx answering 200), nginx as a plain reverse proxy to it, and the
@@ -39,7 +39,12 @@ for tool in wrk nginx; do
   fi
 done
 bash "$ROOT/scripts/services.sh" >/dev/null
-(cd "$ROOT" && cargo build --release --quiet --bin quota-gateway)
+# QG_BIN runs a gateway binary built elsewhere (an older commit, another profile) under the same
+# harness, so before/after figures come from one script.
+if [ -z "${QG_BIN:-}" ]; then
+  (cd "$ROOT" && cargo build --release --quiet --bin quota-gateway)
+  QG_BIN="$ROOT/target/release/quota-gateway"
+fi
 
 WORK=$(mktemp -d)
 UP=18081; NGX=18082; API=18090; PXY=18091
@@ -115,7 +120,7 @@ mode = "api_key"
 [proxy.default_route]
 charges = [{ metric = "requests", amount = 1 }]
 TOML
-"$ROOT/target/release/quota-gateway" serve --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
+"$QG_BIN" serve --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
 GW=$!
 PIDS+=("$GW")
 for _ in $(seq 1 100); do
@@ -199,16 +204,17 @@ run "4. /v1/check" "http://127.0.0.1:$API/v1/check" '{"org_id":"bench","metric":
 RB_RPS=0
 if want 5; then
   SHA=$(redis-cli SCRIPT LOAD "$(cat "$ROOT/src/store/decide.lua")")
-  redis-cli SET "$PREFIX:{rb}:restored:$(date -u -d "$(date -u +%Y-%m-01T00:00:00Z)" +%s)" 1 >/dev/null
   MONTH=$(date -u +%Y-%m-01T00:00:00Z)
   START=$(date -u -d "$MONTH" +%s)
   NEXT=$(date -u -d "$MONTH +1 month +7 days" +%s)
   NOW_US=$(($(date +%s) * 1000000))
-  RB=$(redis-benchmark -h 127.0.0.1 -p 6379 -c "$CONNS" -n 200000 --csv EVALSHA "$SHA" 4 \
-    "$PREFIX:{rb}:restored:$START" \
+  redis-cli SET "$PREFIX:{rb}:restored:$START" 1 >/dev/null
+  redis-cli SET "$PREFIX:{rb}:restored:resident" 1 >/dev/null
+  RB=$(redis-benchmark -h 127.0.0.1 -p 6379 -c "$CONNS" -n 200000 --csv EVALSHA "$SHA" 5 \
+    "$PREFIX:{rb}:restored:$START" "$PREFIX:{rb}:restored:resident" \
     "$PREFIX:{rb}:c:requests:month:$START" "$PREFIX:{rb}:c:requests:month:$START:v" \
     "$PREFIX:{rb}:r:requests:1000" \
-    "$NOW_US" check 0 1 m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
+    "$NOW_US" check 0 $((NEXT * 1000)) m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
   RB_RPS=$(awk -F'","' '{ printf "%.0f", $2 }' <<<"$RB")
   RB_P50=$(awk -F'","' '{ printf "%.0f", $5 * 1000 }' <<<"$RB")
   RB_P99=$(awk -F'","' '{ printf "%.0f", $7 * 1000 }' <<<"$RB")

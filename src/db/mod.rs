@@ -24,6 +24,73 @@ pub enum DbError {
     Sqlx(#[from] sqlx::Error),
     #[error("migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    #[error(
+        "Postgres at {target} did not answer within {waited}s ({source}); is it running, and is \
+         [database] url right? ([database] start_timeout sets how long to wait)"
+    )]
+    Unreachable {
+        target: String,
+        waited: u64,
+        source: sqlx::Error,
+    },
+}
+
+/// `host:port/database` of a connection URL, for messages (never the password).
+pub fn describe_target(settings: &DatabaseSettings) -> String {
+    match settings.url.expose_secret().parse::<PgConnectOptions>() {
+        Ok(o) => format!(
+            "{}:{}/{}",
+            o.get_host(),
+            o.get_port(),
+            o.get_database().unwrap_or("postgres")
+        ),
+        Err(_) => "the configured URL".into(),
+    }
+}
+
+/// Errors worth waiting out at start-up: nothing listening yet, or a server still starting.
+fn is_transient(e: &sqlx::Error) -> bool {
+    match e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
+        // 57P03: the database system is starting up (or shutting down).
+        sqlx::Error::Database(d) => d.code().as_deref() == Some("57P03"),
+        _ => false,
+    }
+}
+
+/// Create the database if needed, waiting for Postgres with a doubling back-off (logged, capped
+/// at 5 s between attempts) for up to `[database] start_timeout`. A mistake that waiting cannot
+/// fix (a wrong password, say) fails at once.
+pub async fn wait_and_create(settings: &DatabaseSettings) -> Result<(), DbError> {
+    let started = std::time::Instant::now();
+    let mut pause = std::time::Duration::from_millis(250);
+    let mut attempt = 1u32;
+    loop {
+        match create_if_missing(settings).await {
+            Ok(()) => return Ok(()),
+            Err(DbError::Sqlx(e)) if is_transient(&e) => {
+                let waited = started.elapsed();
+                if waited + pause > settings.start_timeout {
+                    return Err(DbError::Unreachable {
+                        target: describe_target(settings),
+                        waited: settings.start_timeout.as_secs(),
+                        source: e,
+                    });
+                }
+                tracing::warn!(
+                    postgres = %describe_target(settings),
+                    error = %e,
+                    attempt,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "Postgres is not reachable yet; waiting"
+                );
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(std::time::Duration::from_secs(5));
+                attempt += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    }
 }
 
 /// A lazily connecting pool: start-up does not fail when Postgres is briefly away (the plan

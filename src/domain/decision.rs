@@ -298,16 +298,16 @@ fn state_of<'a>(
     match &limit.target {
         Target::Rate { .. } => {
             let millis = reply.millis.max(0) as u64;
+            // Denied: `millis` is the time until this amount fits, and `reset` says the same as
+            // `Retry-After` (a client reading either waits as long). Otherwise: until the bucket
+            // is full again.
+            let retry = reply.denied.then(|| millis.div_ceil(1000).max(1));
             LimitState {
                 current: 0,
                 before: 0,
                 remaining: Some(reply.value.max(0) as u64),
-                reset_seconds: Some(if reply.denied {
-                    0
-                } else {
-                    millis.div_ceil(1000)
-                }),
-                retry_after_seconds: reply.denied.then(|| millis.div_ceil(1000).max(1)),
+                reset_seconds: Some(retry.unwrap_or_else(|| millis.div_ceil(1000))),
+                retry_after_seconds: retry,
                 limit,
             }
         }

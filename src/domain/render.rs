@@ -309,12 +309,16 @@ pub fn ratelimit_headers(eval: &Evaluation<'_>) -> RateLimitHeaders {
             nearest = Some((state, room));
         }
     }
+    // The trio describes one limit: the one that denied, else the nearest to its end.
     if let Some((state, _)) = nearest {
         h.x_limit = state.limit.limit;
         h.x_remaining = state.remaining;
         h.x_reset = state.reset_seconds;
     }
     if let Some(state) = eval.denied_state() {
+        h.x_limit = state.limit.limit;
+        h.x_remaining = state.remaining;
+        h.x_reset = state.reset_seconds;
         h.retry_after = match eval.outcome {
             Outcome::RateLimited(_) => state.retry_after_seconds,
             _ => None,
@@ -474,6 +478,13 @@ mod tests {
         assert_eq!(json["retry_after_seconds"], 2);
         assert_eq!(json["rate"]["window"], "1s");
         assert!(json["upgrade"]["limit"].is_null(), "Pro has no rate limit");
-        assert_eq!(ratelimit_headers(&eval).retry_after, Some(2));
+        let h = ratelimit_headers(&eval);
+        assert_eq!(h.retry_after, Some(2));
+        // Every header tells the same wait as Retry-After.
+        assert_eq!(
+            (h.x_limit, h.x_remaining, h.x_reset),
+            (Some(10), Some(0), Some(2))
+        );
+        assert!(h.ratelimit.ends_with(";r=0;t=2"), "{}", h.ratelimit);
     }
 }

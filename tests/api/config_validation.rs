@@ -195,7 +195,7 @@ fn environment_overrides_win_over_the_file() {
 }
 
 #[test]
-fn check_config_prints_a_summary_or_exits_1_with_the_problems() {
+fn check_config_prints_a_summary_or_exits_64_with_the_problems() {
     let bin = env!("CARGO_BIN_EXE_quota-gateway");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let ok = Command::new(bin)
@@ -213,13 +213,15 @@ fn check_config_prints_a_summary_or_exits_1_with_the_problems() {
     let out = String::from_utf8_lossy(&ok.stdout);
     assert!(out.contains("plans (default: free)"), "{out}");
     assert!(out.contains("quota  requests"), "{out}");
+    assert!(out.contains("billing: "), "{out}");
 
     let bad = Command::new(bin)
         .args(["check-config"])
         .env("QUOTA_GATEWAY_CONFIG", fixture("gateway_bad_plans.toml"))
         .output()
         .unwrap();
-    assert_eq!(bad.status.code(), Some(1));
+    // The same exit code as `serve` for the same mistake: EX_USAGE.
+    assert_eq!(bad.status.code(), Some(64));
     let err = String::from_utf8_lossy(&bad.stderr);
     assert!(
         err.contains("plans_several_problems.toml: plans.free.upgrade_to: unknown plan `nowhere`"),

@@ -2,12 +2,14 @@
 //! its value, and a gauge says so, unless `[redis] require_noeviction = false`. Each test runs a
 //! private `redis-server` with the policy it needs (the shared Redis is never reconfigured).
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::helpers::{TestApp, TestOptions, closed_port, eventually, json, spawn_app_with};
+use crate::helpers::{
+    PrivateRedis, TestApp, TestOptions, closed_port, eventually, json, spawn_app_with,
+};
 
 /// Three private cluster primaries with the given policies, slots spread over all three.
 struct PrivateCluster {
@@ -25,17 +27,22 @@ impl PrivateCluster {
             let bus = closed_port().await.port();
             let node_dir = dir.join(port.to_string());
             std::fs::create_dir_all(&node_dir).unwrap();
-            let extra = [
-                "--cluster-enabled".to_string(),
-                "yes".into(),
-                "--cluster-port".into(),
-                bus.to_string(),
-                "--cluster-config-file".into(),
-                "nodes.conf".into(),
-                "--dir".into(),
-                node_dir.display().to_string(),
+            let (bus, node_dir) = (bus.to_string(), node_dir.display().to_string());
+            let args = [
+                "--maxmemory",
+                "64mb",
+                "--maxmemory-policy",
+                policy,
+                "--cluster-enabled",
+                "yes",
+                "--cluster-port",
+                &bus,
+                "--cluster-config-file",
+                "nodes.conf",
+                "--dir",
+                &node_dir,
             ];
-            nodes.push(PrivateRedis::start_with(port, policy, &extra).await);
+            nodes.push(PrivateRedis::start_on(port, &args).await);
         }
         let created = Command::new("redis-cli")
             .args(["--cluster", "create"])
@@ -76,62 +83,9 @@ impl Drop for PrivateCluster {
     }
 }
 
-/// A `redis-server` of this test's own, killed when dropped.
-struct PrivateRedis {
-    port: u16,
-    child: Child,
-}
-
-impl PrivateRedis {
-    async fn start(policy: &str) -> PrivateRedis {
-        Self::start_on(closed_port().await.port(), policy).await
-    }
-
-    async fn start_on(port: u16, policy: &str) -> PrivateRedis {
-        Self::start_with(port, policy, &[]).await
-    }
-
-    async fn start_with(port: u16, policy: &str, extra: &[String]) -> PrivateRedis {
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--maxmemory", "64mb", "--maxmemory-policy", policy])
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH");
-        let redis = PrivateRedis { port, child };
-        let client = redis::Client::open(redis.url()).unwrap();
-        let up = eventually(Duration::from_secs(5), || async {
-            match client.get_multiplexed_async_connection().await {
-                Ok(mut c) => redis::cmd("PING")
-                    .query_async::<String>(&mut c)
-                    .await
-                    .is_ok(),
-                Err(_) => false,
-            }
-        })
-        .await;
-        assert!(up.is_some(), "private redis-server on port {port} starts");
-        redis
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    fn stop(mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for PrivateRedis {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+/// A private Redis that evicts (or not) by `policy`.
+async fn redis_with(policy: &str) -> PrivateRedis {
+    PrivateRedis::start(&["--maxmemory", "64mb", "--maxmemory-policy", policy]).await
 }
 
 async fn app_on(redis: &PrivateRedis, allow_eviction: bool) -> TestApp {
@@ -179,7 +133,7 @@ fn assert_names_the_policy(body: &Value, policy: &str) {
 
 #[tokio::test]
 async fn a_redis_that_may_evict_keys_makes_the_gateway_not_ready() {
-    let redis = PrivateRedis::start("allkeys-lru").await;
+    let redis = redis_with("allkeys-lru").await;
     let app = app_on(&redis, false).await;
     gauge_becomes(&app, 0.0).await;
     let (status, body) = readyz(&app).await;
@@ -190,7 +144,7 @@ async fn a_redis_that_may_evict_keys_makes_the_gateway_not_ready() {
     assert_names_the_policy(&body, "allkeys-lru");
 
     // The same gateway on a Redis that keeps every key is ready.
-    let keeping = PrivateRedis::start("noeviction").await;
+    let keeping = redis_with("noeviction").await;
     let app = app_on(&keeping, false).await;
     gauge_becomes(&app, 1.0).await;
     let (status, body) = readyz(&app).await;
@@ -201,7 +155,7 @@ async fn a_redis_that_may_evict_keys_makes_the_gateway_not_ready() {
 
 #[tokio::test]
 async fn require_noeviction_false_accepts_an_evicting_redis_but_still_says_so() {
-    let redis = PrivateRedis::start("volatile-lru").await;
+    let redis = redis_with("volatile-lru").await;
     let app = app_on(&redis, true).await;
     gauge_becomes(&app, 0.0).await;
     let (status, body) = readyz(&app).await;
@@ -213,20 +167,29 @@ async fn require_noeviction_false_accepts_an_evicting_redis_but_still_says_so() 
 
 #[tokio::test]
 async fn a_redis_that_comes_back_evicting_is_caught_after_the_reconnect() {
-    let redis = PrivateRedis::start("noeviction").await;
+    let mut redis = redis_with("noeviction").await;
     let port = redis.port;
     let app = app_on(&redis, false).await;
     gauge_becomes(&app, 1.0).await;
     assert_eq!(readyz(&app).await.0, 200);
 
     // Restarted with another policy: noticed after the reconnect, well before the minute.
-    redis.stop();
+    redis.kill().await;
     let down = eventually(Duration::from_secs(10), || async {
         readyz(&app).await.1["redis"] == "unreachable"
     })
     .await;
     assert!(down.is_some(), "the gateway sees Redis go away");
-    let _redis = PrivateRedis::start_on(port, "allkeys-random").await;
+    let _redis = PrivateRedis::start_on(
+        port,
+        &[
+            "--maxmemory",
+            "64mb",
+            "--maxmemory-policy",
+            "allkeys-random",
+        ],
+    )
+    .await;
     let caught = eventually(Duration::from_secs(15), || async {
         let (status, body) = readyz(&app).await;
         status == 503 && body["maxmemory_policy"] == "allkeys-random"

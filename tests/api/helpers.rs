@@ -549,6 +549,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             url: SecretString::from(db_url.to_string()),
             max_connections: 5,
             connect_timeout: Duration::from_secs(5),
+            start_timeout: Duration::from_secs(10),
         },
         log: LogSettings {
             format: LogFormat::Pretty,
@@ -1092,29 +1093,47 @@ async fn upstream_handle(
     Ok(response)
 }
 
-/// A `redis-server` of the test's own on a free loopback port, for faults that must not touch the
-/// shared one (pausing it, restarting it empty). Killed when dropped.
+/// A `redis-server` of the test's own on a loopback port, without persistence, for faults that must
+/// not touch the shared one: pausing it, reconfiguring it, killing it and starting it again empty on
+/// the same port. Killed when dropped.
 pub struct PrivateRedis {
     pub port: u16,
-    child: std::process::Child,
+    extra: Vec<String>,
+    child: Option<std::process::Child>,
 }
 
 impl PrivateRedis {
+    /// On a free port, with `extra` arguments for `redis-server` (e.g. `--maxmemory-policy`).
     pub async fn start(extra: &[&str]) -> PrivateRedis {
         let port = {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
+        Self::start_on(port, extra).await
+    }
+
+    pub async fn start_on(port: u16, extra: &[&str]) -> PrivateRedis {
+        let mut redis = PrivateRedis {
+            port,
+            extra: extra.iter().map(|a| a.to_string()).collect(),
+            child: None,
+        };
+        redis.spawn().await;
+        redis
+    }
+
+    async fn spawn(&mut self) {
         let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
-            .args(extra)
+            .args(&self.extra)
             .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
             .spawn()
             .expect("redis-server on PATH");
-        let redis = PrivateRedis { port, child };
+        self.child = Some(child);
         let up = eventually(Duration::from_secs(10), || async {
-            match redis.conn().await {
+            match self.conn().await {
                 Ok(mut c) => redis::cmd("PING")
                     .query_async::<String>(&mut c)
                     .await
@@ -1123,8 +1142,25 @@ impl PrivateRedis {
             }
         })
         .await;
-        assert!(up.is_some(), "private redis-server on port {port} came up");
-        redis
+        assert!(
+            up.is_some(),
+            "private redis-server on port {} came up",
+            self.port
+        );
+    }
+
+    /// SIGKILL the server: every key is gone with it.
+    pub async fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = tokio::task::spawn_blocking(move || child.wait()).await;
+        }
+    }
+
+    /// Start it again, empty, on the same port.
+    pub async fn restart(&mut self) {
+        self.kill().await;
+        self.spawn().await;
     }
 
     pub fn url(&self) -> String {
@@ -1161,8 +1197,10 @@ impl PrivateRedis {
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 

@@ -129,3 +129,113 @@ async fn sighup_reloads_the_catalog_and_sigterm_exits_cleanly() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A config directory for the real binary, with `database` as the `[database]` table's body.
+fn config_dir(port: u16, database: &str) -> std::path::PathBuf {
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    let dir = std::env::temp_dir().join(format!("qg-proc-{id}"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let plans = "default_plan = \"free\"\n[metrics]\nrequests = { unit = \"request\" }\n[plans.free]\nquotas = { requests = { limit = 5, period = \"month\" } }\n";
+    std::fs::write(dir.join("plans.toml"), plans).unwrap();
+    std::fs::write(
+        dir.join("gateway.toml"),
+        format!(
+            "plans = \"plans.toml\"\n[api]\nlisten = \"127.0.0.1:{port}\"\nadmin_token = \"t\"\n\
+             [redis]\nurl = \"{}\"\nkey_prefix = \"qgt-{}\"\n[database]\n{database}\n",
+            test_redis_url(),
+            &id[..12]
+        ),
+    )
+    .unwrap();
+    dir
+}
+
+fn serve(dir: &std::path::Path) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_quota-gateway"));
+    c.args(["serve", "--config"])
+        .arg(dir.join("gateway.toml"))
+        .env_remove("DATABASE_URL")
+        .env_remove("REDIS_URL")
+        .env_remove("QG_API_LISTEN")
+        .env_remove("QG_ADMIN_TOKEN")
+        .env_remove("RUST_LOG");
+    c
+}
+
+#[tokio::test]
+async fn serve_waits_for_a_postgres_that_starts_later() {
+    let proxy =
+        crate::helpers::ChaosProxy::start(&crate::helpers::host_port(&test_database_url())).await;
+    proxy.cut();
+    let base = test_database_url();
+    let db_name = format!("qg_test_{}", uuid::Uuid::new_v4().simple());
+    let through = base.replacen(
+        &crate::helpers::host_port(&base),
+        &proxy.addr.to_string(),
+        1,
+    );
+    let through = format!("{}/{db_name}", &through[..through.rfind('/').unwrap()]);
+    let port = free_port();
+    let dir = config_dir(
+        port,
+        &format!("url = \"{through}\"\nstart_timeout = \"60s\""),
+    );
+    let mut child = serve(&dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let client = reqwest::Client::new();
+    let ready = || async {
+        client
+            .get(format!("http://127.0.0.1:{port}/readyz"))
+            .send()
+            .await
+            .is_ok_and(|r| r.status() == 200)
+    };
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "still waiting, not exited"
+    );
+    assert!(!ready().await, "not serving before Postgres answers");
+    proxy.restore();
+    let up = eventually(Duration::from_secs(20), ready).await;
+    let _ = child.kill();
+    let _ = child.wait();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(up.is_some(), "serving once Postgres answers");
+}
+
+#[tokio::test]
+async fn serve_gives_up_on_postgres_naming_where_it_looked() {
+    let port = free_port();
+    let dead = free_port();
+    let dir = config_dir(
+        port,
+        &format!(
+            "url = \"postgres://postgres:hunter2@127.0.0.1:{dead}/qg_nowhere\"\nstart_timeout = \"1s\""
+        ),
+    );
+    let out = tokio::task::spawn_blocking(move || {
+        let out = serve(&dir).output().unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        out
+    })
+    .await
+    .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains(&format!(
+            "Postgres at 127.0.0.1:{dead}/qg_nowhere did not answer within 1s"
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains("Postgres is not reachable yet; waiting"),
+        "{text}"
+    );
+    assert!(!text.contains("hunter2"), "never the password: {text}");
+}

@@ -9,12 +9,12 @@ use serde_json::{Value, json};
 
 use crate::Row;
 use crate::helpers::{
-    ChaosProxy, TestApp, TestOptions, host_port, next_month_start, proxy_settings,
+    ChaosProxy, PrivateRedis, TestApp, TestOptions, host_port, next_month_start, proxy_settings,
     skip_in_cluster_mode, spawn_app_with, spawn_upstream, test_redis_url,
 };
 use crate::rig::{
-    Books, Call, Deployment, Ledger, Load, PrivateRedis, Scale, free_port, http_client,
-    in_doubt_metric, month_start, plans, production_redis, redis_at, wait_ready,
+    Books, Call, Deployment, Ledger, Load, Scale, free_port, http_client, in_doubt_metric,
+    month_start, plans, production_redis, redis_at, wait_ready,
 };
 
 const ORG: &str = "acme";
@@ -335,7 +335,7 @@ pub async fn redis_cut(s: Scale) -> Row {
 /// in flight); afterwards Redis and the ledger agree exactly and nothing is counted twice.
 pub async fn redis_restarted_empty(s: Scale) -> Row {
     let mut row = Row::new("redis restarted empty");
-    let mut redis = PrivateRedis::start().await;
+    let mut redis = PrivateRedis::start(&[]).await;
     let a = spawn_app_with(TestOptions {
         redis_url: Some(redis.url()),
         local_share: 0.5,
