@@ -534,6 +534,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             service_token: service_token.map(SecretString::from),
             guard_per_second: std::num::NonZeroU32::new(100).unwrap(),
             guard_burst: std::num::NonZeroU32::new(200).unwrap(),
+            conn: Default::default(),
         },
         redis: RedisSettings {
             url: SecretString::from(test_redis_url()),
@@ -776,6 +777,7 @@ pub fn proxy_settings(upstream: SocketAddr) -> ProxySettings {
         connect_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
+        conn: Default::default(),
         refund_on: RefundOn::default(),
         identity: IdentitySettings::default(),
         routes: RouteTable {
