@@ -364,7 +364,8 @@ struct ApiRaw {
     #[serde(default)]
     guard_burst: Option<i64>,
     #[serde(default)]
-    conn: Option<ConnRaw>,
+    /// Parsed on its own (`conn_settings`), so its mistakes are reported with the others.
+    conn: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Default)]
@@ -381,8 +382,10 @@ struct ConnRaw {
 /// Largest `max_connections`: well past what one process can hold open.
 const MAX_CONNECTIONS: i64 = 1_000_000;
 
-fn conn_settings(r: &mut Report<'_>, section: &str, raw: Option<ConnRaw>) -> ConnSettings {
-    let raw = raw.unwrap_or_default();
+fn conn_settings(r: &mut Report<'_>, section: &str, raw: Option<toml::Value>) -> ConnSettings {
+    let raw: ConnRaw = raw
+        .and_then(|v| r.parse(&format!("{section}.conn"), v))
+        .unwrap_or_default();
     let d = ConnSettings::default();
     let key = |k: &str| format!("{section}.conn.{k}");
     ConnSettings {
@@ -491,7 +494,8 @@ struct ProxyRaw {
     #[serde(default)]
     default_route: Option<ActionRaw>,
     #[serde(default)]
-    conn: Option<ConnRaw>,
+    /// Parsed on its own (`conn_settings`), so its mistakes are reported with the others.
+    conn: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
