@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Make sure Redis (127.0.0.1:6379) and PostgreSQL (127.0.0.1:5432, user postgres, trust auth
 # on loopback) are running on this machine, installing the Debian packages only where missing.
+# nginx is only installed (the path-normalisation test starts its own on a free port).
 # Used by .ci/run and by developers without Docker; with Docker, `docker compose up -d redis
 # postgres` does the same.
 set -euo pipefail
@@ -65,5 +66,13 @@ ensure_postgres() {
   log "postgres: running"
 }
 
+ensure_nginx() {
+  if command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ]; then
+    log "nginx: installed"; return
+  fi
+  log "nginx: installing nginx"; apt_install nginx
+}
+
 ensure_redis
 ensure_postgres
+ensure_nginx

@@ -186,6 +186,31 @@ pub struct ApiSettings {
     /// Per-client-IP limit on `/admin/*` and `/webhooks/*` (requests per second, burst).
     pub guard_per_second: std::num::NonZeroU32,
     pub guard_burst: std::num::NonZeroU32,
+    /// `[api.conn]`: timeouts and the connection cap of the API listener.
+    pub conn: ConnSettings,
+}
+
+/// `[api.conn]` / `[proxy.conn]`: what one listener grants a client connection. The defaults
+/// are what a slow or idle client cannot turn into a resource drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// Time to send a request's headers (and, on a fresh connection, the first request); it also
+    /// bounds how long an idle HTTP/1 keep-alive connection waits for its next request.
+    pub header_read_timeout: Duration,
+    /// Longest pause allowed inside a request body while the gateway is reading it.
+    pub body_idle_timeout: Duration,
+    /// Connections served at once; past it the listener stops accepting until one closes.
+    pub max_connections: std::num::NonZeroUsize,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
+            max_connections: std::num::NonZeroUsize::new(10_000).expect("non-zero"),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -290,6 +315,8 @@ pub struct ProxySettings {
     pub request_timeout: Duration,
     /// How long a shutdown waits for in-flight requests before closing them.
     pub drain_timeout: Duration,
+    /// `[proxy.conn]`: timeouts and the connection cap of the proxy listener.
+    pub conn: ConnSettings,
     pub refund_on: RefundOn,
     pub identity: IdentitySettings,
     pub routes: RouteTable,
@@ -362,6 +389,62 @@ struct ApiRaw {
     guard_per_second: Option<i64>,
     #[serde(default)]
     guard_burst: Option<i64>,
+    #[serde(default)]
+    /// Parsed on its own (`conn_settings`), so its mistakes are reported with the others.
+    conn: Option<toml::Value>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConnRaw {
+    #[serde(default)]
+    header_read_timeout: Option<String>,
+    #[serde(default)]
+    body_idle_timeout: Option<String>,
+    #[serde(default)]
+    max_connections: Option<i64>,
+}
+
+/// Largest `max_connections`: well past what one process can hold open.
+const MAX_CONNECTIONS: i64 = 1_000_000;
+
+fn conn_settings(r: &mut Report<'_>, section: &str, raw: Option<toml::Value>) -> ConnSettings {
+    let raw: ConnRaw = raw
+        .and_then(|v| r.parse(&format!("{section}.conn"), v))
+        .unwrap_or_default();
+    let d = ConnSettings::default();
+    let key = |k: &str| format!("{section}.conn.{k}");
+    ConnSettings {
+        header_read_timeout: duration_or(
+            r,
+            &key("header_read_timeout"),
+            raw.header_read_timeout,
+            d.header_read_timeout,
+        ),
+        body_idle_timeout: duration_or(
+            r,
+            &key("body_idle_timeout"),
+            raw.body_idle_timeout,
+            d.body_idle_timeout,
+        ),
+        max_connections: match raw.max_connections {
+            None => d.max_connections,
+            Some(n) => match usize::try_from(n)
+                .ok()
+                .filter(|_| n <= MAX_CONNECTIONS)
+                .and_then(std::num::NonZeroUsize::new)
+            {
+                Some(n) => n,
+                None => {
+                    r.add(
+                        key("max_connections"),
+                        format!("must be a whole number from 1 to {MAX_CONNECTIONS}"),
+                    );
+                    d.max_connections
+                }
+            },
+        },
+    }
 }
 
 /// The admin token of the shipped example config. Anyone who has read the README knows it, so a
@@ -442,6 +525,9 @@ struct ProxyRaw {
     refund_on: Option<Vec<RefundOnRaw>>,
     #[serde(default)]
     default_route: Option<ActionRaw>,
+    #[serde(default)]
+    /// Parsed on its own (`conn_settings`), so its mistakes are reported with the others.
+    conn: Option<toml::Value>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -787,7 +873,9 @@ fn settings_from_table(
         };
         let guard_per_second = positive("api.guard_per_second", a.guard_per_second, 100)?;
         let guard_burst = positive("api.guard_burst", a.guard_burst, 200)?;
+        let conn = conn_settings(&mut r, "api", a.conn);
         Some(ApiSettings {
+            conn,
             guard_per_second,
             guard_burst,
             listen,
@@ -1172,6 +1260,7 @@ fn proxy_settings(
         raw.drain_timeout,
         Duration::from_secs(30),
     );
+    let conn = conn_settings(r, "proxy", raw.conn);
     let refund_on = match raw.refund_on {
         None => RefundOn::default(),
         Some(list) => {
@@ -1199,6 +1288,7 @@ fn proxy_settings(
         connect_timeout,
         request_timeout,
         drain_timeout,
+        conn,
         refund_on,
         identity,
         routes: RouteTable {

@@ -32,6 +32,15 @@ pub enum ApiError {
     #[error("request body too large")]
     /// What was too large, and the bound.
     PayloadTooLarge(String),
+    /// Proxy: a request path that has no single canonical form (see `proxy::path`): 400.
+    #[error(transparent)]
+    BadPath(#[from] crate::proxy::path::PathError),
+    /// Duplicate `Host`, or a `Host` that disagrees with an absolute-form target (RFC 9112): 400.
+    #[error("{0}")]
+    BadHost(&'static str),
+    /// The client stopped sending its request body for longer than `body_idle_timeout`: 408.
+    #[error("the request body stopped arriving; send it without long pauses")]
+    RequestTimeout,
     /// The proxy found no route for a request and has no default route.
     #[error("no proxy route matches this request")]
     NoRoute,
@@ -116,6 +125,24 @@ impl IntoResponse for ApiError {
             ),
             ApiError::PayloadTooLarge(message) => {
                 error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
+            }
+            ApiError::BadPath(e) => {
+                error_response(StatusCode::BAD_REQUEST, "bad_path", &e.to_string())
+            }
+            ApiError::BadHost(message) => {
+                error_response(StatusCode::BAD_REQUEST, "bad_host", message)
+            }
+            ApiError::RequestTimeout => {
+                let mut r = error_response(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request_timeout",
+                    &self.to_string(),
+                );
+                r.headers_mut().insert(
+                    axum::http::header::CONNECTION,
+                    axum::http::HeaderValue::from_static("close"),
+                );
+                r
             }
             ApiError::NoRoute => {
                 error_response(StatusCode::NOT_FOUND, "no_route", &self.to_string())

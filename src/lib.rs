@@ -17,6 +17,8 @@
 //! - `reload`: hot reload of the plan catalog (SIGHUP or a change on disk).
 //! - `metrics`: the Prometheus registry and every metric, served at `/metrics`.
 //! - `singleflight`: one lookup per burst of concurrent cache misses for the same key.
+//! - `serve`: the accept loop both listeners share: connection cap, header and body timeouts,
+//!   `Host` checks.
 //! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
 
 pub mod api;
@@ -34,6 +36,7 @@ pub mod proxy;
 pub mod quota;
 pub mod reload;
 pub mod respond;
+pub mod serve;
 pub mod shutdown;
 pub mod singleflight;
 pub mod startup;

@@ -50,6 +50,12 @@ pub struct Metrics {
     pub usage_lost: IntCounter,
     /// 1 while every Redis primary's `maxmemory-policy` is `noeviction` (see `store::eviction`).
     pub redis_eviction_policy_ok: IntGauge,
+    /// Open client connections by listener (api | proxy).
+    pub connections_open: prometheus::IntGaugeVec,
+    /// Times a listener reached its `max_connections` and stopped accepting until one closed.
+    pub connections_at_cap: IntCounterVec,
+    /// Requests cut for slowness, by listener and phase (header | body).
+    pub client_timeouts: IntCounterVec,
 }
 
 impl Metrics {
@@ -181,7 +187,41 @@ impl Metrics {
              keys (an evicted counter silently resets a budget), or before the first check.",
         )
         .expect("valid metric");
+        let connections_open = prometheus::IntGaugeVec::new(
+            Opts::new(
+                "quota_gateway_connections_open",
+                "Open client connections by listener.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let connections_at_cap = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_connections_at_cap_total",
+                "Times a listener reached max_connections and paused accepting until one closed.",
+            ),
+            &["listener"],
+        )
+        .expect("valid metric");
+        let client_timeouts = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_client_timeouts_total",
+                "Client requests cut for sending headers or a body too slowly, by listener and phase.",
+            ),
+            &["listener", "phase"],
+        )
+        .expect("valid metric");
+        for listener in ["api", "proxy"] {
+            connections_open.with_label_values(&[listener]);
+            connections_at_cap.with_label_values(&[listener]);
+            for phase in ["header", "body"] {
+                client_timeouts.with_label_values(&[listener, phase]);
+            }
+        }
         for c in [
+            Box::new(connections_open.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(connections_at_cap.clone()),
+            Box::new(client_timeouts.clone()),
             Box::new(in_doubt.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(usage_lost.clone()),
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
@@ -234,6 +274,9 @@ impl Metrics {
             in_doubt,
             usage_lost,
             redis_eviction_policy_ok,
+            connections_open,
+            connections_at_cap,
+            client_timeouts,
         }
     }
 

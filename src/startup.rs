@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, AppState, FloodGuard, SharedState};
 use crate::clock::{Clock, SystemClock};
-use crate::config::Settings;
+use crate::config::{ConnSettings, Settings};
 use crate::db;
 use crate::directory::OrgDirectory;
 use crate::domain::plan::Catalog;
@@ -23,6 +23,9 @@ use crate::metrics::Metrics;
 use crate::proxy::{ProxyServer, ProxyState};
 use crate::quota::QuotaService;
 use crate::store::Store;
+
+/// How long a shutdown lets API requests in flight finish before closing their connections.
+const API_DRAIN: Duration = Duration::from_secs(30);
 
 /// How long start-up waits for the org-change subscription before serving anyway (the
 /// directory then distrusts its cache until the subscription is up).
@@ -48,6 +51,7 @@ pub struct Application {
     banner: Banner,
     listener: TcpListener,
     api_addr: SocketAddr,
+    api_conn: ConnSettings,
     state: SharedState,
     stop: CancellationToken,
     /// Joined in order on shutdown, each after cancelling its own token if it has one.
@@ -212,6 +216,7 @@ impl Application {
             banner,
             listener,
             api_addr,
+            api_conn: settings.api.conn,
             state,
             stop,
             tasks: vec![
@@ -282,13 +287,13 @@ impl Application {
         let proxy = self
             .proxy
             .map(|p| tokio::spawn(p.serve(stop.child_token())));
-        let router = api::router(self.state.clone());
-        let served = axum::serve(
+        let api = tokio::spawn(serve_api(
             self.listener,
-            router.into_make_service_with_connect_info::<SocketAddr>(),
-        )
-        .with_graceful_shutdown(stop.clone().cancelled_owned())
-        .await;
+            self.state.clone(),
+            self.api_conn,
+            stop.clone(),
+        ));
+        let served = api.await;
         stop.cancel();
         if let Some(proxy) = proxy {
             match proxy.await {
@@ -307,5 +312,44 @@ impl Application {
             }
         }
         served.context("serving the API")
+    }
+}
+
+/// The API listener: the shared accept loop (`crate::serve`) in front of the axum router, then a
+/// drain of up to `API_DRAIN` once `stop` fires.
+async fn serve_api(
+    listener: TcpListener,
+    state: SharedState,
+    conn: ConnSettings,
+    stop: CancellationToken,
+) {
+    use axum::extract::ConnectInfo;
+    use tower::ServiceExt as _;
+    let router = api::router(state.clone());
+    let force = CancellationToken::new();
+    let listening = crate::serve::Listener {
+        name: "api",
+        conn,
+        metrics: state.metrics.clone(),
+    };
+    let conns = crate::serve::accept_loop(listener, listening, stop, force.clone(), |peer| {
+        let router = router.clone();
+        move |mut req: http::Request<crate::serve::RequestBody>| {
+            // The flood guard keys on the client address, as with axum's own server.
+            req.extensions_mut().insert(ConnectInfo(peer));
+            let router = router.clone();
+            async move {
+                match router.oneshot(req).await {
+                    Ok(response) => response,
+                    Err(never) => match never {},
+                }
+            }
+        }
+    })
+    .await;
+    if tokio::time::timeout(API_DRAIN, conns.wait()).await.is_err() {
+        tracing::warn!(drain = ?API_DRAIN, "API drain time over; closing what is left");
+        force.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
     }
 }

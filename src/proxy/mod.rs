@@ -15,14 +15,20 @@
 //!    errors and timeouts; usage the upstream reports in headers is recorded in a tracked
 //!    background task (it never delays or fails the client's response).
 //!
-//! Connections are served by hyper-util's auto builder (HTTP/1.1 with keep-alive, or HTTP/2 by
-//! prior knowledge), upstream connections come from one pooled keep-alive client.
+//! Before step 1 the path is put in its canonical form (`path`): routes are matched against it
+//! and the upstream receives exactly it, so no spelling reaches a route the gateway did not match.
+//!
+//! Connections are accepted by the loop both listeners share (`crate::serve`: connection cap,
+//! header and body timeouts, `Host` checks) and served by hyper-util's auto builder (HTTP/1.1
+//! with keep-alive, or HTTP/2 by prior knowledge); upstream connections come from one pooled
+//! keep-alive client.
 
 pub mod headers;
 pub mod identity;
+pub mod path;
 pub mod routes;
 
-use std::convert::Infallible;
+use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,12 +39,9 @@ use axum::body::Body;
 use axum::response::IntoResponse;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri, Version};
-use hyper::body::Incoming;
-use hyper::service::service_fn;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -51,6 +54,7 @@ use crate::domain::plan::Catalog;
 use crate::domain::render;
 use crate::error::ApiError;
 use crate::respond;
+use crate::serve::{self, RequestBody};
 use crate::store::Mode;
 use identity::{Identifier, IdentityError};
 use routes::{ChargeSpec, RouteAction};
@@ -90,7 +94,7 @@ pub struct ProxyState {
     settings: ProxySettings,
     app: SharedState,
     identifier: Identifier,
-    client: Client<HttpConnector, Incoming>,
+    client: Client<HttpConnector, RequestBody>,
     /// Work that outlives a response: usage recording and WebSocket tunnels. Shutdown waits for
     /// it within the drain time.
     tasks: TaskTracker,
@@ -153,57 +157,24 @@ impl ProxyServer {
         let Self {
             listener, state, ..
         } = self;
-        let builder = auto::Builder::new(TokioExecutor::new());
-        let conns = TaskTracker::new();
-        loop {
-            let (stream, peer) = tokio::select! {
-                _ = stop.cancelled() => break,
-                accepted = listener.accept() => match accepted {
-                    Ok(a) => a,
-                    Err(e) => {
-                        // Usually EMFILE: back off instead of spinning.
-                        tracing::warn!(error = %e, "proxy accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    }
-                },
-            };
-            let _ = stream.set_nodelay(true);
+        let listening = serve::Listener {
+            name: "proxy",
+            conn: state.settings.conn,
+            metrics: state.app.metrics.clone(),
+        };
+        let conns = serve::accept_loop(listener, listening, stop, state.force.clone(), |peer| {
             let peer = Arc::new(headers::Peer::new(peer));
             let state = state.clone();
-            let stop = stop.clone();
-            let builder = builder.clone();
-            conns.spawn(async move {
-                let force = state.force.clone();
-                let service = service_fn(move |req| {
-                    let state = state.clone();
-                    let peer = peer.clone();
-                    async move {
-                        let _counted = InFlight::new(&state.stats.in_flight);
-                        Ok::<_, Infallible>(observed(state.clone(), &peer, req).await)
-                    }
-                });
-                let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
-                tokio::pin!(conn);
-                // A client that goes away ends `conn`, which drops the request future and with it
-                // the upstream exchange: nothing is left behind.
-                let result = tokio::select! {
-                    r = conn.as_mut() => r,
-                    _ = stop.cancelled() => {
-                        conn.as_mut().graceful_shutdown();
-                        tokio::select! {
-                            r = conn.as_mut() => r,
-                            _ = force.cancelled() => Ok(()),
-                        }
-                    }
-                };
-                if let Err(e) = result {
-                    tracing::debug!(error = %e, "proxy connection ended with an error");
+            move |req| {
+                let state = state.clone();
+                let peer = peer.clone();
+                async move {
+                    let _counted = InFlight::new(&state.stats.in_flight);
+                    observed(state.clone(), &peer, req).await
                 }
-            });
-        }
-        drop(listener);
-        conns.close();
+            }
+        })
+        .await;
         state.tasks.close();
         let drain = state.settings.drain_timeout;
         let drained = tokio::time::timeout(drain, async {
@@ -235,7 +206,7 @@ struct Observation {
 async fn observed(
     state: Arc<ProxyState>,
     peer: &headers::Peer,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
 ) -> Response<Body> {
     let started = Instant::now();
     // Fix the request id now, so the log line and the upstream see the same one.
@@ -245,6 +216,15 @@ async fn observed(
     }
     let request_id = req.headers().get(&headers::X_REQUEST_ID).cloned();
     let method = req.method().clone();
+    if let Err(e) = canonicalise(&mut req) {
+        tracing::info!(
+            method = %method,
+            reason = %e,
+            request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
+            "refused a request path"
+        );
+        return ApiError::BadPath(e).into_response();
+    }
     let route = state
         .settings
         .routes
@@ -280,11 +260,33 @@ async fn observed(
     response
 }
 
+/// Put the request's path in its canonical form, in place, before anything reads it: route
+/// matching, the log line and the upstream URI all see the same path. The query is kept as sent.
+fn canonicalise(req: &mut Request<RequestBody>) -> Result<(), path::PathError> {
+    let canonical = match path::canonical(req.uri().path())? {
+        Cow::Borrowed(_) => return Ok(()),
+        Cow::Owned(p) => p,
+    };
+    let path_and_query = match req.uri().query() {
+        Some(q) => format!("{canonical}?{q}"),
+        None => canonical,
+    };
+    let mut parts = req.uri().clone().into_parts();
+    // Built from a valid path's bytes, decoded unreserved characters and `%XX` escapes only.
+    parts.path_and_query = Some(
+        path_and_query
+            .parse()
+            .map_err(|_| path::PathError::BadEscape)?,
+    );
+    *req.uri_mut() = Uri::from_parts(parts).map_err(|_| path::PathError::BadEscape)?;
+    Ok(())
+}
+
 /// Steps 1–4 for one request (see the module docs for why in this order).
 async fn handle(
     state: &Arc<ProxyState>,
     peer: &headers::Peer,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     obs: &mut Observation,
 ) -> Response<Body> {
     let Some(action) = state.settings.routes.find(req.method(), req.uri().path()) else {
@@ -514,7 +516,7 @@ impl ForwardError {
 async fn timed_forward(
     state: &Arc<ProxyState>,
     peer: &headers::Peer,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     action: &RouteAction,
     meta: Option<Upstream<'_>>,
 ) -> Result<Forwarded, ForwardError> {
@@ -543,7 +545,7 @@ async fn timed_forward(
 async fn forward(
     state: &Arc<ProxyState>,
     peer: &headers::Peer,
-    mut req: Request<Incoming>,
+    mut req: Request<RequestBody>,
     action: &RouteAction,
     meta: Option<Upstream<'_>>,
 ) -> Result<Forwarded, ForwardError> {
@@ -656,7 +658,8 @@ async fn forward(
     })
 }
 
-/// The upstream's scheme and authority with the client's path and query, unchanged.
+/// The upstream's scheme and authority with the client's path (already canonical, see
+/// `canonicalise`) and query.
 fn upstream_uri(base: &Uri, client: &Uri) -> Result<Uri, http::Error> {
     let mut b = Uri::builder();
     if let Some(s) = base.scheme() {

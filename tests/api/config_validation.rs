@@ -157,6 +157,19 @@ fn billing_mistakes_are_named_too() {
 }
 
 #[test]
+fn connection_settings_mistakes_are_named_too() {
+    let problems = gateway_problems("gateway_conn_problems.toml");
+    for needle in [
+        "gateway_conn_problems.toml: api.conn.header_read_timeout: `0s` must be greater than zero",
+        "api.conn.max_connections: must be a whole number from 1 to 1000000",
+        "proxy.conn.body_idle_timeout: `soon`",
+        "proxy.conn.max_connections: must be a whole number from 1 to 1000000",
+    ] {
+        assert_has(&problems, needle);
+    }
+}
+
+#[test]
 fn the_shipped_configuration_is_valid() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (settings, catalog) =

@@ -238,6 +238,8 @@ pub struct TestOptions {
     /// Seed URLs (comma-separated) of a Redis Cluster the gateway uses instead of the shared
     /// Redis; the harness still asserts and cleans up on the shared one.
     pub redis_cluster: Option<String>,
+    /// `[api.conn]` (timeouts and connection cap of the API listener).
+    pub api_conn: Option<quota_gateway::config::ConnSettings>,
 }
 
 impl Default for TestOptions {
@@ -257,6 +259,7 @@ impl Default for TestOptions {
             redis_timeout: None,
             allow_eviction: false,
             redis_cluster: None,
+            api_conn: None,
         }
     }
 }
@@ -309,6 +312,9 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     }
     settings.proxy = opts.proxy;
     settings.billing = opts.billing;
+    if let Some(conn) = opts.api_conn {
+        settings.api.conn = conn;
+    }
     let pg_proxy = if opts.postgres_proxy {
         let proxy = ChaosProxy::start(&host_port(&test_database_url())).await;
         let through = db_url.replacen(&host_port(&test_database_url()), &proxy.addr.to_string(), 1);
@@ -534,6 +540,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
             service_token: service_token.map(SecretString::from),
             guard_per_second: std::num::NonZeroU32::new(100).unwrap(),
             guard_burst: std::num::NonZeroU32::new(200).unwrap(),
+            conn: Default::default(),
         },
         redis: RedisSettings {
             url: SecretString::from(test_redis_url()),
@@ -777,6 +784,7 @@ pub fn proxy_settings(upstream: SocketAddr) -> ProxySettings {
         connect_timeout: Duration::from_secs(1),
         request_timeout: Duration::from_secs(5),
         drain_timeout: Duration::from_secs(5),
+        conn: Default::default(),
         refund_on: RefundOn::default(),
         identity: IdentitySettings::default(),
         routes: RouteTable {
