@@ -217,14 +217,26 @@ impl ConnState {
             return e.into_response();
         }
         let (parts, body) = req.into_parts();
+        let http1 = parts.version < http::Version::HTTP_2;
         let body = RequestBody::new(body, self.body_idle_timeout);
-        let expired = body.expired.clone();
-        let response = handler(Request::from_parts(parts, body)).await;
-        if expired.is_some_and(|e| e.load(Ordering::Relaxed)) {
+        let seen = body.seen.clone();
+        let mut response = handler(Request::from_parts(parts, body)).await;
+        let Some(seen) = seen else {
+            return response;
+        };
+        if seen.expired.load(Ordering::Relaxed) {
             self.body_timeouts.inc();
             // The handler saw its body fail; what it made of that (a 400, a 502) is not what
             // happened.
             return ApiError::RequestTimeout.into_response();
+        }
+        // An answer given before the body was read (401, 402, 429 before forwarding): hyper
+        // will not read the rest, so the connection cannot carry another request. Say so, or a
+        // client that reuses it sends its next request into a closing socket.
+        if http1 && !seen.finished.load(Ordering::Relaxed) {
+            response
+                .headers_mut()
+                .insert(header::CONNECTION, http::HeaderValue::from_static("close"));
         }
         response
     }
@@ -271,19 +283,29 @@ pub struct RequestBody {
     timeout: Duration,
     sleep: Option<Pin<Box<Sleep>>>,
     armed: bool,
-    /// Set when the timeout fired; `None` for a body that was already complete.
-    expired: Option<Arc<AtomicBool>>,
+    /// What the connection needs to know about how reading went; `None` for a body that was
+    /// already complete.
+    seen: Option<Arc<BodySeen>>,
+}
+
+/// Shared between a body and the connection that serves its request.
+#[derive(Default)]
+struct BodySeen {
+    /// The idle timeout fired.
+    expired: AtomicBool,
+    /// The body was read to its end.
+    finished: AtomicBool,
 }
 
 impl RequestBody {
     fn new(inner: Incoming, timeout: Duration) -> Self {
-        let expired = (!inner.is_end_stream()).then(|| Arc::new(AtomicBool::new(false)));
+        let seen = (!inner.is_end_stream()).then(|| Arc::new(BodySeen::default()));
         Self {
             inner,
             timeout,
             sleep: None,
             armed: false,
-            expired,
+            seen,
         }
     }
 }
@@ -306,19 +328,24 @@ impl HttpBody for RequestBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = self.get_mut();
         if this
-            .expired
+            .seen
             .as_ref()
-            .is_some_and(|e| e.load(Ordering::Relaxed))
+            .is_some_and(|s| s.expired.load(Ordering::Relaxed))
         {
             return Poll::Ready(Some(Err(BodyError::Idle)));
         }
         match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(frame) => {
                 this.armed = false;
+                if let Some(seen) = &this.seen
+                    && (frame.is_none() || this.inner.is_end_stream())
+                {
+                    seen.finished.store(true, Ordering::Relaxed);
+                }
                 Poll::Ready(frame.map(|f| f.map_err(BodyError::Read)))
             }
             Poll::Pending => {
-                let Some(expired) = &this.expired else {
+                let Some(seen) = &this.seen else {
                     return Poll::Pending;
                 };
                 let deadline = Instant::now() + this.timeout;
@@ -331,7 +358,7 @@ impl HttpBody for RequestBody {
                 }
                 match sleep.as_mut().poll(cx) {
                     Poll::Ready(()) => {
-                        expired.store(true, Ordering::Relaxed);
+                        seen.expired.store(true, Ordering::Relaxed);
                         Poll::Ready(Some(Err(BodyError::Idle)))
                     }
                     Poll::Pending => Poll::Pending,

@@ -532,3 +532,96 @@ async fn at_the_connection_cap_a_new_connection_waits_for_a_free_slot() {
     assert_eq!(parse(&buf).0, 200);
     assert_eq!(up.count(), 3);
 }
+
+/// Read one response (headers and a `Content-Length` body) from a kept-alive connection.
+async fn read_one(s: &mut TcpStream) -> (u16, String, String) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = tokio::time::timeout(HANG, s.read(&mut chunk))
+            .await
+            .expect("an answer")
+            .unwrap();
+        assert!(
+            n > 0,
+            "the connection closed before a whole answer: {buf:?}"
+        );
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_string();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let head = head.to_ascii_lowercase();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if body.len() >= len {
+                let (status, _) = parse(&buf);
+                return (status, head, body[..len].to_string());
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_answer_before_the_body_says_connection_close_and_a_read_body_keeps_alive() {
+    let up = spawn_upstream().await;
+    let app = edge_app(edge_proxy(up.addr), None).await;
+    let proxy = app.proxy_addr.unwrap();
+
+    // The body is still on its way when the gateway answers 401: the connection cannot carry
+    // another request, and the answer says so.
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"POST /v1/chat HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = read_one(&mut s).await;
+    assert_eq!(status, 401, "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(HANG, s.read_to_end(&mut rest)).await;
+    assert!(
+        closed.is_ok(),
+        "the gateway closes the connection after saying so"
+    );
+
+    // Without a body, the same early answer keeps the connection for the next request.
+    let mut s = TcpStream::connect(proxy).await.unwrap();
+    s.write_all(b"GET /v1/chat HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = read_one(&mut s).await;
+    assert_eq!(status, 401, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    s.write_all(b"GET /public/x HTTP/1.1\r\nHost: gw\r\n\r\n")
+        .await
+        .unwrap();
+    let (status, head, _) = read_one(&mut s).await;
+    assert_eq!(
+        status, 200,
+        "the kept connection serves the next request: {head}"
+    );
+
+    // A body the gateway read (forwarded to the upstream) keeps the connection too.
+    s.write_all(b"POST /public/sink HTTP/1.1\r\nHost: gw\r\nContent-Length: 5\r\n\r\nhello")
+        .await
+        .unwrap();
+    let (status, head, _) = read_one(&mut s).await;
+    assert_eq!(status, 200, "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+
+    // The API listener: a /v1/check refused before its body was read (service token missing).
+    let api = spawn_app_with(TestOptions {
+        service_token: Some("svc".into()),
+        ..TestOptions::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(api.addr).await.unwrap();
+    s.write_all(
+        b"POST /v1/check HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let (status, head, _) = read_one(&mut s).await;
+    assert_eq!(status, 401, "{head}");
+    assert!(head.contains("connection: close"), "{head}");
+}
