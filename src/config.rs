@@ -281,6 +281,17 @@ pub enum OnRedisError {
     Closed,
 }
 
+impl OnRedisError {
+    /// As written in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Open => "open",
+            OnRedisError::Closed => "closed",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct DatabaseSettings {
     pub url: SecretString,

@@ -165,7 +165,7 @@ impl OrgDirectory {
                     tracing::warn!("org change subscription lost; reconnecting");
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, retry_in = ?backoff, "cannot subscribe to org changes");
+                    tracing::warn!(error = %e, retry_in_ms = backoff.as_millis() as u64, "cannot subscribe to org changes");
                 }
             }
             tokio::select! {

@@ -239,7 +239,10 @@ impl LocalMode {
     pub fn trip(&self) {
         if !self.degraded.swap(true, Ordering::AcqRel) {
             self.metrics.degraded.set(1);
-            tracing::warn!(mode = ?self.on_error, "Redis unreachable: degraded mode");
+            tracing::warn!(
+                on_error = self.on_error.as_str(),
+                "Redis unreachable: degraded mode"
+            );
         }
     }
 

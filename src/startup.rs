@@ -348,7 +348,10 @@ async fn serve_api(
     })
     .await;
     if tokio::time::timeout(API_DRAIN, conns.wait()).await.is_err() {
-        tracing::warn!(drain = ?API_DRAIN, "API drain time over; closing what is left");
+        tracing::warn!(
+            drain_s = API_DRAIN.as_secs(),
+            "API drain time over; closing what is left"
+        );
         force.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
     }

@@ -47,7 +47,7 @@ pub async fn put_org(
     }
     let previous = db::orgs::set_plan(&state.pool, &org, &req.plan, "admin", None).await?;
     state.quota.announce(Change::Org(&org)).await;
-    tracing::info!(org = %org, from = ?previous, to = %req.plan, "plan changed by admin");
+    tracing::info!(org = %org, from = previous.as_deref().unwrap_or("-"), to = %req.plan, "plan changed by admin");
     org_view(&state, &org).await
 }
 

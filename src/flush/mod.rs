@@ -212,7 +212,7 @@ pub async fn run(
             }
             Err(e) => {
                 wait = (wait * 2).min(Duration::from_secs(60));
-                tracing::warn!(error = %e, retry_in = ?wait, pending = store.dirty().len(), "usage flush failed; keeping the changes");
+                tracing::warn!(error = %e, retry_in_ms = wait.as_millis() as u64, pending = store.dirty().len(), "usage flush failed; keeping the changes");
             }
         }
     }

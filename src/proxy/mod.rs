@@ -185,7 +185,10 @@ impl ProxyServer {
         match drained {
             Ok(()) => tracing::info!("proxy drained"),
             Err(_) => {
-                tracing::warn!(?drain, "proxy drain time over; closing what is left");
+                tracing::warn!(
+                    drain_s = drain.as_secs(),
+                    "proxy drain time over; closing what is left"
+                );
                 state.force.cancel();
                 let _ = tokio::time::timeout(Duration::from_secs(1), conns.wait()).await;
             }
