@@ -180,10 +180,10 @@ async fn receive(
             } = &applied
             {
                 if *plan_changed {
-                    state.quota.announce(Change::Org(org)).await;
+                    state.quota.announce(Change::Org(org));
                 }
                 if let Some(left) = left {
-                    state.quota.announce(Change::Org(left)).await;
+                    state.quota.announce(Change::Org(left));
                 }
             }
             Json(json!({"received": true, "outcome": applied.label()})).into_response()
