@@ -8,6 +8,7 @@ mod config_validation;
 mod eviction;
 mod exactness;
 mod flush;
+mod hostile;
 mod metrics;
 mod openapi;
 mod outage;
