@@ -96,7 +96,8 @@ ARGS=(
 )
 [ -n "$SEED" ] && ARGS+=(--seed "$SEED")
 status=0
-"$VENV/bin/schemathesis" "${ARGS[@]}" || status=$?
+# run from the scratch directory: schemathesis keeps a cache in ./.schemathesis
+(cd "$WORK" && "$VENV/bin/schemathesis" "${ARGS[@]}") || status=$?
 if grep -q '"level":"ERROR"' "$WORK/gateway.log"; then
   echo "the gateway logged errors during the run:" >&2
   grep '"level":"ERROR"' "$WORK/gateway.log" | head -20 >&2
