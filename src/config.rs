@@ -1331,10 +1331,10 @@ fn route_action(r: &mut Report<'_>, key: &str, raw: ActionRaw) -> RouteAction {
         .into_iter()
         .enumerate()
         .map(|(j, c)| {
-            if !(1..=(1i64 << 53)).contains(&c.amount) {
+            if !(1..=crate::domain::decision::MAX_COUNTER).contains(&c.amount) {
                 r.add(
                     format!("{key}.charges[{j}].amount"),
-                    "must be an integer between 1 and 2^53",
+                    "must be an integer between 1 and 9007199254740991 (2^53 - 1)",
                 );
             }
             if let Some(reason) = r.catalog.and_then(|cat| metric_problem(cat, &c.metric)) {

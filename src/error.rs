@@ -70,6 +70,14 @@ impl ApiError {
         }
     }
 
+    /// A charge or report that would take a counter past `MAX_COUNTER`: 422, nothing applied.
+    pub fn counter_overflow(message: impl Into<String>) -> Self {
+        ApiError::Invalid {
+            code: "counter_overflow",
+            message: message.into(),
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code: "bad_request",
@@ -81,6 +89,10 @@ impl ApiError {
 impl From<QuotaError> for ApiError {
     fn from(e: QuotaError) -> Self {
         match e {
+            QuotaError::Store(StoreError::CounterOverflow) => ApiError::counter_overflow(format!(
+                "amount: would take a counter past {}, the largest counter value; nothing was applied",
+                crate::domain::decision::MAX_COUNTER
+            )),
             QuotaError::Store(e) => ApiError::Store(e),
             QuotaError::Db(e) => ApiError::Db(e),
         }
@@ -165,6 +177,22 @@ impl IntoResponse for ApiError {
                 "misconfigured",
                 &self.to_string(),
             ),
+            ApiError::Store(StoreError::CounterOverflow) => error_response(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "counter_overflow",
+                &self.to_string(),
+            ),
+            // Defence in depth: input Postgres cannot store (a value the request types let
+            // through) is the client's, not an outage. Which field is unknown here; the request
+            // types name it wherever they can.
+            ApiError::Db(e) if e.is_data_exception() => {
+                tracing::warn!(error = %e, "request refused by the database as invalid data");
+                error_response(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_request",
+                    "a value in the request cannot be stored",
+                )
+            }
             ApiError::Store(e) => {
                 tracing::error!(error = %e, "redis unavailable");
                 error_response(

@@ -37,7 +37,7 @@ use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio_util::sync::CancellationToken;
 
 use crate::config::OnRedisError;
-use crate::domain::decision::{Limit, LimitReply, Target};
+use crate::domain::decision::{Limit, LimitReply, MAX_COUNTER, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
 use crate::store::{
@@ -100,7 +100,7 @@ impl Ledger {
     fn add_unconfirmed(&mut self, specs: &[KeySpec], sign: i64) {
         for s in specs {
             let e = self.unconfirmed.entry(s.key.clone()).or_insert(0);
-            *e += sign * s.amount;
+            *e = e.saturating_add(sign.saturating_mul(s.amount));
             if *e == 0 {
                 self.unconfirmed.remove(&s.key);
             }
@@ -123,14 +123,12 @@ impl Ledger {
             None => {
                 let org_pending = self.pending.entry(org.clone()).or_default();
                 for s in specs {
-                    org_pending
-                        .entry(s.key)
-                        .or_insert(Pending {
-                            kind: s.kind,
-                            param: s.param,
-                            amount: 0,
-                        })
-                        .amount += s.amount;
+                    let p = org_pending.entry(s.key).or_insert(Pending {
+                        kind: s.kind,
+                        param: s.param,
+                        amount: 0,
+                    });
+                    p.amount = p.amount.saturating_add(s.amount);
                 }
             }
         }
@@ -257,7 +255,7 @@ impl LocalMode {
                 continue;
             }
             let value = if applied {
-                (r.value + limit.amount).max(0)
+                r.value.saturating_add(limit.amount).max(0)
             } else {
                 r.value
             };
@@ -302,7 +300,14 @@ impl LocalMode {
             }
             let known = self.known.get(&spec.key).map_or(0, |v| *v);
             let admitted = ledger.unconfirmed.get(&spec.key).copied().unwrap_or(0);
-            reply.value = (known + admitted).max(0);
+            reply.value = known.saturating_add(admitted).max(0);
+            if limit.amount > 0 && reply.value.saturating_add(limit.amount) > MAX_COUNTER {
+                // As `decide.lua` would: nothing is counted past the largest counter value.
+                return LocalReply {
+                    status: Status::WouldOverflow,
+                    limits: Vec::new(),
+                };
+            }
             if enforce
                 && limit.blocks()
                 && limit.amount > 0
@@ -310,7 +315,7 @@ impl LocalMode {
             {
                 let left = (max as i64 - known).max(0) as f64;
                 let cap = known + (left * self.share).floor() as i64;
-                if reply.value + limit.amount > cap {
+                if reply.value.saturating_add(limit.amount) > cap {
                     reply.denied = true;
                     denied = true;
                 }
@@ -430,7 +435,7 @@ impl LocalMode {
                 if applied {
                     for s in &d.specs {
                         if let Some(mut v) = self.known.get_mut(&s.key) {
-                            *v = (*v + s.amount).max(0);
+                            *v = v.saturating_add(s.amount).max(0);
                         }
                     }
                     store.mark(&d.specs);
@@ -642,13 +647,33 @@ impl LocalMode {
         let now = state.quota.now();
         let mut units = 0;
         for (_, batch) in &claimed {
-            self.send(state, store, batch, now).await?;
+            if self.send(state, store, batch, now).await? == Status::WouldOverflow {
+                self.overflowed(batch);
+                continue;
+            }
             units += batch.specs.iter().map(|s| s.amount).sum::<i64>();
         }
         let ids: Vec<uuid::Uuid> = claimed.iter().map(|(id, _)| *id).collect();
         crate::db::outbox::remove(&mut tx, &ids).await?;
         tx.commit().await.map_err(crate::db::DbError::from)?;
         Ok(units)
+    }
+
+    /// A replayed batch Redis refused because a counter would pass `MAX_COUNTER`: counted and
+    /// logged (org and units, never the idempotency key), then dropped.
+    fn overflowed(&self, batch: &Batch) {
+        let units: u64 = batch
+            .specs
+            .iter()
+            .map(|s| s.amount.max(0).unsigned_abs())
+            .fold(0, u64::saturating_add);
+        self.metrics.replay_overflow.inc_by(units);
+        tracing::warn!(
+            org = %batch.org,
+            units,
+            max = MAX_COUNTER,
+            "replayed usage refused: a counter would pass the largest counter value; not retried"
+        );
     }
 
     /// Replay one batch, restoring the org's counters first if Redis lost them.
@@ -697,11 +722,23 @@ impl LocalMode {
         let mut replayed = 0;
         let mut left = batches.into_iter();
         while let Some(batch) = left.next() {
-            if let Err(e) = self.send(state, store, &batch, now).await {
-                let mut ledger = self.ledger();
-                ledger.batches.push(batch);
-                ledger.batches.extend(left);
-                return Err(e);
+            let status = match self.send(state, store, &batch, now).await {
+                Ok(status) => status,
+                Err(e) => {
+                    let mut ledger = self.ledger();
+                    ledger.batches.push(batch);
+                    ledger.batches.extend(left);
+                    return Err(e);
+                }
+            };
+            if status == Status::WouldOverflow {
+                // Redis will never take these units: settle the batch instead of retrying it
+                // forever, and say so.
+                self.overflowed(&batch);
+                if !batch.compensation {
+                    self.ledger().add_unconfirmed(&batch.specs, -1);
+                }
+                continue;
             }
             replayed += batch.specs.iter().map(|s| s.amount).sum::<i64>();
             if !batch.compensation {
@@ -710,7 +747,7 @@ impl LocalMode {
                 // next outage.
                 for spec in &batch.specs {
                     if let Some(mut v) = self.known.get_mut(&spec.key) {
-                        *v = (*v + spec.amount).max(0);
+                        *v = v.saturating_add(spec.amount).max(0);
                     }
                 }
             }

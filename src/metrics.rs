@@ -48,6 +48,9 @@ pub struct Metrics {
     pub in_doubt: IntCounterVec,
     /// Units admitted that neither Redis nor Postgres would take before the process exited.
     pub usage_lost: IntCounter,
+    /// Units admitted while Redis was unreachable that Redis refused on replay because a
+    /// counter would pass the largest counter value; settled, never retried.
+    pub replay_overflow: IntCounter,
     /// 1 while every Redis primary's `maxmemory-policy` is `noeviction` (see `store::eviction`).
     pub redis_eviction_policy_ok: IntGauge,
     /// Open client connections by listener (api | proxy).
@@ -181,6 +184,12 @@ impl Metrics {
             "Admitted units that neither Redis nor Postgres took before the process exited.",
         )
         .expect("valid metric");
+        let replay_overflow = IntCounter::new(
+            "quota_gateway_replay_overflow_units_total",
+            "Units admitted while Redis was unreachable that Redis refused on replay because a \
+             counter would pass 9007199254740991 (the largest counter value); not retried.",
+        )
+        .expect("valid metric");
         let redis_eviction_policy_ok = IntGauge::new(
             "quota_gateway_redis_eviction_policy_ok",
             "1 while every Redis primary's maxmemory-policy is noeviction; 0 when one may evict \
@@ -224,6 +233,7 @@ impl Metrics {
             Box::new(client_timeouts.clone()),
             Box::new(in_doubt.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(usage_lost.clone()),
+            Box::new(replay_overflow.clone()),
             Box::new(decisions.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(api_requests.clone()),
             Box::new(proxy_request_duration.clone()),
@@ -273,6 +283,7 @@ impl Metrics {
             flush_oldest_unflushed,
             in_doubt,
             usage_lost,
+            replay_overflow,
             redis_eviction_policy_ok,
             connections_open,
             connections_at_cap,

@@ -30,6 +30,25 @@ pub enum QuotaError {
     Db(#[from] DbError),
 }
 
+/// What became of one usage report of a batch (`record_many`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recorded {
+    Counted,
+    /// Its idempotency key was seen before: not counted again.
+    Duplicate,
+    /// It would have taken a counter past `MAX_COUNTER`: not counted.
+    Overflow,
+}
+
+/// A local or stored status, with "would overflow" turned into the store's typed error, as
+/// `Store::run` does for Redis's answer.
+fn refuse_overflow(status: Status) -> Result<Status, QuotaError> {
+    if status == Status::WouldOverflow {
+        return Err(StoreError::CounterOverflow.into());
+    }
+    Ok(status)
+}
+
 /// A decision with the plan it was made against.
 pub struct Decision<'c> {
     pub plan: &'c Plan,
@@ -178,7 +197,7 @@ impl QuotaService {
         let key = idem.map(|(k, _)| k);
         let Some((after, call)) = in_doubt else {
             let reply = self.local.decide(org, limits, &specs, mode, key, false);
-            return Ok((reply.status, reply.limits));
+            return Ok((refuse_overflow(reply.status)?, reply.limits));
         };
         // Redis may have applied this call: decide here (or refuse, in `closed` mode) without
         // queueing the units, and let the call's own answer say whether they must be replayed.
@@ -196,19 +215,19 @@ impl QuotaService {
             );
         }
         match reply {
-            Some(reply) => Ok((reply.status, reply.limits)),
+            Some(reply) => Ok((refuse_overflow(reply.status)?, reply.limits)),
             None => Err(StoreError::Timeout(after).into()),
         }
     }
 
     /// Record a batch of usage reports of one org in one round trip (a pipeline): each item is
-    /// its charge and idempotency key. Returns, per item, whether it was a duplicate.
+    /// its charge and idempotency key. Returns, per item, what became of it.
     pub async fn record_many(
         &self,
         catalog: &Catalog,
         org: &OrgId,
         items: &[(Charge<'_>, Option<&str>)],
-    ) -> Result<Vec<bool>, QuotaError> {
+    ) -> Result<Vec<Recorded>, QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
         let ttl = self.idempotency_ttl;
@@ -228,15 +247,16 @@ impl QuotaService {
             .zip(items)
             .map(|(ls, (_, key))| (ls.iter().map(|l| self.store.spec(org, l)).collect(), *key))
             .collect();
-        let local = |hold: bool| -> Vec<bool> {
+        let local = |hold: bool| -> Vec<Recorded> {
             specs
                 .iter()
                 .zip(&limits)
                 .map(|((s, key), ls)| {
-                    self.local
-                        .decide(org, ls, s, Mode::Record, *key, hold)
-                        .status
-                        == Status::Duplicate
+                    recorded(
+                        self.local
+                            .decide(org, ls, s, Mode::Record, *key, hold)
+                            .status,
+                    )
                 })
                 .collect()
         };
@@ -280,10 +300,7 @@ impl QuotaService {
                         "restore marker missing right after a restore".into(),
                     )));
                 }
-                Ok(replies
-                    .iter()
-                    .map(|r| r.status == Status::Duplicate)
-                    .collect())
+                Ok(replies.iter().map(|r| recorded(r.status)).collect())
             }
             Err(StoreError::InDoubt(after, call)) => {
                 self.local.trip();
@@ -295,14 +312,21 @@ impl QuotaService {
                     self.local.settle(&self.store, call, decisions);
                     return Err(StoreError::Timeout(after).into());
                 }
-                let duplicates = local(true);
+                let outcomes = local(true);
                 let decisions = specs
                     .into_iter()
-                    .zip(&duplicates)
-                    .map(|((s, k), dup)| (org.clone(), s, k.map(str::to_owned), !dup))
+                    .zip(&outcomes)
+                    .map(|((s, k), o)| {
+                        (
+                            org.clone(),
+                            s,
+                            k.map(str::to_owned),
+                            *o == Recorded::Counted,
+                        )
+                    })
                     .collect();
                 self.local.settle(&self.store, call, decisions);
-                Ok(duplicates)
+                Ok(outcomes)
             }
             Err(e) if e.is_unavailable() => {
                 self.local.trip();
@@ -343,17 +367,23 @@ impl QuotaService {
     }
 
     /// Announce that an org's plan or keys changed, after the change is in Postgres. This
-    /// replica forgets its cached entry at once; the others hear it through Redis pub/sub. A
-    /// failed publish is logged, not returned: Postgres already holds the truth, and a replica
-    /// whose subscription is down trusts its cache for at most a second (see `directory`).
-    pub async fn announce(&self, change: Change<'_>) {
+    /// replica forgets its cached entry at once; the others hear it through Redis pub/sub,
+    /// published in the background: the change is committed, so the caller answers success
+    /// whether or not Redis is slow to take the announcement. A failed publish is logged, not
+    /// returned: Postgres already holds the truth, and a replica whose subscription is down
+    /// trusts its cache for at most a second (see `directory`).
+    pub fn announce(&self, change: Change<'_>) {
         match &change {
             Change::Org(org) => self.directory.invalidate(org.as_str()),
             Change::Everything => self.directory.invalidate_all(),
         }
-        if let Err(e) = self.store.publish_org_change(&change.payload()).await {
-            tracing::error!(error = %e, "cannot announce an org change to other replicas");
-        }
+        let store = self.store.clone();
+        let payload = change.payload();
+        tokio::spawn(async move {
+            if let Err(e) = store.publish_org_change(&payload).await {
+                tracing::error!(error = %e, "cannot announce an org change to other replicas");
+            }
+        });
     }
 
     pub fn now(&self) -> chrono::DateTime<chrono::Utc> {
@@ -533,5 +563,13 @@ impl QuotaService {
             }
         }
         Ok((plan, chosen))
+    }
+}
+
+fn recorded(status: Status) -> Recorded {
+    match status {
+        Status::Duplicate => Recorded::Duplicate,
+        Status::WouldOverflow => Recorded::Overflow,
+        _ => Recorded::Counted,
     }
 }

@@ -1,5 +1,7 @@
 //! `/admin/*`: operator actions. Every change is written to Postgres first and then announced to
-//! all replicas, so a plan change or a revocation takes effect everywhere within a second.
+//! all replicas, so a plan change or a revocation takes effect everywhere within a second. Once
+//! Postgres committed a change the answer is a success: announcing it and reading the usage for
+//! the response are best effort (see `org_view`).
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -17,6 +19,7 @@ use crate::domain::decision::Charge;
 use crate::domain::org::OrgId;
 use crate::domain::period;
 use crate::domain::render::{self, PlanRef, UsageEntry};
+use crate::domain::text::{Text, present};
 use crate::error::ApiError;
 
 #[derive(Deserialize)]
@@ -46,9 +49,18 @@ pub async fn put_org(
         )));
     }
     let previous = db::orgs::set_plan(&state.pool, &org, &req.plan, "admin", None).await?;
-    state.quota.announce(Change::Org(&org)).await;
+    state.quota.announce(Change::Org(&org));
     tracing::info!(org = %org, from = previous.as_deref().unwrap_or("-"), to = %req.plan, "plan changed by admin");
-    org_view(&state, &org).await
+    org_view(&state, &org, View::AfterWrite).await
+}
+
+/// Whether the org view answers a read or a write that Postgres already committed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum View {
+    Read,
+    /// The usage comes from Redis; if Redis cannot answer, the committed write still succeeded,
+    /// and the view says so with `"usage": null` instead of a 503.
+    AfterWrite,
 }
 
 /// `GET /admin/orgs/{org_id}`.
@@ -57,10 +69,10 @@ pub async fn get_org(
     Path(org_id): Path<String>,
 ) -> Result<Response, ApiError> {
     let org = parse_org(&org_id, "org_id")?;
-    org_view(&state, &org).await
+    org_view(&state, &org, View::Read).await
 }
 
-async fn org_view(state: &SharedState, org: &OrgId) -> Result<Response, ApiError> {
+async fn org_view(state: &SharedState, org: &OrgId, view: View) -> Result<Response, ApiError> {
     let catalog = state.quota.catalog();
     // Read Postgres directly: an operator wants the stored truth, not a cache.
     let record = db::orgs::get(&state.pool, org).await?;
@@ -88,8 +100,17 @@ async fn org_view(state: &SharedState, org: &OrgId) -> Result<Response, ApiError
                 })
             })
             .collect();
-    let (_, states) = state.quota.usage(&catalog, org).await?;
-    let usage: Vec<UsageEntry<'_>> = states.iter().map(UsageEntry::from_state).collect();
+    let usage = match state.quota.usage(&catalog, org).await {
+        Ok((_, states)) => Some(states),
+        Err(crate::quota::QuotaError::Store(e)) if view == View::AfterWrite => {
+            tracing::warn!(org = %org, error = %e, "plan changed; usage not readable for the response");
+            None
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let usage: Option<Vec<UsageEntry<'_>>> = usage
+        .as_ref()
+        .map(|states| states.iter().map(UsageEntry::from_state).collect());
     Ok(Json(json!({
         "org_id": org.as_str(),
         "plan": PlanRef::from(plan),
@@ -109,9 +130,14 @@ async fn org_view(state: &SharedState, org: &OrgId) -> Result<Response, ApiError
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct NewKeyRequest {
-    #[serde(default)]
-    name: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    name: Option<Text<MAX_KEY_NAME>>,
 }
+
+/// Longest API key name, in characters.
+pub const MAX_KEY_NAME: usize = 200;
+/// Longest adjustment reason, in characters.
+pub const MAX_REASON: usize = 1000;
 
 /// `POST /admin/orgs/{org_id}/keys` → 201 with the key, shown this once.
 pub async fn create_key(
@@ -120,10 +146,9 @@ pub async fn create_key(
     ApiJson(req): ApiJson<NewKeyRequest>,
 ) -> Result<Response, ApiError> {
     let org = parse_org(&org_id, "org_id")?;
-    let name = req.name.unwrap_or_else(|| "default".into());
-    if name.is_empty() || name.len() > 200 {
-        return Err(ApiError::invalid("name: must be 1 to 200 characters"));
-    }
+    let name = req
+        .name
+        .map_or_else(|| "default".to_owned(), Text::into_string);
     let key = db::api_keys::create(&state.pool, &org, &name).await?;
     tracing::info!(org = %org, key_id = %key.id, key_prefix = %key.key_prefix, "api key created");
     Ok((
@@ -149,7 +174,7 @@ pub async fn revoke_key(
     match db::api_keys::revoke(&state.pool, id).await? {
         Some(org) => {
             if let Ok(org) = OrgId::parse(&org) {
-                state.quota.announce(Change::Org(&org)).await;
+                state.quota.announce(Change::Org(&org));
             }
             tracing::info!(key_id = %id, "api key revoked");
             Ok(StatusCode::NO_CONTENT.into_response())
@@ -163,7 +188,7 @@ pub async fn revoke_key(
 pub struct AdjustmentRequest {
     metric: String,
     amount: i64,
-    reason: String,
+    reason: Text<MAX_REASON>,
 }
 
 /// `POST /admin/orgs/{org_id}/adjustments`: credit back (negative) or charge usage in the current
@@ -178,14 +203,14 @@ pub async fn adjust(
     let metric = catalog
         .metric(&req.metric)
         .ok_or_else(|| ApiError::invalid(format!("metric: unknown metric `{}`", req.metric)))?;
-    if req.amount == 0 || req.amount.abs() > MAX_AMOUNT {
+    if req.amount == 0 || req.amount.unsigned_abs() > MAX_AMOUNT.unsigned_abs() {
         return Err(ApiError::invalid(
-            "amount: must be a non-zero integer between -2^53 and 2^53",
+            "amount: must be a non-zero integer between -9007199254740991 and 9007199254740991 (2^53 - 1)",
         ));
     }
-    let reason = req.reason.trim();
-    if reason.is_empty() || reason.len() > 1000 {
-        return Err(ApiError::invalid("reason: must be 1 to 1000 characters"));
+    let reason = req.reason.as_str().trim();
+    if reason.is_empty() {
+        return Err(ApiError::invalid("reason: must not be blank"));
     }
     let period_start = period::calendar_month(state.quota.now()).start;
     // The row commits only after Redis applied the adjustment: a failure leaves neither.

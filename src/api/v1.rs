@@ -9,16 +9,19 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ApiJson, SharedState};
-use crate::domain::decision::{Charge, Outcome};
+use crate::domain::decision::{Charge, MAX_COUNTER, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, MetricKind};
 use crate::domain::render::{self, PlanRef, UsageEntry};
+use crate::domain::text::{Text, present};
 use crate::error::ApiError;
+use crate::quota::Recorded;
 use crate::respond;
 use crate::store::Mode;
 
-/// Amounts travel through JSON and Lua doubles: keep them exactly representable.
-pub const MAX_AMOUNT: i64 = 1 << 53;
+/// Amounts travel through JSON and Lua doubles: keep them exactly representable. One charge may
+/// be as large as a counter may ever get.
+pub const MAX_AMOUNT: i64 = MAX_COUNTER;
 pub const MAX_CHARGES: usize = 100;
 /// The largest `/v1/usage` batch. Each org's events reach Redis as one pipeline, so a full
 /// batch costs one round trip per org, not one per event.
@@ -51,15 +54,15 @@ pub fn resolve_charge<'c>(
     })?;
     let release_ok = allow_release && m.kind == MetricKind::Gauge;
     let valid = if release_ok {
-        amount != 0 && amount.abs() <= MAX_AMOUNT
+        amount != 0 && amount.unsigned_abs() <= MAX_AMOUNT.unsigned_abs()
     } else {
         amount > 0 && amount <= MAX_AMOUNT
     };
     if !valid {
         let rule = if release_ok {
-            "must be a non-zero integer between -2^53 and 2^53 (negative releases a gauge)"
+            "must be a non-zero integer between -9007199254740991 and 9007199254740991 (2^53 - 1; negative releases a gauge)"
         } else {
-            "must be an integer between 1 and 2^53"
+            "must be an integer between 1 and 9007199254740991 (2^53 - 1)"
         };
         return Err(ApiError::invalid(format!("{field}.amount: {rule}")));
     }
@@ -78,13 +81,13 @@ fn field_name(prefix: &str, name: &str) -> String {
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     org_id: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     metric: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     amount: Option<i64>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     consume: Option<bool>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     charges: Option<Vec<ChargeIn>>,
 }
 
@@ -92,7 +95,7 @@ pub struct CheckRequest {
 #[serde(deny_unknown_fields)]
 pub struct ChargeIn {
     metric: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     amount: Option<i64>,
 }
 
@@ -226,27 +229,30 @@ fn strip_leading_dot(e: ApiError) -> ApiError {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageRequest {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     org_id: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     metric: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     amount: Option<i64>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
+    idempotency_key: Option<IdempotencyKey>,
+    #[serde(default, deserialize_with = "present")]
     events: Option<Vec<UsageEvent>>,
 }
+
+/// A client's idempotency key: it becomes part of a Redis key and a Postgres outbox row.
+type IdempotencyKey = Text<MAX_IDEMPOTENCY_KEY_LEN>;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct UsageEvent {
     org_id: String,
     metric: String,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "present")]
     amount: Option<i64>,
-    #[serde(default)]
-    idempotency_key: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    idempotency_key: Option<IdempotencyKey>,
 }
 
 struct ValidEvent<'c> {
@@ -263,18 +269,10 @@ fn validate_event<'c>(
     let org = parse_org(&ev.org_id, &field_name(prefix, "org_id"))?;
     let charge = resolve_charge(catalog, &ev.metric, ev.amount.unwrap_or(1), true, prefix)
         .map_err(strip_leading_dot)?;
-    if let Some(k) = &ev.idempotency_key
-        && (k.is_empty() || k.len() > MAX_IDEMPOTENCY_KEY_LEN)
-    {
-        return Err(ApiError::invalid(format!(
-            "{}: must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} characters",
-            field_name(prefix, "idempotency_key")
-        )));
-    }
     Ok(ValidEvent {
         org,
         charge,
-        idempotency_key: ev.idempotency_key,
+        idempotency_key: ev.idempotency_key.map(Text::into_string),
     })
 }
 
@@ -312,21 +310,43 @@ pub async fn usage(
                 .enumerate()
                 .map(|(i, ev)| validate_event(&catalog, ev, &format!("events[{i}]")))
                 .collect::<Result<_, _>>()?;
+            // Amounts of one counter that add up past the largest counter value can never all
+            // be counted: refuse the batch before recording any of it.
+            let mut totals: std::collections::HashMap<(&str, &str), i64> = Default::default();
+            for (i, ev) in valid.iter().enumerate() {
+                if ev.charge.amount > 0 {
+                    let total = totals
+                        .entry((ev.org.as_str(), ev.charge.metric.id.as_str()))
+                        .or_insert(0);
+                    *total = total.saturating_add(ev.charge.amount);
+                    if *total > MAX_COUNTER {
+                        return Err(ApiError::counter_overflow(format!(
+                            "events[{i}].amount: the batch's amounts for this org and metric add up past {MAX_COUNTER}, the largest counter value; nothing was recorded"
+                        )));
+                    }
+                }
+            }
             // A key repeated within the batch is a duplicate of its first occurrence, decided
             // here: sent concurrently, the two would race and either could be the one counted.
             let mut seen = std::collections::HashSet::new();
-            let mut outcomes: Vec<bool> = valid
+            let mut outcomes: Vec<Recorded> = valid
                 .iter()
                 .map(|ev| {
-                    ev.idempotency_key
+                    if ev
+                        .idempotency_key
                         .as_deref()
                         .is_some_and(|k| !seen.insert((ev.org.as_str(), k)))
+                    {
+                        Recorded::Duplicate
+                    } else {
+                        Recorded::Counted
+                    }
                 })
                 .collect();
             // One pipeline per org, the orgs concurrently.
             let mut by_org: std::collections::HashMap<&OrgId, Vec<usize>> = Default::default();
             for (i, ev) in valid.iter().enumerate() {
-                if !outcomes[i] {
+                if outcomes[i] == Recorded::Counted {
                     by_org.entry(&ev.org).or_default().push(i);
                 }
             }
@@ -338,22 +358,40 @@ pub async fn usage(
                 let quota = &state.quota;
                 let catalog = &catalog;
                 async move {
-                    let duplicates = quota.record_many(catalog, org, &items).await?;
-                    Ok::<_, crate::quota::QuotaError>((indices, duplicates))
+                    let recorded = quota.record_many(catalog, org, &items).await?;
+                    Ok::<_, crate::quota::QuotaError>((indices, recorded))
                 }
             }))
             .await?;
-            for (indices, duplicates) in decided {
-                for (i, d) in indices.into_iter().zip(duplicates) {
-                    outcomes[i] = d;
+            for (indices, recorded) in decided {
+                for (i, r) in indices.into_iter().zip(recorded) {
+                    outcomes[i] = r;
                 }
+            }
+            let overflowed: Vec<String> = outcomes
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| **o == Recorded::Overflow)
+                .map(|(i, _)| format!("events[{i}]"))
+                .collect();
+            if !overflowed.is_empty() {
+                // Each event is its own atomic step in Redis: the others of the batch were
+                // counted (or were duplicates), so the message says exactly which were not.
+                return Err(ApiError::counter_overflow(format!(
+                    "{}: would take a counter past {MAX_COUNTER}, the largest counter value, and {} not recorded; the batch's other events were recorded",
+                    overflowed.join(", "),
+                    if overflowed.len() == 1 { "was" } else { "were" }
+                )));
             }
             let results: Vec<_> = outcomes
                 .iter()
                 .enumerate()
-                .map(|(i, d)| json!({ "index": i, "duplicate": d }))
+                .map(|(i, o)| json!({ "index": i, "duplicate": *o == Recorded::Duplicate }))
                 .collect();
-            let duplicates = outcomes.iter().filter(|d| **d).count();
+            let duplicates = outcomes
+                .iter()
+                .filter(|o| **o == Recorded::Duplicate)
+                .count();
             Ok(Json(json!({
                 "recorded": outcomes.len() - duplicates,
                 "duplicates": duplicates,
@@ -424,8 +462,9 @@ pub async fn org_usage(
         }
     }
     if let Some(period) = period {
-        let month = parse_month(&period)
-            .ok_or_else(|| ApiError::invalid("period: expected a month as YYYY-MM"))?;
+        let month = parse_month(&period).ok_or_else(|| {
+            ApiError::invalid("period: expected a month as YYYY-MM (month 01 to 12)")
+        })?;
         let (plan, _) = state.quota.org(&catalog, &org).await?;
         let rows = crate::db::usage::month(&state.pool, org.as_str(), month.start).await?;
         let usage: Vec<serde_json::Value> = catalog
@@ -472,11 +511,14 @@ pub async fn org_usage(
     .into_response())
 }
 
-/// `YYYY-MM` → that calendar month (UTC).
+/// `YYYY-MM` → that calendar month (UTC). Accepts exactly what the OpenAPI pattern
+/// `^[0-9]{4}-(0[1-9]|1[0-2])$` describes: any four-digit year (0000 is 1 BC, proleptic
+/// Gregorian, as in ISO 8601), months 01 to 12.
 pub fn parse_month(s: &str) -> Option<crate::domain::period::Window> {
     use chrono::TimeZone;
     let (y, m) = s.split_once('-')?;
-    if y.len() != 4 || m.len() != 2 {
+    let digits = |p: &str, n: usize| p.len() == n && p.bytes().all(|b| b.is_ascii_digit());
+    if !digits(y, 4) || !digits(m, 2) {
         return None;
     }
     let start = chrono::Utc

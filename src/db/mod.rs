@@ -93,6 +93,15 @@ pub async fn wait_and_create(settings: &DatabaseSettings) -> Result<(), DbError>
     }
 }
 
+impl DbError {
+    /// Postgres refused a value (SQLSTATE class 22, "data exception": NUL in text, a string or
+    /// number out of range, an impossible date). Retrying cannot help; the input was wrong.
+    pub fn is_data_exception(&self) -> bool {
+        matches!(self, DbError::Sqlx(sqlx::Error::Database(e))
+            if e.code().is_some_and(|c| c.starts_with("22")))
+    }
+}
+
 /// A lazily connecting pool: start-up does not fail when Postgres is briefly away (the plan
 /// cache and `/readyz` report it), and the first query connects.
 pub fn pool(settings: &DatabaseSettings) -> Result<PgPool, DbError> {

@@ -11,6 +11,12 @@ use chrono::{DateTime, Utc};
 use super::period::{self, BillingAnchor, Period, Window};
 use super::plan::{Metric, MetricKind, Overage, Plan};
 
+/// The largest value a counter or gauge may hold, and so the largest amount of one charge:
+/// 2^53 − 1, the largest integer that JSON clients and the Lua doubles of `decide.lua` both
+/// represent exactly. A charge that would take a counter past it is refused with nothing applied
+/// (`decide.lua` status 6), rather than overflowing Redis's 64-bit integers.
+pub const MAX_COUNTER: i64 = (1 << 53) - 1;
+
 /// One metric to spend, already checked against the catalog.
 #[derive(Debug, Clone, Copy)]
 pub struct Charge<'a> {

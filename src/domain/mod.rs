@@ -7,3 +7,4 @@ pub mod period;
 pub mod plan;
 pub mod render;
 pub mod subscription;
+pub mod text;

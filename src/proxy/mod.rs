@@ -59,8 +59,8 @@ use crate::store::Mode;
 use identity::{Identifier, IdentityError};
 use routes::{ChargeSpec, RouteAction};
 
-/// Largest reported usage accepted from an upstream header (amounts must stay exact in Lua).
-const MAX_REPORTED: u64 = 1 << 53;
+/// Largest reported usage accepted from an upstream header: the largest counter value.
+const MAX_REPORTED: u64 = crate::domain::decision::MAX_COUNTER as u64;
 
 /// Counters tests read directly (the same events are also in Prometheus, see `metrics`).
 #[derive(Default)]
@@ -477,13 +477,27 @@ fn record_reports(
                 })
             })
             .collect();
-        if let Err(e) = state2
+        match state2
             .app
             .quota
             .decide(&catalog, &org, &charges, Mode::Record, Some(&exchange))
             .await
         {
-            tracing::error!(error = %e, org = %org, "cannot record usage reported by the upstream");
+            Ok(_) => {}
+            Err(crate::quota::QuotaError::Store(crate::store::StoreError::CounterOverflow)) => {
+                // The upstream's number, not a fault of ours: not counted, said loudly.
+                state2
+                    .stats
+                    .malformed_reports
+                    .fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    org = %org,
+                    "upstream reported usage that would take a counter past its largest value; ignored"
+                );
+            }
+            Err(e) => {
+                tracing::error!(error = %e, org = %org, "cannot record usage reported by the upstream");
+            }
         }
     });
 }

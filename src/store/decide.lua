@@ -37,7 +37,8 @@
 -- Returns { status, then 3 integers per limit: denied, value, millis }
 --   status  0 applied, 1 denied (nothing applied), 2 dry run allowed (nothing applied),
 --           3 duplicate idempotency key (nothing applied), 4 applied although it would have
---           been denied (shadow mode), 5 restore needed (nothing applied)
+--           been denied (shadow mode), 5 restore needed (nothing applied), 6 a counter or
+--           gauge would pass MAX_COUNTER (nothing applied, in every mode; no limits follow)
 --   c/m/g   value = the counter or level before this call
 --   r       value = units remaining (after, when applied); millis = time until the bucket is
 --           full again, or, when denied, until this amount would fit
@@ -48,10 +49,18 @@
 -- amount * window, and it fits when D + amount * window <= window * limit, so a fresh burst admits
 -- exactly `limit` units, never one more.
 
+-- MAX_COUNTER is 2^53 - 1, the same as `domain::decision::MAX_COUNTER`: the largest integer a
+-- Lua double (and a JSON client) holds exactly. No counter or gauge is taken past it, so INCRBY
+-- never overflows Redis's 64-bit integers and every value read back here is exact. Rate debts
+-- are capped at a year's wait (MAX_WAIT_US, scaled by the limit) for the same reason: a
+-- recorded amount of 2^53 must not make the key's expiry unrepresentable.
+
 -- Cost matters: this runs once per request, inside Redis's single thread. The first pass keeps
 -- what the second needs in flat arrays (no table per limit); numbers go back to Redis as the
 -- caller's own argument strings where they can, sparing a number-to-string conversion per call.
 
+local MAX_COUNTER = 9007199254740991
+local MAX_WAIT_US = 31536000000000
 local now = tonumber(ARGV[1])
 local mode = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
@@ -87,6 +96,7 @@ local n = 1
 -- value before this call (c/m/g) or the rate's debt after it (r)
 local key_at, arg_at, state = {}, {}, {}
 local denied = false
+local overflow = false
 local i = 0
 for a = 5, #ARGV, 5 do
   i = i + 1
@@ -129,11 +139,15 @@ for a = 5, #ARGV, 5 do
     else
       millis = math.ceil(debt / limit / 1000)
     end
+    if new_debt > limit * MAX_WAIT_US then new_debt = limit * MAX_WAIT_US end
     state[i] = new_debt
   else
     -- durable kinds (m, g) have their version key right after the value key
     if kind == 'c' then k = k + 1 else k = k + 2 end
     local current = tonumber(redis.call('GET', key) or '0')
+    if amount > 0 and current + amount > MAX_COUNTER then
+      overflow = true
+    end
     if block and limit > 0 and amount > 0 and current + amount > limit then
       d = 1
       denied = true
@@ -147,6 +161,10 @@ for a = 5, #ARGV, 5 do
   n = n + 3
 end
 
+if overflow then
+  if idem_key then redis.call('DEL', idem_key) end
+  return { 6 }
+end
 if denied and mode ~= 'shadow' then
   out[1] = 1
   if idem_key then redis.call('DEL', idem_key) end
@@ -167,7 +185,7 @@ for j = 1, i do
     local debt = state[j]
     if debt < 0 then debt = 0 end
     local millis = math.ceil(debt / limit / 1000)
-    redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', millis + 1000)
+    redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', string.format('%.0f', millis + 1000))
     local o = 1 + (j - 1) * 3
     local left = math.floor((param * limit - debt) / param)
     if left < 0 then left = 0 end

@@ -32,6 +32,13 @@ pub enum StoreError {
     /// not have applied it. The call is still alive; `InDoubt::resolve` learns its outcome.
     #[error("redis made no progress within {0:?}; the decision is in doubt")]
     InDoubt(Duration, InDoubt),
+    /// The decision would take a counter or gauge past `MAX_COUNTER`; nothing was applied. A
+    /// client's doing, not an outage.
+    #[error(
+        "the charge would take a counter past {}",
+        crate::domain::decision::MAX_COUNTER
+    )]
+    CounterOverflow,
 }
 
 impl StoreError {
@@ -46,7 +53,7 @@ impl StoreError {
                     || e.is_connection_refusal()
                     || e.is_timeout()
             }
-            StoreError::Protocol(_) => false,
+            StoreError::Protocol(_) | StoreError::CounterOverflow => false,
         }
     }
 
@@ -137,6 +144,8 @@ pub enum Status {
     /// The org's durable counters of this month are not (or no longer) in Redis: restore them
     /// from Postgres, then decide again. Nothing was applied.
     NeedsRestore,
+    /// A counter or gauge would pass `MAX_COUNTER`: nothing was applied (see `decide.lua`).
+    WouldOverflow,
 }
 
 #[derive(Debug, Clone)]
@@ -576,6 +585,9 @@ impl Store {
         let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_ref());
         let raw = self.await_decide(self.decide_call(Call::One(cmd))).await?;
         let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs.len())?;
+        if reply.status == Status::WouldOverflow {
+            return Err(StoreError::CounterOverflow);
+        }
         self.mark_if_applied(specs, reply.status);
         Ok(reply)
     }
@@ -706,13 +718,17 @@ fn status_of(code: Option<i64>) -> Result<Status, StoreError> {
         Some(3) => Status::Duplicate,
         Some(4) => Status::AppliedOverLimit,
         Some(5) => Status::NeedsRestore,
+        Some(6) => Status::WouldOverflow,
         other => return Err(StoreError::Protocol(format!("status {other:?}"))),
     })
 }
 
 fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
     let status = status_of(raw.first().copied())?;
-    if matches!(status, Status::Duplicate | Status::NeedsRestore) {
+    if matches!(
+        status,
+        Status::Duplicate | Status::NeedsRestore | Status::WouldOverflow
+    ) {
         return Ok(Reply {
             status,
             limits: Vec::new(),
@@ -738,4 +754,46 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
         limits,
         keys: Vec::new(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_script_status_has_a_meaning() {
+        let expected = [
+            (0, Status::Applied),
+            (1, Status::Denied),
+            (2, Status::DryRunAllowed),
+            (3, Status::Duplicate),
+            (4, Status::AppliedOverLimit),
+            (5, Status::NeedsRestore),
+            (6, Status::WouldOverflow),
+        ];
+        for (code, status) in expected {
+            assert_eq!(status_of(Some(code)).unwrap(), status);
+        }
+        assert!(matches!(status_of(Some(7)), Err(StoreError::Protocol(_))));
+        assert!(matches!(status_of(None), Err(StoreError::Protocol(_))));
+    }
+
+    #[test]
+    fn an_overflow_reply_carries_no_limits_and_is_not_an_outage() {
+        let reply = parse_reply(&[6], 3).unwrap();
+        assert_eq!(reply.status, Status::WouldOverflow);
+        assert!(reply.limits.is_empty());
+        assert!(!StoreError::CounterOverflow.is_unavailable());
+        assert!(!StoreError::CounterOverflow.lost_with_connection());
+    }
+
+    #[test]
+    fn the_script_and_the_domain_agree_on_the_largest_counter() {
+        let script = include_str!("decide.lua");
+        let line = format!(
+            "local MAX_COUNTER = {}",
+            crate::domain::decision::MAX_COUNTER
+        );
+        assert!(script.contains(&line), "decide.lua must declare `{line}`");
+    }
 }

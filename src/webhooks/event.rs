@@ -93,6 +93,32 @@ pub struct ParsedEvent {
     pub normalized: Normalized,
 }
 
+impl ParsedEvent {
+    /// Whether every string the event carries can be stored as Postgres text (no NUL, no other
+    /// control character). A verified event that fails this is answered `invalid`, not retried.
+    pub fn is_storable(&self) -> bool {
+        let ok = |s: &str| crate::domain::text::is_storable(s);
+        let opt = |s: &Option<String>| s.as_deref().is_none_or(ok);
+        ok(&self.event_id)
+            && ok(&self.event_type)
+            && match &self.normalized {
+                Normalized::Subscription(ev) => {
+                    ok(&ev.subscription_id)
+                        && opt(&ev.customer_id)
+                        && opt(&ev.org_id)
+                        && opt(&ev.product_id)
+                }
+                Normalized::CustomerLink {
+                    customer_id,
+                    org_id,
+                    subscription_id,
+                    ..
+                } => ok(customer_id) && ok(org_id) && opt(subscription_id),
+                Normalized::Ignored { event_type } => ok(event_type),
+            }
+    }
+}
+
 /// Why a verified body could not be understood.
 ///
 /// Field names are static paths into the payload; values are never echoed, since

@@ -2,9 +2,12 @@
 //!
 //! The body is taken as raw bytes and the signature verified over exactly those bytes before any
 //! JSON parsing. Answers: 200 for anything verified and stored (including duplicates and events
-//! we ignore, so the provider stops retrying), 400 for a bad signature or an unreadable payload
-//! (nothing stored), 404 for a provider that is not configured, 500 when the database fails, so
-//! the provider retries later (the event is not marked processed).
+//! we ignore, so the provider stops retrying); 200 with outcome `invalid` for a verified payload
+//! that can never be applied (a shape we do not understand, a control character in an id, a
+//! value Postgres refuses), since a redelivery would fail the same way forever; 400 for a bad
+//! signature (nothing stored); 404 for a provider that is not configured; 500 when the database
+//! fails, so the provider retries later (the event is not marked processed). Payloads are never
+//! logged: they carry customer data.
 
 use axum::Json;
 use axum::body::Bytes;
@@ -156,11 +159,16 @@ async fn receive(
             return error_response(StatusCode::BAD_REQUEST, "invalid_signature", &e.to_string());
         }
         Err(Rejected::Payload(e)) => {
-            count("invalid_payload");
-            tracing::warn!(provider = %kind.key(), reason = %e, "webhook payload not understood");
-            return error_response(StatusCode::BAD_REQUEST, "invalid_payload", &e.to_string());
+            count("invalid");
+            tracing::warn!(provider = %kind.key(), reason = %e, "verified webhook payload not understood; acknowledged as invalid");
+            return invalid();
         }
     };
+    if !event.is_storable() {
+        count("invalid");
+        tracing::warn!(provider = %kind.key(), "verified webhook carries control characters in an id or type; acknowledged as invalid");
+        return invalid();
+    }
     let catalog = state.quota.catalog();
     let policy = Policy::new(&catalog, billing);
     match apply::apply(&state.pool, provider, &policy, &event, now).await {
@@ -180,13 +188,18 @@ async fn receive(
             } = &applied
             {
                 if *plan_changed {
-                    state.quota.announce(Change::Org(org)).await;
+                    state.quota.announce(Change::Org(org));
                 }
                 if let Some(left) = left {
-                    state.quota.announce(Change::Org(left)).await;
+                    state.quota.announce(Change::Org(left));
                 }
             }
             Json(json!({"received": true, "outcome": applied.label()})).into_response()
+        }
+        Err(e) if e.is_data_exception() => {
+            count("invalid");
+            tracing::warn!(provider = %kind.key(), event_id = %event.event_id, error = %e, "verified webhook holds a value the database refuses; acknowledged as invalid");
+            invalid()
         }
         Err(e) => {
             count("error");
@@ -198,4 +211,10 @@ async fn receive(
             )
         }
     }
+}
+
+/// A verified event that can never be applied: acknowledged, so the provider stops redelivering
+/// it, and counted in `quota_gateway_webhooks_total{outcome="invalid"}`.
+fn invalid() -> Response {
+    Json(json!({"received": true, "outcome": "invalid"})).into_response()
 }

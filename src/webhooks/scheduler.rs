@@ -43,7 +43,7 @@ pub async fn try_apply_due_once(
     }
     tx.commit().await?;
     for org in &changed {
-        state.quota.announce(Change::Org(org)).await;
+        state.quota.announce(Change::Org(org));
     }
     Ok(changed)
 }

@@ -9,6 +9,7 @@ mod edges;
 mod eviction;
 mod exactness;
 mod flush;
+mod hostile;
 mod metrics;
 mod openapi;
 mod outage;
