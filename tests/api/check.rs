@@ -61,6 +61,11 @@ async fn a_burst_admits_exactly_the_rate_limit_then_429_with_retry_after() {
         .await;
     assert_eq!(denied.status(), 429);
     assert_eq!(denied.headers()["retry-after"], "1");
+    // Every header tells the same wait as Retry-After.
+    assert_eq!(denied.headers()["x-ratelimit-reset"], "1");
+    assert_eq!(denied.headers()["x-ratelimit-remaining"], "0");
+    let rl = denied.headers()["ratelimit"].to_str().unwrap();
+    assert!(rl.contains("\"requests-1s\";r=0;t=1"), "{rl}");
     assert_eq!(denied.headers()["content-type"], "application/problem+json");
     let body = json(denied).await;
     assert_eq!(body["error"], "rate_limited");
@@ -116,6 +121,8 @@ async fn quota_denial_has_the_documented_body_and_headers() {
     assert!(policy.contains("\"requests-1s\";q=10;w=1"), "{policy}");
     let rl = r.headers()["ratelimit"].to_str().unwrap().to_string();
     assert!(rl.starts_with("\"requests-month\";r=0;t="), "{rl}");
+    // A second after the last burst the rate has refilled, and says so.
+    assert!(rl.contains("\"requests-1s\";r=10;t=0"), "{rl}");
     assert_eq!(r.headers()["x-ratelimit-limit"], "20");
     assert_eq!(r.headers()["x-ratelimit-remaining"], "0");
     let body = json(r).await;
