@@ -19,8 +19,8 @@ use crate::domain::decision::{
 };
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
-use crate::local::LocalMode;
-use crate::store::{Mode, Status, Store, StoreError};
+use crate::local::{LocalMode, ReplayError, Replayer};
+use crate::store::{Batch, Mode, Reply, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -70,12 +70,14 @@ pub struct QuotaService {
 }
 
 impl QuotaService {
+    /// `local` says how decisions behave while Redis is unreachable (see `local`).
     pub fn new(
         catalog: Catalog,
         directory: Arc<OrgDirectory>,
         store: Store,
         clock: Arc<dyn Clock>,
         idempotency_ttl: Duration,
+        local: Arc<LocalMode>,
     ) -> Self {
         Self {
             catalog: ArcSwap::from_pointee(catalog),
@@ -84,19 +86,8 @@ impl QuotaService {
             clock,
             idempotency_ttl,
             shadow_everything: false,
-            local: Arc::new(LocalMode::new(
-                crate::config::OnRedisError::Closed,
-                1.0,
-                idempotency_ttl,
-                Arc::new(crate::metrics::Metrics::new()),
-            )),
+            local,
         }
-    }
-
-    /// How decisions behave while Redis is unreachable (see `local`).
-    pub fn with_local_mode(mut self, local: Arc<LocalMode>) -> Self {
-        self.local = local;
-        self
     }
 
     pub fn local(&self) -> &Arc<LocalMode> {
@@ -150,6 +141,35 @@ impl QuotaService {
         Ok(restored)
     }
 
+    /// Ask Redis; when it answers that the org's counters are missing (Redis lost them, or a new
+    /// month began without the org's resident key), restore them from Postgres once and ask
+    /// again, handing `ask` what the first answer was. Every path that writes or reads the
+    /// org's counters goes through here.
+    async fn restoring<T, F>(
+        &self,
+        catalog: &Catalog,
+        org: &OrgId,
+        now: chrono::DateTime<chrono::Utc>,
+        mut ask: impl FnMut(Option<T>) -> F,
+        needs_restore: impl Fn(&T) -> bool,
+    ) -> Result<Result<T, StoreError>, QuotaError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        match ask(None).await {
+            Ok(first) if needs_restore(&first) => {
+                self.restore_org(catalog, org, now).await?;
+                match ask(Some(first)).await {
+                    Ok(again) if needs_restore(&again) => Err(QuotaError::Store(
+                        StoreError::Protocol("restore marker missing right after a restore".into()),
+                    )),
+                    again => Ok(again),
+                }
+            }
+            other => Ok(other),
+        }
+    }
+
     /// Run `limits` through Redis, or locally while Redis is unreachable (per `on_error`).
     async fn run_limits(
         &self,
@@ -162,17 +182,16 @@ impl QuotaService {
     ) -> Result<(Status, Vec<LimitReply>), QuotaError> {
         let mut in_doubt = None;
         if !self.local.serves_locally() {
-            let mut result = self.store.run(org, limits, mode, now, idem).await;
-            if matches!(&result, Ok(r) if r.status == Status::NeedsRestore) {
-                self.restore_org(catalog, org, now).await?;
-                result = self.store.run(org, limits, mode, now, idem).await;
-            }
+            let result = self
+                .restoring(
+                    catalog,
+                    org,
+                    now,
+                    |_| self.store.run(org, limits, mode, now, idem),
+                    |r| r.status == Status::NeedsRestore,
+                )
+                .await?;
             match result {
-                Ok(reply) if reply.status == Status::NeedsRestore => {
-                    return Err(QuotaError::Store(StoreError::Protocol(
-                        "restore marker missing right after a restore".into(),
-                    )));
-                }
                 Ok(reply) => {
                     self.local.remember(limits, &reply);
                     return Ok((reply.status, reply.limits));
@@ -263,45 +282,39 @@ impl QuotaService {
         if self.local.serves_locally() {
             return Ok(local(false));
         }
-        let mut result = self
-            .store
-            .run_many(org, &specs, Mode::Record, now, ttl)
-            .await;
-        if let Ok(replies) = &result
-            && replies.iter().any(|r| r.status == Status::NeedsRestore)
-        {
-            // Nothing of this org was applied without its marker; another replica may have
-            // restored meanwhile, so only the items that asked are sent again.
-            self.restore_org(catalog, org, now).await?;
-            let replies = result.as_ref().map(Vec::clone).unwrap_or_default();
-            let again: Vec<usize> = (0..replies.len())
-                .filter(|i| replies[*i].status == Status::NeedsRestore)
-                .collect();
-            let retry: Vec<_> = again.iter().map(|i| specs[*i].clone()).collect();
-            result = match self
-                .store
-                .run_many(org, &retry, Mode::Record, now, ttl)
-                .await
-            {
-                Ok(second) => {
+        let needs = |r: &Reply| r.status == Status::NeedsRestore;
+        let result = self
+            .restoring(
+                catalog,
+                org,
+                now,
+                |first: Option<Vec<Reply>>| async {
+                    let Some(replies) = first else {
+                        return self
+                            .store
+                            .run_many(org, &specs, Mode::Record, now, ttl)
+                            .await;
+                    };
+                    // Nothing of this org was applied without its marker; another replica may
+                    // have restored meanwhile, so only the items that asked are sent again.
+                    let again: Vec<usize> =
+                        (0..replies.len()).filter(|i| needs(&replies[*i])).collect();
+                    let retry: Vec<_> = again.iter().map(|i| specs[*i].clone()).collect();
+                    let second = self
+                        .store
+                        .run_many(org, &retry, Mode::Record, now, ttl)
+                        .await?;
                     let mut merged = replies;
                     for (i, r) in again.into_iter().zip(second) {
                         merged[i] = r;
                     }
                     Ok(merged)
-                }
-                Err(e) => Err(e),
-            };
-        }
+                },
+                |replies: &Vec<Reply>| replies.iter().any(needs),
+            )
+            .await?;
         match result {
-            Ok(replies) => {
-                if replies.iter().any(|r| r.status == Status::NeedsRestore) {
-                    return Err(QuotaError::Store(StoreError::Protocol(
-                        "restore marker missing right after a restore".into(),
-                    )));
-                }
-                Ok(replies.iter().map(|r| recorded(r.status)).collect())
-            }
+            Ok(replies) => Ok(replies.iter().map(|r| recorded(r.status)).collect()),
             Err(StoreError::InDoubt(after, call)) => {
                 self.local.trip();
                 if self.local.on_error() == crate::config::OnRedisError::Closed {
@@ -522,18 +535,18 @@ impl QuotaService {
             .into_iter()
             .filter(|l| !matches!(l.target, Target::Rate { .. }))
             .collect();
-        let values = match self.store.read(org, &limits, now).await? {
-            Some(v) => v,
-            None => {
-                // Redis lost the org's counters (or never held them): restore first, so the
-                // view never shows zero for usage Postgres knows about.
-                self.restore_org(catalog, org, now).await?;
-                self.store
-                    .read(org, &limits, now)
-                    .await?
-                    .unwrap_or_else(|| vec![0; limits.len()])
-            }
-        };
+        // Redis lost the org's counters (or never held them): restored first, so the view never
+        // shows zero for usage Postgres knows about.
+        let values = self
+            .restoring(
+                catalog,
+                org,
+                now,
+                |_| self.store.read(org, &limits, now),
+                Option::is_none,
+            )
+            .await??
+            .unwrap_or_else(|| vec![0; limits.len()]);
         let replies: Vec<LimitReply> = values
             .into_iter()
             .map(|value| LimitReply {
@@ -563,6 +576,44 @@ impl QuotaService {
             }
         }
         Ok((plan, chosen))
+    }
+}
+
+impl From<QuotaError> for ReplayError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::Store(e) => ReplayError::Store(e),
+            QuotaError::Db(e) => ReplayError::Db(e),
+        }
+    }
+}
+
+/// Recovery replays through the same restore path as decisions.
+impl Replayer for QuotaService {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
+    async fn send(
+        &self,
+        batch: &Batch,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Status, ReplayError> {
+        let ttl = Duration::from_millis(batch.ttl_ms);
+        let catalog = self.catalog();
+        let status = self
+            .restoring(
+                &catalog,
+                &batch.org,
+                now,
+                |_| {
+                    self.store
+                        .replay(&batch.org, &batch.specs, &batch.key, ttl, now)
+                },
+                |s| *s == Status::NeedsRestore,
+            )
+            .await??;
+        Ok(status)
     }
 }
 

@@ -23,7 +23,7 @@ use sqlx::PgPool;
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::QuotaService;
-use crate::webhooks::handler;
+use crate::webhooks::{Webhooks, handler};
 
 pub use extract::ApiJson;
 pub use guard::FloodGuard;
@@ -31,13 +31,20 @@ pub use v1::parse_month;
 
 /// Shared state of every handler.
 pub struct AppState {
-    pub quota: QuotaService,
+    pub quota: Arc<QuotaService>,
     pub metrics: Arc<Metrics>,
     pub pool: PgPool,
     pub admin_token: SecretString,
     pub service_token: Option<SecretString>,
     pub guard: FloodGuard,
-    pub billing: Option<crate::config::BillingSettings>,
+    /// The webhook endpoints' own state (see `webhooks::Webhooks`).
+    pub webhooks: Webhooks,
+}
+
+impl axum::extract::FromRef<SharedState> for Webhooks {
+    fn from_ref(state: &SharedState) -> Self {
+        state.webhooks.clone()
+    }
 }
 
 pub type SharedState = Arc<AppState>;

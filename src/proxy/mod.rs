@@ -46,13 +46,14 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::SharedState;
 use crate::config::{IdentityMode, ProxySettings};
 use crate::domain::decision::{Charge, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
 use crate::domain::render;
 use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::quota::QuotaService;
 use crate::respond;
 use crate::serve::{self, RequestBody};
 use crate::store::Mode;
@@ -90,9 +91,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// What the proxy uses of the rest of the gateway.
+pub struct ProxyDeps {
+    pub quota: Arc<QuotaService>,
+    pub metrics: Arc<Metrics>,
+    /// API keys and org records (identity).
+    pub pool: sqlx::PgPool,
+}
+
 pub struct ProxyState {
     settings: ProxySettings,
-    app: SharedState,
+    app: ProxyDeps,
     identifier: Identifier,
     client: Client<HttpConnector, RequestBody>,
     /// Work that outlives a response: usage recording and WebSocket tunnels. Shutdown waits for
@@ -111,7 +120,7 @@ pub struct ProxyServer {
 }
 
 impl ProxyServer {
-    pub async fn bind(settings: ProxySettings, app: SharedState) -> anyhow::Result<Self> {
+    pub async fn bind(settings: ProxySettings, app: ProxyDeps) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding the proxy listener on {}", settings.listen))?;

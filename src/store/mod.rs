@@ -220,6 +220,20 @@ fn expiry_grace(period: crate::domain::period::Period) -> chrono::Duration {
     }
 }
 
+/// Units to add to Redis under one idempotency key (usage admitted while Redis was unreachable);
+/// kept, in memory or in Postgres's replay outbox, until Redis confirms them.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub org: OrgId,
+    /// The idempotency key: `replay:<uuid>`, or a usage report's own key.
+    pub key: String,
+    pub ttl_ms: u64,
+    pub specs: Vec<KeySpec>,
+    /// Gives back units Redis counted for a request this replica refused: it never counted
+    /// against the local cap.
+    pub compensation: bool,
+}
+
 #[derive(Clone)]
 pub struct Store {
     conn: Conn,

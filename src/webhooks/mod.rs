@@ -14,3 +14,32 @@ pub mod scheduler;
 pub mod signature;
 pub mod standard;
 pub mod stripe;
+
+use std::sync::Arc;
+
+/// What the webhook endpoints and the downgrade scheduler use (cheap to clone: axum hands each
+/// request its own copy).
+#[derive(Clone)]
+pub struct Webhooks(Arc<Parts>);
+
+impl Webhooks {
+    pub fn new(parts: Parts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+impl std::ops::Deref for Webhooks {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.0
+    }
+}
+
+/// Postgres, the billing settings, and the quota service to read the catalog and announce plan
+/// changes to every replica.
+pub struct Parts {
+    pub pool: sqlx::PgPool,
+    pub billing: Option<crate::config::BillingSettings>,
+    pub quota: Arc<crate::quota::QuotaService>,
+    pub metrics: Arc<crate::metrics::Metrics>,
+}
