@@ -38,12 +38,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::OnRedisError;
 use crate::db::DbError;
+use crate::domain::decision::Mode;
 use crate::domain::decision::{Limit, LimitReply, MAX_COUNTER, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
 use crate::store::{
-    Batch, InDoubt, KeySpec, Mode, REPLAY_IDEMPOTENCY_TTL, Reply, SpecKind, Status, Store,
-    StoreError,
+    Batch, InDoubt, KeySpec, REPLAY_IDEMPOTENCY_TTL, Reply, SpecKind, Status, Store, StoreError,
 };
 
 /// Why a replay did not go through; it is retried.

@@ -30,6 +30,18 @@ struct Cli {
     command: Command,
 }
 
+/// `--config`, the same for every command.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The gateway's settings file (it names the plan catalog).
+    #[arg(
+        long = "config",
+        env = "QUOTA_GATEWAY_CONFIG",
+        default_value = "config/gateway.toml"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ExportFormat {
     Csv,
@@ -40,33 +52,21 @@ enum ExportFormat {
 enum Command {
     /// Run the gateway (runs pending migrations first unless --no-migrate).
     Serve {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Do not run database migrations at start-up.
         #[arg(long)]
         no_migrate: bool,
     },
     /// Validate the configuration and print a summary of plans and metrics.
     CheckConfig {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Write every org's usage of one month (from Postgres) to stdout, for billing.
     Export {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// The month, as YYYY-MM.
         #[arg(long)]
         period: String,
@@ -75,12 +75,8 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -102,9 +98,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let env = EnvOverrides::from_env();
     match cli.command {
-        Command::CheckConfig { config } => match config::load(&config, &env) {
+        Command::CheckConfig { config } => match config::load(&config.path, &env) {
             Ok((settings, catalog)) => {
-                print_summary(&config, &settings.plans_path, &catalog);
+                print_summary(&config.path, &settings.plans_path, &catalog);
                 print_proxy_summary(&settings);
                 print_billing_summary(&settings);
                 ExitCode::SUCCESS
@@ -119,7 +115,7 @@ async fn run(cli: Cli) -> ExitCode {
             period,
             format,
         } => {
-            let (settings, _) = match config::load(&config, &env) {
+            let (settings, _) = match config::load(&config.path, &env) {
                 Ok(v) => v,
                 Err(e) => {
                     eprint!("{e}");
@@ -170,7 +166,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Migrate { config } => {
-            let (settings, _) = match config::load(&config, &env) {
+            let (settings, _) = match config::load(&config.path, &env) {
                 Ok(v) => v,
                 Err(e) => {
                     eprint!("{e}");
@@ -196,7 +192,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Serve { config, no_migrate } => {
-            let (settings, catalog) = match config::load(&config, &env) {
+            let (settings, catalog) = match config::load(&config.path, &env) {
                 Ok(v) => v,
                 Err(e) => {
                     eprint!("{e}");

@@ -1,4 +1,4 @@
-//! The quota use cases shared by `/v1/*` and (later) the proxy: resolve an org's plan, build the
+//! The quota use cases shared by `/v1/*`, the proxy and recovery: resolve an org's plan, build the
 //! limits a set of charges touches, run them through the store in one round trip, and evaluate.
 //!
 //! This is the only place that combines the catalog, the org directory, the store and the clock;
@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::orgs::OrgRecord;
 use crate::directory::{Change, OrgDirectory};
+use crate::domain::decision::Mode;
 use crate::domain::decision::{
     Charge, Evaluation, LimitReply, LimitState, Outcome, Target, evaluate, limits_for,
     merge_charges,
@@ -20,7 +21,7 @@ use crate::domain::decision::{
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
 use crate::local::{LocalMode, ReplayError, Replayer};
-use crate::store::{Batch, Mode, Reply, Status, Store, StoreError};
+use crate::store::{Batch, Reply, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -466,17 +467,7 @@ impl QuotaService {
         org: &OrgId,
         charge: Charge<'c>,
     ) -> Result<Decision<'c>, QuotaError> {
-        let (plan, record) = self.org(catalog, org).await?;
-        let now = self.clock.now();
-        let limits: Vec<_> = limits_for(plan, &[charge], now, record.billing_anchor)
-            .into_iter()
-            .filter(|l| !l.is_rate())
-            .collect();
-        let reply = self
-            .store
-            .run(org, &limits, Mode::Record, now, None)
-            .await?;
-        let eval = evaluate(limits, &reply.limits, reply.status == Status::Applied, now);
+        let (plan, eval) = self.record_counters(catalog, org, &[charge]).await?;
         Ok(Decision {
             plan,
             eval,
@@ -495,8 +486,6 @@ impl QuotaService {
         org: &OrgId,
         charges: &[Charge<'c>],
     ) -> Result<(), QuotaError> {
-        let (plan, record) = self.org(catalog, org).await?;
-        let now = self.clock.now();
         let credits: Vec<Charge<'c>> = merge_charges(charges)
             .into_iter()
             .map(|c| Charge {
@@ -504,17 +493,35 @@ impl QuotaService {
                 amount: -c.amount,
             })
             .collect();
-        let limits: Vec<_> = limits_for(plan, &credits, now, record.billing_anchor)
+        self.record_counters(catalog, org, &credits).await?;
+        Ok(())
+    }
+
+    /// What adjustments and refunds share: apply `charges` to the org's counters and meters,
+    /// never denied, rates left out, through the same path as every decision (restore after a
+    /// Redis loss, degraded mode while Redis is unreachable).
+    async fn record_counters<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+    ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let now = self.clock.now();
+        let limits: Vec<_> = limits_for(plan, charges, now, record.billing_anchor)
             .into_iter()
             .filter(|l| !l.is_rate())
             .collect();
         if limits.is_empty() {
-            return Ok(());
+            return Ok((plan, evaluate(limits, &[], false, now)));
         }
-        self.store
-            .run(org, &limits, Mode::Record, now, None)
+        let (status, replies) = self
+            .run_limits(catalog, org, &limits, Mode::Record, now, None)
             .await?;
-        Ok(())
+        Ok((
+            plan,
+            evaluate(limits, &replies, status == Status::Applied, now),
+        ))
     }
 
     /// The org's current usage: one state per declared metric (the limit nearest exhaustion when a

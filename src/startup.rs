@@ -28,6 +28,9 @@ use crate::webhooks::Webhooks;
 /// How long a shutdown lets API requests in flight finish before closing their connections.
 const API_DRAIN: Duration = Duration::from_secs(30);
 
+/// How long shutdown waits for each background task (the final replay and flush included).
+const TASK_STOP: Duration = Duration::from_secs(15);
+
 /// How long start-up waits for the org-change subscription before serving anyway (the
 /// directory then distrusts its cache until the subscription is up).
 const SUBSCRIBE_WAIT: Duration = Duration::from_secs(3);
@@ -331,10 +334,14 @@ impl Application {
             if let Some(own_stop) = own_stop {
                 own_stop.cancel();
             }
-            match tokio::time::timeout(Duration::from_secs(15), task).await {
+            match tokio::time::timeout(TASK_STOP, task).await {
                 Ok(Ok(())) => tracing::info!(task = name, "stopped"),
                 Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),
-                Err(_) => tracing::warn!(task = name, "did not stop within 15s"),
+                Err(_) => tracing::warn!(
+                    task = name,
+                    waited_s = TASK_STOP.as_secs(),
+                    "did not stop in time; leaving it"
+                ),
             }
         }
         served.context("serving the API")

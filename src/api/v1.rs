@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ApiJson, SharedState};
+use crate::domain::decision::Mode;
 use crate::domain::decision::{Charge, MAX_COUNTER, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, MetricKind};
@@ -17,7 +18,6 @@ use crate::domain::text::{Text, present};
 use crate::error::ApiError;
 use crate::quota::Recorded;
 use crate::respond;
-use crate::store::Mode;
 
 /// Amounts travel through JSON and Lua doubles: keep them exactly representable. One charge may
 /// be as large as a counter may ever get.

@@ -11,6 +11,20 @@ use chrono::{DateTime, Utc};
 use super::period::{self, BillingAnchor, Period, Window};
 use super::plan::{Metric, MetricKind, Overage, Plan};
 
+/// How a decision treats its limits: policy (dry runs, shadow enforcement), which the store
+/// carries out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Deny if any blocking limit would be exceeded; otherwise apply every charge.
+    Check,
+    /// The same checks; apply nothing.
+    DryRun,
+    /// Never deny; apply every charge (usage reported after the fact, adjustments).
+    Record,
+    /// Check, report what would be denied, but apply every charge anyway.
+    Shadow,
+}
+
 /// The largest value a counter or gauge may hold, and so the largest amount of one charge:
 /// 2^53 − 1, the largest integer that JSON clients and the Lua doubles of `decide.lua` both
 /// represent exactly. A charge that would take a counter past it is refused with nothing applied

@@ -148,7 +148,7 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
 /// before flushing still reach Postgres. A `SCAN` over the prefix on each node: done at start-up
 /// and hourly, never per flush. Versions make re-writing unchanged counters a no-op.
 pub async fn reconcile(store: &Store, nodes: &[String]) -> Result<usize, StoreError> {
-    let pattern = format!("{}:*", store.keys().prefix());
+    let pattern = store.keys().scan_pattern();
     let mut marked = 0;
     for node in nodes {
         let client = redis::Client::open(node.as_str())?;

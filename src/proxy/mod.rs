@@ -47,6 +47,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{IdentityMode, ProxySettings};
+use crate::domain::decision::Mode;
 use crate::domain::decision::{Charge, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
@@ -56,7 +57,6 @@ use crate::metrics::Metrics;
 use crate::quota::QuotaService;
 use crate::respond;
 use crate::serve::{self, RequestBody};
-use crate::store::Mode;
 use identity::{Identifier, IdentityError};
 use routes::{ChargeSpec, RouteAction};
 

@@ -14,7 +14,7 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::config::{RedisMode, RedisSettings};
-use crate::domain::decision::{Limit, LimitReply, Target};
+use crate::domain::decision::{Limit, LimitReply, Mode, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
 pub use connection::Conn;
@@ -109,27 +109,13 @@ const PATIENCE: u32 = 10;
 /// How long an in-doubt call's answer is awaited at most, in deadlines.
 const BACKSTOP: u32 = 30;
 
-/// How the script treats the limits it is given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Deny if any blocking limit would be exceeded; otherwise apply every charge.
-    Check,
-    /// The same checks; apply nothing.
-    DryRun,
-    /// Never deny; apply every charge (usage reported after the fact, adjustments).
-    Record,
-    /// Check, report what would be denied, but apply every charge anyway.
-    Shadow,
-}
-
-impl Mode {
-    fn as_arg(self) -> &'static str {
-        match self {
-            Mode::Check => "check",
-            Mode::DryRun => "dry",
-            Mode::Record => "record",
-            Mode::Shadow => "shadow",
-        }
+/// The script's spelling of a mode.
+fn mode_arg(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Check => "check",
+        Mode::DryRun => "dry",
+        Mode::Record => "record",
+        Mode::Shadow => "shadow",
     }
 }
 
@@ -638,7 +624,7 @@ impl Store {
                 cmd.arg(&version);
             }
         }
-        cmd.arg(now.timestamp_micros()).arg(mode.as_arg());
+        cmd.arg(now.timestamp_micros()).arg(mode_arg(mode));
         match &idempotency {
             Some((_, ttl)) => cmd.arg(ttl.as_millis() as u64),
             None => cmd.arg(0),
