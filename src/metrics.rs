@@ -41,6 +41,7 @@ pub struct Metrics {
     pub flush_duration: Histogram,
     pub flush_rows: IntCounter,
     pub flush_failures: IntCounter,
+    pub flush_reconciliations: IntCounter,
     /// Seconds since the oldest change not yet in Postgres (0 when none).
     pub flush_oldest_unflushed: prometheus::Gauge,
     /// Decisions whose Redis call was in doubt, by what was learned: applied | not_applied |
@@ -162,6 +163,11 @@ impl Metrics {
             "Usage flushes that failed (the changes are kept and retried).",
         )
         .expect("valid metric");
+        let flush_reconciliations = IntCounter::new(
+            "quota_gateway_flush_reconciliations_total",
+            "Scans of Redis that marked every durable counter for the flusher (at start-up, then hourly), so counts of a replica that died before flushing reach Postgres.",
+        )
+        .unwrap();
         let flush_oldest_unflushed = prometheus::Gauge::new(
             "quota_gateway_flush_oldest_unflushed_seconds",
             "Age of the oldest usage change not yet in Postgres.",
@@ -250,6 +256,7 @@ impl Metrics {
             Box::new(flush_duration.clone()),
             Box::new(flush_rows.clone()),
             Box::new(flush_failures.clone()),
+            Box::new(flush_reconciliations.clone()),
             Box::new(flush_oldest_unflushed.clone()),
             Box::new(redis_eviction_policy_ok.clone()),
         ] {
@@ -280,6 +287,7 @@ impl Metrics {
             flush_duration,
             flush_rows,
             flush_failures,
+            flush_reconciliations,
             flush_oldest_unflushed,
             in_doubt,
             usage_lost,

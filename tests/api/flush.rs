@@ -277,6 +277,12 @@ async fn past_months_are_served_from_postgres_and_exported() {
 async fn counters_of_a_replica_that_died_before_flushing_are_found_by_reconciliation() {
     let a = quota_app().await;
     let b = a.spawn_peer().await;
+    // B's own start-up scan must be behind it, or it would find A's counts itself.
+    let scanned = crate::helpers::eventually(std::time::Duration::from_secs(20), || async {
+        crate::helpers::metric_value(&b, "quota_gateway_flush_reconciliations_total").await >= 1.0
+    })
+    .await;
+    assert!(scanned.is_some(), "B's start-up reconciliation ran");
     for _ in 0..6 {
         assert_eq!(a.check(check()).await.status(), 200);
     }

@@ -699,3 +699,298 @@ async fn a_subscription_moved_to_another_org_stops_counting_for_the_first() {
     assert_eq!(plan_of(&app, "globex").await, "pro");
     assert_eq!(plan_of(&app, "acme").await, "free");
 }
+
+// ---- The samples of README "Try it": examples/webhooks and scripts/send-webhook.sh ----
+
+/// One sample a user sends: the endpoint, the file, and the provider whose secret signs it.
+struct Sample {
+    path: &'static str,
+    /// What `scripts/send-webhook.sh` takes as its PROVIDER argument.
+    script_provider: &'static str,
+    file: &'static str,
+    kind: ProviderKind,
+}
+
+fn samples() -> [Sample; 4] {
+    [
+        Sample {
+            path: "/webhooks/stripe",
+            script_provider: "stripe",
+            file: "stripe-subscription-updated.json",
+            kind: ProviderKind::Stripe,
+        },
+        Sample {
+            path: "/webhooks/dodo",
+            script_provider: "dodo",
+            file: "dodo-subscription-active.json",
+            kind: ProviderKind::Dodo,
+        },
+        Sample {
+            path: "/webhooks/polar",
+            script_provider: "polar",
+            file: "polar-subscription-active.json",
+            kind: ProviderKind::Polar,
+        },
+        Sample {
+            path: "/webhooks/standard/inhouse",
+            script_provider: "standard",
+            file: "standard-subscription-updated.json",
+            kind: ProviderKind::Standard("inhouse".into()),
+        },
+    ]
+}
+
+impl Sample {
+    fn body(&self) -> Vec<u8> {
+        std::fs::read(repo().join("examples/webhooks").join(self.file)).unwrap()
+    }
+}
+
+fn repo() -> std::path::PathBuf {
+    std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// `[billing]` as README tells a user to enable it: the shipped config/gateway.toml with
+/// examples/webhooks/billing.toml appended, read by the gateway's own loader.
+fn example_billing() -> BillingSettings {
+    let dir = std::env::temp_dir().join(format!("qg-try-it-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let gateway = std::fs::read_to_string(repo().join("config/gateway.toml")).unwrap();
+    let snippet = std::fs::read_to_string(repo().join("examples/webhooks/billing.toml")).unwrap();
+    std::fs::write(dir.join("gateway.toml"), format!("{gateway}\n{snippet}")).unwrap();
+    std::fs::copy(repo().join("config/plans.toml"), dir.join("plans.toml")).unwrap();
+    let loaded = quota_gateway::config::load(
+        &dir.join("gateway.toml"),
+        &quota_gateway::config::EnvOverrides::default(),
+    );
+    std::fs::remove_dir_all(&dir).ok();
+    let (settings, _) = loaded.unwrap_or_else(|e| panic!("the Try it config is invalid: {e}"));
+    settings.billing.expect("billing.toml enables [billing]")
+}
+
+/// A gateway on the shipped plan catalog with the Try it billing config.
+async fn try_it_app() -> (TestApp, BillingSettings) {
+    let billing = example_billing();
+    let app = spawn_app_with(TestOptions {
+        billing: Some(billing.clone()),
+        plans_file: Some(repo().join("config/plans.toml")),
+        ..Default::default()
+    })
+    .await;
+    (app, billing)
+}
+
+fn secret_of(billing: &BillingSettings, kind: &ProviderKind) -> String {
+    use secrecy::ExposeSecret;
+    billing.provider(kind).unwrap().secrets[0]
+        .expose_secret()
+        .to_string()
+}
+
+/// The plan column of the org's row, as the gateway stored it.
+async fn stored_plan(app: &TestApp, org: &str) -> Option<String> {
+    sqlx::query_scalar("SELECT plan_id FROM orgs WHERE org_id = $1")
+        .bind(org)
+        .fetch_optional(&app.pool)
+        .await
+        .unwrap()
+        .flatten()
+}
+
+#[test]
+fn readme_shows_the_try_it_billing_config_as_it_is_in_examples() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let snippet = std::fs::read_to_string(repo().join("examples/webhooks/billing.toml")).unwrap();
+    let body = &snippet[snippet.find("[billing]").unwrap()..];
+    assert!(
+        readme.contains(body.trim_end()),
+        "README \"Try it\" must show examples/webhooks/billing.toml from [billing] on"
+    );
+}
+
+#[tokio::test]
+async fn every_sample_payload_moves_acme_to_the_plan_its_product_maps_to() {
+    for sample in samples() {
+        let (app, billing) = try_it_app().await;
+        let kind = sample.kind.clone();
+        let secret = secret_of(&billing, &kind);
+        let raw = sample.body();
+        let t = now_unix(&app);
+        let request = app
+            .client
+            .post(app.url(sample.path))
+            .header("content-type", "application/json");
+        let request = match kind {
+            ProviderKind::Stripe => {
+                request.header("stripe-signature", sign_stripe(secret.as_bytes(), t, &raw))
+            }
+            _ => {
+                let key = match kind {
+                    ProviderKind::Polar => secret.as_bytes().to_vec(),
+                    _ => base64_key(&secret),
+                };
+                request
+                    .header("webhook-id", "msg_try_it_1")
+                    .header("webhook-timestamp", t.to_string())
+                    .header(
+                        "webhook-signature",
+                        sign_standard(&key, "msg_try_it_1", t, &raw),
+                    )
+            }
+        };
+        assert_eq!(stored_plan(&app, "acme").await, None, "{}", sample.file);
+        let r = request.body(raw).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{}", sample.file);
+        assert_eq!(
+            json(r).await,
+            json!({"received": true, "outcome": "processed"}),
+            "{}",
+            sample.file
+        );
+        assert_eq!(
+            stored_plan(&app, "acme").await.as_deref(),
+            Some("pro"),
+            "{}",
+            sample.file
+        );
+        assert_eq!(plan_of(&app, "acme").await, "pro", "{}", sample.file);
+    }
+}
+
+/// The shell tools sign with openssl; without it they cannot run, which is a skip, said aloud.
+fn openssl_missing(what: &str) -> bool {
+    let found = std::process::Command::new("openssl")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !found {
+        eprintln!("skipped: openssl is not installed and {what} needs it");
+    }
+    !found
+}
+
+/// Runs `scripts/send-webhook.sh` off the runtime (the gateway under test shares it) and
+/// returns (exit code, stdout).
+async fn run_send_webhook(
+    provider: &str,
+    file: &str,
+    url: String,
+    secret: Option<String>,
+) -> (i32, String) {
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg(repo().join("scripts/send-webhook.sh"))
+        .arg(provider)
+        .arg(repo().join("examples/webhooks").join(file))
+        .arg(url)
+        .env_remove("QG_WEBHOOK_SECRET")
+        .env_remove("QG_STRIPE_WEBHOOK_SECRET")
+        .env_remove("QG_WEBHOOK_ID");
+    if let Some(secret) = secret {
+        cmd.env("QG_WEBHOOK_SECRET", secret);
+    }
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .expect("bash runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !stderr.contains("command not found"),
+        "send-webhook.sh: {stderr}"
+    );
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8(out.stdout).unwrap(),
+    )
+}
+
+#[tokio::test]
+async fn send_webhook_script_signs_the_samples_as_the_gateway_verifies_them() {
+    if openssl_missing("scripts/send-webhook.sh") {
+        return;
+    }
+    for sample in samples() {
+        let (app, billing) = try_it_app().await;
+        let secret = secret_of(&billing, &sample.kind);
+        // Stripe and Dodo get the secret from the environment; Polar and the normalized
+        // endpoint rely on the script's defaults, which must be the secrets of billing.toml.
+        let from_env = matches!(sample.kind, ProviderKind::Stripe | ProviderKind::Dodo);
+        let url = app.url(sample.path);
+
+        let (code, out) = run_send_webhook(
+            sample.script_provider,
+            sample.file,
+            url.clone(),
+            Some("whsec_bm90LXRoZS1yaWdodC1zZWNyZXQ=".into()),
+        )
+        .await;
+        assert_eq!(code, 1, "{}: a wrong secret fails", sample.file);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap()["error"],
+            "invalid_signature",
+            "{}",
+            sample.file
+        );
+
+        let secret = from_env.then_some(secret);
+        let (code, out) = run_send_webhook(
+            sample.script_provider,
+            sample.file,
+            url.clone(),
+            secret.clone(),
+        )
+        .await;
+        assert_eq!(code, 0, "{}: {out}", sample.file);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap(),
+            json!({"received": true, "outcome": "processed"}),
+            "{}",
+            sample.file
+        );
+        assert_eq!(
+            stored_plan(&app, "acme").await.as_deref(),
+            Some("pro"),
+            "{}",
+            sample.file
+        );
+
+        // Sending the same file again is a redelivery: same event id, no second effect.
+        let (code, out) = run_send_webhook(sample.script_provider, sample.file, url, secret).await;
+        assert_eq!(code, 0, "{}", sample.file);
+        assert_eq!(
+            serde_json::from_str::<Value>(&out).unwrap()["outcome"],
+            "duplicate",
+            "{}",
+            sample.file
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_readme_stripe_one_liner_is_accepted() {
+    if openssl_missing("the README one-liner") {
+        return;
+    }
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let start = readme
+        .find("S=whsec_example_stripe_test_secret")
+        .expect("README shows the Stripe one-liner");
+    let end = start + readme[start..].find("\n```").unwrap();
+    let (app, _) = try_it_app().await;
+    let one_liner = readme[start..end].replace(
+        "localhost:9000/webhooks/stripe",
+        &app.url("/webhooks/stripe"),
+    );
+    let mut cmd = std::process::Command::new("bash");
+    cmd.arg("-c").arg(&one_liner).current_dir(repo());
+    let out = tokio::task::spawn_blocking(move || cmd.output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(out.status.success(), "{one_liner}");
+    assert_eq!(
+        serde_json::from_slice::<Value>(&out.stdout).unwrap(),
+        json!({"received": true, "outcome": "processed"}),
+        "{one_liner}"
+    );
+    assert_eq!(stored_plan(&app, "acme").await.as_deref(), Some("pro"));
+}
