@@ -196,7 +196,7 @@ pub async fn run(
             match reconcile(&store, &nodes).await {
                 Ok(n) => {
                     tracing::debug!(keys = n, "reconciled durable keys for flushing");
-                    state.metrics.flush_reconciliations.inc();
+                    metrics.flush_reconciliations.inc();
                     last_reconcile = Some(Instant::now());
                 }
                 Err(e) => tracing::warn!(error = %e, "reconciliation scan failed; retrying later"),
