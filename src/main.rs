@@ -149,8 +149,8 @@ async fn run(cli: Cli) -> ExitCode {
                         eprintln!("{period}: no usage recorded for any org");
                     } else {
                         let orgs: std::collections::HashSet<&str> =
-                            rows.iter().map(|r| r.0.as_str()).collect();
-                        let total: i64 = rows.iter().map(|r| r.3).sum();
+                            rows.iter().map(|r| r.org_id.as_str()).collect();
+                        let total: i64 = rows.iter().map(|r| r.quantity).sum();
                         eprintln!(
                             "{period}: {} rows, {} orgs, {total} units in all",
                             rows.len(),
@@ -225,28 +225,29 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn render_export(
-    rows: &[(String, String, chrono::DateTime<chrono::Utc>, i64)],
-    format: ExportFormat,
-) -> String {
+fn render_export(rows: &[db::usage::ExportRow], format: ExportFormat) -> String {
     let stamp =
         |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     match format {
         // Org ids and metric ids cannot contain commas or quotes, so no field needs quoting.
         ExportFormat::Csv => {
             let mut out = String::from("org_id,metric,period_start,quantity\n");
-            for (org, metric, start, quantity) in rows {
-                out.push_str(&format!("{org},{metric},{},{quantity}\n", stamp(start)));
+            for r in rows {
+                let (org, metric, quantity) = (&r.org_id, &r.metric, r.quantity);
+                out.push_str(&format!(
+                    "{org},{metric},{},{quantity}\n",
+                    stamp(&r.period_start)
+                ));
             }
             out
         }
         ExportFormat::Json => {
             let items: Vec<serde_json::Value> = rows
                 .iter()
-                .map(|(org, metric, start, quantity)| {
+                .map(|r| {
                     serde_json::json!({
-                        "org_id": org, "metric": metric,
-                        "period_start": stamp(start), "quantity": quantity,
+                        "org_id": r.org_id, "metric": r.metric,
+                        "period_start": stamp(&r.period_start), "quantity": r.quantity,
                     })
                 })
                 .collect();

@@ -113,7 +113,13 @@ impl QuotaService {
                 .await?;
         let expiry = (month.end + chrono::Duration::days(7)).timestamp_millis();
         let mut entries = Vec::with_capacity(rows.len());
-        for (metric_id, quantity, version, gauge) in rows {
+        for crate::db::usage::DurableRow {
+            metric: metric_id,
+            quantity,
+            version,
+            gauge,
+        } in rows
+        {
             let Some(metric) = catalog.metric(&metric_id) else {
                 continue;
             };
