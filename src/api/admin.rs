@@ -1,7 +1,8 @@
 //! `/admin/*`: operator actions. Every change is written to Postgres first and then announced to
 //! all replicas, so a plan change or a revocation takes effect everywhere within a second. Once
 //! Postgres committed a change the answer is a success: announcing it and reading the usage for
-//! the response are best effort (see `org_view`).
+//! the response are best effort (see `org_view`). The org list reads Postgres for who is on which
+//! plan and Redis for usage, and answers without the latter when Redis cannot (see `list_orgs`).
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -212,7 +213,7 @@ struct ListQuery {
 impl ListQuery {
     fn parse(uri: &axum::http::Uri) -> Result<Self, ApiError> {
         let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
-            .map_err(|e| ApiError::bad_request(format!("query: {}", e.body_text())))?;
+            .map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?;
         let (mut plan, mut limit, mut cursor) = (None, None, None);
         for (name, value) in pairs {
             let slot = match name.as_str() {
