@@ -538,6 +538,18 @@ impl QuotaService {
         org: &OrgId,
     ) -> Result<(&'c Plan, Vec<LimitState<'c>>), QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
+        Ok((plan, self.usage_on(catalog, org, plan, &record).await?))
+    }
+
+    /// `usage` for an org whose plan and record the caller already read (an admin listing reads
+    /// them from Postgres for a whole page at once).
+    pub async fn usage_on<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        plan: &'c Plan,
+        record: &OrgRecord,
+    ) -> Result<Vec<LimitState<'c>>, QuotaError> {
         let charges: Vec<Charge<'c>> = catalog
             .metrics
             .values()
@@ -588,7 +600,7 @@ impl QuotaService {
                 }
             }
         }
-        Ok((plan, chosen))
+        Ok(chosen)
     }
 }
 

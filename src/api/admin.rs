@@ -1,26 +1,36 @@
 //! `/admin/*`: operator actions. Every change is written to Postgres first and then announced to
 //! all replicas, so a plan change or a revocation takes effect everywhere within a second. Once
 //! Postgres committed a change the answer is a success: announcing it and reading the usage for
-//! the response are best effort (see `org_view`).
+//! the response are best effort (see `org_view`). The org list reads Postgres for who is on which
+//! plan and Redis for usage, and answers without the latter when Redis cannot (see `list_orgs`).
+
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Json;
-use axum::extract::{Path, State};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use base64::Engine as _;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use chrono::{DateTime, Utc};
+use futures_util::{StreamExt, TryStreamExt, stream};
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use uuid::Uuid;
 
 use super::v1::{MAX_AMOUNT, parse_org};
 use super::{ApiJson, SharedState};
+use crate::db::orgs::{OrgRecord, PlanFilter};
 use crate::db::{self, adjustments::NewAdjustment};
 use crate::directory::Change;
 use crate::domain::decision::Charge;
 use crate::domain::org::OrgId;
 use crate::domain::period;
+use crate::domain::plan::Catalog;
 use crate::domain::render::{self, PlanRef, UsageEntry};
 use crate::domain::text::{Text, present};
 use crate::error::ApiError;
+use crate::quota::QuotaError;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -37,21 +47,39 @@ pub async fn put_org(
     let org = parse_org(&org_id, "org_id")?;
     let catalog = state.quota.catalog();
     if catalog.plan(&req.plan).is_none() {
-        return Err(ApiError::invalid(format!(
-            "plan: unknown plan `{}` (plans: {})",
-            req.plan,
-            catalog
-                .plans
-                .keys()
-                .map(String::as_str)
-                .collect::<Vec<_>>()
-                .join(", ")
-        )));
+        return Err(unknown_plan(&catalog, &req.plan));
     }
     let previous = db::orgs::set_plan(&state.pool, &org, &req.plan, "admin", None).await?;
     state.quota.announce(Change::Org(&org));
     tracing::info!(org = %org, from = previous.as_deref().unwrap_or("-"), to = %req.plan, "plan changed by admin");
     org_view(&state, &org, View::AfterWrite).await
+}
+
+/// A plan id the catalog does not declare: 422 naming it and the plans there are.
+fn unknown_plan(catalog: &Catalog, id: &str) -> ApiError {
+    ApiError::invalid(format!(
+        "plan: unknown plan `{id}` (plans: {})",
+        catalog
+            .plans
+            .keys()
+            .map(String::as_str)
+            .collect::<Vec<_>>()
+            .join(", ")
+    ))
+}
+
+/// `assigned` when the org's stored plan is one the catalog declares, else `default` (no plan
+/// stored, or one since removed from the catalog: the gateway then applies the default plan).
+fn plan_source(catalog: &Catalog, record: &OrgRecord) -> &'static str {
+    if record
+        .plan_id
+        .as_deref()
+        .is_some_and(|p| catalog.plan(p).is_some())
+    {
+        "assigned"
+    } else {
+        "default"
+    }
 }
 
 /// Whether the org view answers a read or a write that Postgres already committed.
@@ -70,6 +98,172 @@ pub async fn get_org(
 ) -> Result<Response, ApiError> {
     let org = parse_org(&org_id, "org_id")?;
     org_view(&state, &org, View::Read).await
+}
+
+/// Default and largest page of `GET /admin/orgs`.
+pub const LIST_DEFAULT_LIMIT: i64 = 50;
+pub const LIST_MAX_LIMIT: i64 = 500;
+/// Orgs of one page whose counters are read from Redis at the same time. Each org is its own
+/// read (its keys share a Cluster hash slot, orgs do not), so a 500-org page costs at most
+/// 500 / 8 round trips in sequence, and an unreachable Redis at most one timeout (see below).
+const LIST_USAGE_READS_IN_FLIGHT: usize = 8;
+
+/// `GET /admin/orgs?plan=&limit=&cursor=`: stored orgs in id order, a page at a time, each with
+/// its plan and current-period usage.
+///
+/// Postgres is the truth about who is on which plan, so the list answers even when Redis cannot:
+/// an org whose usage could not be read shows `"usage": null`, and after the first failed read
+/// the page's remaining orgs are not tried (one timeout, not one per org).
+pub async fn list_orgs(
+    State(state): State<SharedState>,
+    uri: axum::http::Uri,
+) -> Result<Response, ApiError> {
+    let catalog = state.quota.catalog();
+    let query = ListQuery::parse(&uri)?;
+    let known: Vec<String> = catalog.plans.keys().cloned().collect();
+    let filter = match query.plan.as_deref() {
+        None => PlanFilter::Any,
+        Some(id) if catalog.plan(id).is_none() => return Err(unknown_plan(&catalog, id)),
+        Some(id) if id == catalog.default_plan => PlanFilter::Default { id, known: &known },
+        Some(id) => PlanFilter::Assigned(id),
+    };
+    // One row more than the page tells whether another page follows.
+    let mut rows = db::orgs::list(
+        &state.pool,
+        query.after.as_ref().map(OrgId::as_str),
+        query.limit + 1,
+        filter,
+    )
+    .await?;
+    let more = rows.len() as i64 > query.limit;
+    rows.truncate(query.limit as usize);
+    let next_cursor = more
+        .then(|| rows.last().map(|r| encode_cursor(&r.org_id)))
+        .flatten();
+
+    let store_down = AtomicBool::new(false);
+    // Indices rather than `&rows` items: a stream of borrowed items trips the compiler's
+    // `Send` check for handlers (higher-ranked lifetimes).
+    let usage: Vec<Option<Vec<UsageEntry<'_>>>> = stream::iter(0..rows.len())
+        .map(|i| {
+            let (catalog, store_down, quota, row) = (&catalog, &store_down, &state.quota, &rows[i]);
+            async move {
+                if store_down.load(Ordering::Relaxed) {
+                    return Ok(None);
+                }
+                // Stored ids went through `OrgId::parse` on their way in.
+                let Ok(org) = OrgId::parse(&row.org_id) else {
+                    return Ok(None);
+                };
+                let plan = catalog.plan_or_default(row.record.plan_id.as_deref());
+                match quota.usage_on(catalog, &org, plan, &row.record).await {
+                    Ok(states) => Ok(Some(states.iter().map(UsageEntry::from_state).collect())),
+                    Err(QuotaError::Store(e)) => {
+                        if !store_down.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(error = %e, "org list: usage not readable, listed without it");
+                        }
+                        Ok(None)
+                    }
+                    Err(e) => Err(ApiError::from(e)),
+                }
+            }
+        })
+        .buffered(LIST_USAGE_READS_IN_FLIGHT)
+        .try_collect()
+        .await?;
+
+    let orgs: Vec<ListedOrgView<'_>> = rows
+        .iter()
+        .zip(usage)
+        .map(|(row, usage)| ListedOrgView {
+            org_id: &row.org_id,
+            plan: catalog
+                .plan_or_default(row.record.plan_id.as_deref())
+                .into(),
+            assigned_plan: row.record.plan_id.as_deref(),
+            plan_source: plan_source(&catalog, &row.record),
+            billing_anchor: row.record.billing_anchor,
+            created_at: row.record.created_at,
+            updated_at: row.record.updated_at,
+            usage,
+        })
+        .collect();
+    Ok(Json(json!({ "orgs": orgs, "next_cursor": next_cursor })).into_response())
+}
+
+#[derive(Serialize)]
+struct ListedOrgView<'a> {
+    org_id: &'a str,
+    plan: PlanRef<'a>,
+    assigned_plan: Option<&'a str>,
+    plan_source: &'static str,
+    billing_anchor: Option<DateTime<Utc>>,
+    created_at: Option<DateTime<Utc>>,
+    updated_at: Option<DateTime<Utc>>,
+    usage: Option<Vec<UsageEntry<'a>>>,
+}
+
+/// The query of `GET /admin/orgs`, validated.
+struct ListQuery {
+    plan: Option<String>,
+    limit: i64,
+    after: Option<OrgId>,
+}
+
+impl ListQuery {
+    fn parse(uri: &axum::http::Uri) -> Result<Self, ApiError> {
+        let Query(pairs) = Query::<Vec<(String, String)>>::try_from_uri(uri)
+            .map_err(|e| ApiError::invalid(format!("query: {}", e.body_text())))?;
+        let (mut plan, mut limit, mut cursor) = (None, None, None);
+        for (name, value) in pairs {
+            let slot = match name.as_str() {
+                "plan" => &mut plan,
+                "limit" => &mut limit,
+                "cursor" => &mut cursor,
+                _ => {
+                    return Err(ApiError::invalid(format!(
+                        "{name}: unknown query parameter (only `plan`, `limit` and `cursor` are accepted)"
+                    )));
+                }
+            };
+            if slot.replace(value).is_some() {
+                return Err(ApiError::invalid(format!("{name}: given more than once")));
+            }
+        }
+        let limit = match limit {
+            None => LIST_DEFAULT_LIMIT,
+            Some(raw) => raw
+                .parse::<i64>()
+                .ok()
+                .filter(|n| (1..=LIST_MAX_LIMIT).contains(n))
+                .ok_or_else(|| {
+                    ApiError::invalid(format!(
+                        "limit: must be an integer between 1 and {LIST_MAX_LIMIT}"
+                    ))
+                })?,
+        };
+        let after = cursor.map(|c| decode_cursor(&c)).transpose()?;
+        Ok(Self { plan, limit, after })
+    }
+}
+
+/// The cursor is the last org id of a page, base64url-encoded: opaque to clients, so its form
+/// may change, and a keyset position, so pages stay put while orgs are added.
+fn encode_cursor(org_id: &str) -> String {
+    URL_SAFE_NO_PAD.encode(org_id)
+}
+
+fn decode_cursor(raw: &str) -> Result<OrgId, ApiError> {
+    URL_SAFE_NO_PAD
+        .decode(raw)
+        .ok()
+        .and_then(|bytes| String::from_utf8(bytes).ok())
+        .and_then(|id| OrgId::parse(&id).ok())
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "cursor: not a cursor from this API (pass the previous page's `next_cursor` unchanged)",
+            )
+        })
 }
 
 async fn org_view(state: &SharedState, org: &OrgId, view: View) -> Result<Response, ApiError> {
@@ -115,7 +309,7 @@ async fn org_view(state: &SharedState, org: &OrgId, view: View) -> Result<Respon
         "org_id": org.as_str(),
         "plan": PlanRef::from(plan),
         "assigned_plan": record.plan_id,
-        "plan_source": if record.plan_id.as_deref().is_some_and(|p| catalog.plan(p).is_some()) { "assigned" } else { "default" },
+        "plan_source": plan_source(&catalog, &record),
         "billing_anchor": record.billing_anchor,
         "created_at": record.created_at,
         "updated_at": record.updated_at,

@@ -101,6 +101,7 @@ pub fn routes() -> Routes {
             get(v1::entitlements),
         )
         // Operators: the admin token, always.
+        .add(Method::GET, "/admin/orgs", get(admin::list_orgs))
         .add(Method::PUT, "/admin/orgs/{org_id}", put(admin::put_org))
         .add(Method::GET, "/admin/orgs/{org_id}", get(admin::get_org))
         .add(

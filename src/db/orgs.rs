@@ -138,3 +138,69 @@ pub async fn recent_plan_changes(
         })
         .collect()
 }
+
+/// Which orgs a listing keeps, by the plan they are on as the gateway sees it.
+#[derive(Debug, Clone, Copy)]
+pub enum PlanFilter<'a> {
+    Any,
+    /// Orgs assigned this plan (not the default one).
+    Assigned(&'a str),
+    /// Orgs on the default plan `id`: none assigned, `id` assigned, or a plan the catalog no
+    /// longer declares (`known` lists those it does), since the gateway treats all three alike.
+    Default {
+        id: &'a str,
+        known: &'a [String],
+    },
+}
+
+/// One row of an org listing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ListedOrg {
+    pub org_id: String,
+    pub record: OrgRecord,
+}
+
+/// Up to `limit` stored orgs with ids after `after`, in id order. Keyset pagination: a page
+/// starts where the previous one ended whatever was inserted meanwhile, and the primary key's
+/// index serves every page in the same time (no OFFSET scan).
+pub async fn list(
+    pool: &PgPool,
+    after: Option<&str>,
+    limit: i64,
+    filter: PlanFilter<'_>,
+) -> Result<Vec<ListedOrg>, DbError> {
+    // $3 = 0: any plan; 1: assigned $4; 2: on the default plan $4, whose known plans are $5.
+    let (mode, plan, known): (i32, Option<&str>, &[String]) = match filter {
+        PlanFilter::Any => (0, None, &[]),
+        PlanFilter::Assigned(id) => (1, Some(id), &[]),
+        PlanFilter::Default { id, known } => (2, Some(id), known),
+    };
+    let rows = sqlx::query(
+        "SELECT org_id, plan_id, billing_anchor, created_at, updated_at FROM orgs \
+         WHERE ($1::text IS NULL OR org_id > $1) \
+           AND ($3 = 0 \
+                OR ($3 = 1 AND plan_id = $4) \
+                OR ($3 = 2 AND (plan_id IS NULL OR plan_id = $4 OR plan_id <> ALL($5)))) \
+         ORDER BY org_id LIMIT $2",
+    )
+    .bind(after)
+    .bind(limit)
+    .bind(mode)
+    .bind(plan)
+    .bind(known)
+    .fetch_all(pool)
+    .await?;
+    rows.into_iter()
+        .map(|r| {
+            Ok(ListedOrg {
+                org_id: r.try_get("org_id")?,
+                record: OrgRecord {
+                    plan_id: r.try_get("plan_id")?,
+                    billing_anchor: r.try_get("billing_anchor")?,
+                    created_at: Some(r.try_get("created_at")?),
+                    updated_at: Some(r.try_get("updated_at")?),
+                },
+            })
+        })
+        .collect()
+}
