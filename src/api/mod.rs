@@ -20,7 +20,7 @@ use axum::routing::{MethodRouter, delete, get, post, put};
 use secrecy::SecretString;
 use sqlx::PgPool;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::QuotaService;
 use crate::webhooks::{Webhooks, handler};

@@ -254,6 +254,17 @@ pub enum Outcome {
     RateLimited(usize),
 }
 
+impl Outcome {
+    /// The name in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::QuotaExceeded(_) => "quota_exceeded",
+            Outcome::RateLimited(_) => "rate_limited",
+        }
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct Evaluation<'a> {
     pub outcome: Outcome,

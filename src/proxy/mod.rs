@@ -47,15 +47,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{IdentityMode, ProxySettings};
+use crate::domain::decision::Charge;
 use crate::domain::decision::Mode;
-use crate::domain::decision::{Charge, Outcome};
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
 use crate::domain::render;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
+use crate::http::respond;
 use crate::metrics::Metrics;
 use crate::quota::QuotaService;
-use crate::respond;
 use crate::serve::{self, RequestBody};
 use identity::{Identifier, IdentityError};
 use routes::{ChargeSpec, RouteAction};
@@ -345,11 +345,7 @@ async fn handle(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let mut limit_headers = render::ratelimit_headers(&decision.eval);
-    let outcome = match decision.eval.outcome {
-        Outcome::Allowed => "allowed",
-        Outcome::QuotaExceeded(_) => "quota_exceeded",
-        Outcome::RateLimited(_) => "rate_limited",
-    };
+    let outcome = decision.eval.outcome.label();
     obs.outcome = outcome;
     obs.plan = Some(decision.plan.id.clone());
     state.app.metrics.decision(
@@ -362,9 +358,8 @@ async fn handle(
         if !decision.shadow {
             return respond::denial(&body, &limit_headers);
         }
-        // Shadow enforcement: counted and reported, forwarded anyway.
-        tracing::info!(org = %org, plan = %decision.plan.id, outcome, "shadow mode: would deny");
-        limit_headers.retry_after = None;
+        // Forwarded anyway.
+        respond::shadow_denial(&mut limit_headers, org.as_str(), &decision.plan.id, outcome);
     }
 
     // 3. forward

@@ -19,7 +19,7 @@ use serde_json::json;
 
 use crate::config::{BillingProvider, ProviderKind};
 use crate::directory::Change;
-use crate::error::error_response;
+use crate::http::error::error_response;
 use crate::webhooks::Webhooks;
 use crate::webhooks::apply::{self, Applied, Policy};
 use crate::webhooks::event::{ParsedEvent, PayloadError};

@@ -2,8 +2,10 @@
 //!
 //! Policy: modules that cross a boundary return their own `thiserror` enum (`StoreError`,
 //! `DbError`, `QuotaError`, `ConfigError`); handlers convert them into `ApiError`, and only
-//! `ApiError::into_response` decides status codes, for the API and the proxy alike. Client mistakes get a 4xx with a message that
-//! names the field; infrastructure faults get an opaque 5xx body, with the detail in the log.
+//! `ApiError::into_response` decides the status of an error, for the API and the proxy alike
+//! (a decision's 402/429 is its problem document's own, see `respond`). Client mistakes get a
+//! 4xx with a message that names the field; infrastructure faults get an opaque 5xx body, with
+//! the detail in the log.
 //! `anyhow` is for `main` and background loops only.
 
 use axum::Json;
