@@ -1571,6 +1571,28 @@ fn load_catalog_into(path: &Path, problems: &mut Vec<Problem>) -> Option<Catalog
     catalog_from_table(path, table, problems)
 }
 
+/// Take the table under `key`, reporting it as `wrong` (not a table) or `missing`; an empty
+/// table stands in so the other checks still run.
+fn required_table(
+    r: &mut Report<'_>,
+    table: &mut toml::Table,
+    key: &str,
+    wrong: &str,
+    missing: &str,
+) -> toml::Table {
+    match table.remove(key) {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => {
+            r.add(key, wrong);
+            toml::Table::new()
+        }
+        None => {
+            r.add(key, missing);
+            toml::Table::new()
+        }
+    }
+}
+
 fn catalog_from_table(
     path: &Path,
     mut table: toml::Table,
@@ -1607,34 +1629,20 @@ fn catalog_from_table(
         }
         None => None,
     };
-    let metrics_t = match table.remove("metrics") {
-        Some(toml::Value::Table(t)) => t,
-        Some(_) => {
-            r.add("metrics", "must be a table of metric definitions");
-            toml::Table::new()
-        }
-        None => {
-            r.add(
-                "metrics",
-                "missing: declare at least one metric under [metrics]",
-            );
-            toml::Table::new()
-        }
-    };
-    let plans_t = match table.remove("plans") {
-        Some(toml::Value::Table(t)) => t,
-        Some(_) => {
-            r.add("plans", "must be a table of plans");
-            toml::Table::new()
-        }
-        None => {
-            r.add(
-                "plans",
-                "missing: define at least one plan under [plans.<id>]",
-            );
-            toml::Table::new()
-        }
-    };
+    let metrics_t = required_table(
+        &mut r,
+        &mut table,
+        "metrics",
+        "must be a table of metric definitions",
+        "missing: declare at least one metric under [metrics]",
+    );
+    let plans_t = required_table(
+        &mut r,
+        &mut table,
+        "plans",
+        "must be a table of plans",
+        "missing: define at least one plan under [plans.<id>]",
+    );
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
