@@ -36,10 +36,9 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::OnRedisError;
 use crate::db::DbError;
 use crate::domain::decision::Mode;
-use crate::domain::decision::{Limit, LimitReply, MAX_COUNTER, Target};
+use crate::domain::decision::{Limit, LimitReply, MAX_COUNTER, OnRedisError, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
 use crate::store::{

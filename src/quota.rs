@@ -212,7 +212,7 @@ impl QuotaService {
                     if e.lost_with_connection() && mode != Mode::DryRun {
                         self.local.lost_with_connection(1);
                     }
-                    if self.local.on_error() == crate::config::OnRedisError::Closed {
+                    if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
                         return Err(e.into());
                     }
                 }
@@ -227,7 +227,7 @@ impl QuotaService {
         };
         // Redis may have applied this call: decide here (or refuse, in `closed` mode) without
         // queueing the units, and let the call's own answer say whether they must be replayed.
-        let closed = self.local.on_error() == crate::config::OnRedisError::Closed;
+        let closed = self.local.on_error() == crate::domain::decision::OnRedisError::Closed;
         let reply = (!closed && mode != Mode::DryRun)
             .then(|| self.local.decide(org, limits, &specs, mode, key, true));
         let admitted = reply
@@ -324,7 +324,7 @@ impl QuotaService {
             Ok(replies) => Ok(replies.iter().map(|r| recorded(r.status)).collect()),
             Err(StoreError::InDoubt(after, call)) => {
                 self.local.trip();
-                if self.local.on_error() == crate::config::OnRedisError::Closed {
+                if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
                     let decisions = specs
                         .into_iter()
                         .map(|(s, k)| (org.clone(), s, k.map(str::to_owned), false))
@@ -353,7 +353,7 @@ impl QuotaService {
                 if e.lost_with_connection() {
                     self.local.lost_with_connection(items.len());
                 }
-                if self.local.on_error() == crate::config::OnRedisError::Closed {
+                if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
                     return Err(e.into());
                 }
                 Ok(local(false))

@@ -245,6 +245,30 @@ impl LimitState<'_> {
     }
 }
 
+/// The Redis-outage mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Enforce plans with in-memory counters on each replica; replay admitted usage later.
+    #[default]
+    Local,
+    /// Admit everything; count locally and replay later.
+    Open,
+    /// Answer 503 for metered requests.
+    Closed,
+}
+
+impl OnRedisError {
+    /// As written in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Open => "open",
+            OnRedisError::Closed => "closed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Allowed,

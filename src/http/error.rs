@@ -35,8 +35,8 @@ pub enum ApiError {
     /// What was too large, and the bound.
     PayloadTooLarge(String),
     /// Proxy: a request path that has no single canonical form (see `proxy::path`): 400.
-    #[error(transparent)]
-    BadPath(#[from] crate::proxy::path::PathError),
+    #[error("{0}")]
+    BadPath(String),
     /// Duplicate `Host`, or a `Host` that disagrees with an absolute-form target (RFC 9112): 400.
     #[error("{0}")]
     BadHost(&'static str),
@@ -140,8 +140,8 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge(message) => {
                 error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
             }
-            ApiError::BadPath(e) => {
-                error_response(StatusCode::BAD_REQUEST, "bad_path", &e.to_string())
+            ApiError::BadPath(message) => {
+                error_response(StatusCode::BAD_REQUEST, "bad_path", message)
             }
             ApiError::BadHost(message) => {
                 error_response(StatusCode::BAD_REQUEST, "bad_host", message)

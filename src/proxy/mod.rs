@@ -27,6 +27,7 @@ pub mod headers;
 pub mod identity;
 pub mod path;
 pub mod routes;
+pub mod settings;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -46,7 +47,6 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{IdentityMode, ProxySettings};
 use crate::domain::decision::Charge;
 use crate::domain::decision::Mode;
 use crate::domain::org::OrgId;
@@ -59,6 +59,7 @@ use crate::quota::QuotaService;
 use crate::serve::{self, RequestBody};
 use identity::{Identifier, IdentityError};
 use routes::{ChargeSpec, RouteAction};
+use settings::{IdentityMode, ProxySettings};
 
 /// Largest reported usage accepted from an upstream header: the largest counter value.
 const MAX_REPORTED: u64 = crate::domain::decision::MAX_COUNTER as u64;
@@ -235,7 +236,7 @@ async fn observed(
             request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
             "refused a request path"
         );
-        return ApiError::BadPath(e).into_response();
+        return ApiError::BadPath(e.to_string()).into_response();
     }
     let route = state
         .settings

@@ -12,9 +12,10 @@ pub mod keys;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use serde::Deserialize;
 
-use crate::config::{RedisMode, RedisSettings};
-use crate::domain::decision::{Limit, LimitReply, Mode, Target};
+use crate::domain::decision::{Limit, LimitReply, Mode, OnRedisError, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
 pub use connection::Conn;
@@ -796,4 +797,59 @@ mod tests {
         );
         assert!(script.contains(&line), "decide.lua must declare `{line}`");
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    pub key_prefix: String,
+    /// How long Redis may go without answering anything before it counts as unreachable (a
+    /// slow answer while Redis answers others is waited for; see `store::Store::await_decide`).
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// What decisions do while Redis is unreachable.
+    pub on_error: OnRedisError,
+    /// Fraction of each limit (of what was left of it) one replica may admit on its own while
+    /// Redis is unreachable, in `local` mode. With N replicas, 1/N never over-admits.
+    pub local_share: f64,
+    /// A single Redis (or a managed primary with replicas) or a Redis Cluster.
+    pub mode: RedisMode,
+    /// Refuse readiness while a Redis primary may evict keys (`maxmemory-policy` other than
+    /// `noeviction`): an evicted counter silently resets a budget.
+    pub require_noeviction: bool,
+}
+
+impl RedisSettings {
+    /// The node URLs: one for standalone; for a cluster, `url` may list several seeds
+    /// separated by commas.
+    /// `host:port` of each seed, for messages (never a password).
+    pub fn describe_seeds(&self) -> String {
+        self.seeds()
+            .iter()
+            .map(|s| {
+                let rest = s.split_once("://").map_or(s.as_str(), |(_, r)| r);
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+                rest.split('/').next().unwrap_or(rest).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        self.url
+            .expose_secret()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
 }

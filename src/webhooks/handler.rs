@@ -17,7 +17,6 @@ use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
 use serde_json::json;
 
-use crate::config::{BillingProvider, ProviderKind};
 use crate::directory::Change;
 use crate::http::error::error_response;
 use crate::webhooks::Webhooks;
@@ -26,6 +25,7 @@ use crate::webhooks::event::{ParsedEvent, PayloadError};
 use crate::webhooks::signature::{
     self, DEFAULT_TOLERANCE_SECS, SignatureError, StandardKeyEncoding,
 };
+use crate::webhooks::{BillingProvider, ProviderKind};
 use crate::webhooks::{standard, stripe};
 
 pub async fn stripe_hook(
