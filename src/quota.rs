@@ -2,7 +2,7 @@
 //! limits a set of charges touches, run them through the store in one round trip, and evaluate.
 //!
 //! This is the only place that combines the catalog, the org directory, the store and the clock;
-//! HTTP concerns stay in `api/` and `respond.rs`.
+//! HTTP concerns stay in `api/`, `proxy/` and `http/`.
 
 use std::sync::Arc;
 use std::time::Duration;
