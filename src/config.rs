@@ -19,6 +19,15 @@ use crate::domain::period::Period;
 use crate::domain::plan::{Catalog, Enforcement, Metric, MetricKind, Overage, Plan, Quota, Rate};
 use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteAction, RouteTable};
 
+// Settings types live with the parts that use them; this module parses and validates them.
+pub use crate::db::DatabaseSettings;
+pub use crate::domain::decision::OnRedisError;
+pub use crate::proxy::settings::{IdentityMode, IdentitySettings, ProxySettings, RefundOn};
+pub use crate::serve::ConnSettings;
+pub use crate::store::{RedisMode, RedisSettings};
+pub use crate::telemetry::{LogFormat, LogSettings};
+pub use crate::webhooks::{BillingProvider, BillingSettings, ProviderKind};
+
 /// One thing wrong with a configuration file.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Problem {
@@ -56,13 +65,6 @@ impl fmt::Display for ConfigError {
         }
         Ok(())
     }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    Json,
-    Pretty,
 }
 
 /// Process settings from `gateway.toml`, environment overrides applied.
@@ -105,77 +107,6 @@ struct FlushRaw {
     interval: Option<String>,
 }
 
-/// `[billing]`: how payment-provider webhooks drive plans.
-#[derive(Debug, Clone)]
-pub struct BillingSettings {
-    /// past_due / on_hold keep the paid plan this long.
-    pub grace_period: Duration,
-    /// false: never move an org to a lower plan without an operator.
-    pub auto_downgrade: bool,
-    pub providers: Vec<BillingProvider>,
-}
-
-impl BillingSettings {
-    pub fn provider(&self, kind: &ProviderKind) -> Option<&BillingProvider> {
-        self.providers.iter().find(|p| &p.kind == kind)
-    }
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ProviderKind {
-    Stripe,
-    Dodo,
-    Polar,
-    /// `[billing.standard.<name>]`: our normalized event, signed with Standard Webhooks.
-    Standard(String),
-}
-
-impl ProviderKind {
-    /// The name stored with events and subscriptions (`stripe`, `standard:<name>`).
-    pub fn key(&self) -> String {
-        match self {
-            ProviderKind::Stripe => "stripe".into(),
-            ProviderKind::Dodo => "dodo".into(),
-            ProviderKind::Polar => "polar".into(),
-            ProviderKind::Standard(n) => format!("standard:{n}"),
-        }
-    }
-
-    /// How a Standard Webhooks secret becomes the HMAC key; `None` for Stripe, which signs with
-    /// the secret's bytes as they are.
-    pub fn key_encoding(&self) -> Option<crate::webhooks::signature::StandardKeyEncoding> {
-        use crate::webhooks::signature::StandardKeyEncoding;
-        match self {
-            ProviderKind::Stripe => None,
-            ProviderKind::Polar => Some(StandardKeyEncoding::Utf8Bytes),
-            ProviderKind::Dodo | ProviderKind::Standard(_) => {
-                Some(StandardKeyEncoding::Base64AfterWhsecPrefix)
-            }
-        }
-    }
-
-    /// Label for metrics: bounded, so every standard endpoint shares one.
-    pub fn metric_label(&self) -> &'static str {
-        match self {
-            ProviderKind::Stripe => "stripe",
-            ProviderKind::Dodo => "dodo",
-            ProviderKind::Polar => "polar",
-            ProviderKind::Standard(_) => "standard",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct BillingProvider {
-    pub kind: ProviderKind,
-    /// Several during a rotation; any one may have signed.
-    pub secrets: Vec<SecretString>,
-    /// Dotted path of the org id on the provider's object (`metadata.org_id`).
-    pub org_id_from: String,
-    /// Provider product / price id → plan id.
-    pub plans: BTreeMap<String, String>,
-}
-
 #[derive(Debug, Clone)]
 pub struct ApiSettings {
     pub listen: SocketAddr,
@@ -190,200 +121,10 @@ pub struct ApiSettings {
     pub conn: ConnSettings,
 }
 
-/// `[api.conn]` / `[proxy.conn]`: what one listener grants a client connection. The defaults
-/// are what a slow or idle client cannot turn into a resource drain.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ConnSettings {
-    /// Time to send a request's headers (and, on a fresh connection, the first request); it also
-    /// bounds how long an idle HTTP/1 keep-alive connection waits for its next request.
-    pub header_read_timeout: Duration,
-    /// Longest pause allowed inside a request body while the gateway is reading it.
-    pub body_idle_timeout: Duration,
-    /// Connections served at once; past it the listener stops accepting until one closes.
-    pub max_connections: std::num::NonZeroUsize,
-}
-
-impl Default for ConnSettings {
-    fn default() -> Self {
-        Self {
-            header_read_timeout: Duration::from_secs(10),
-            body_idle_timeout: Duration::from_secs(30),
-            max_connections: std::num::NonZeroUsize::new(10_000).expect("non-zero"),
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct RedisSettings {
-    pub url: SecretString,
-    pub key_prefix: String,
-    /// How long Redis may go without answering anything before it counts as unreachable (a
-    /// slow answer while Redis answers others is waited for; see `store::Store::await_decide`).
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    /// What decisions do while Redis is unreachable.
-    pub on_error: OnRedisError,
-    /// Fraction of each limit (of what was left of it) one replica may admit on its own while
-    /// Redis is unreachable, in `local` mode. With N replicas, 1/N never over-admits.
-    pub local_share: f64,
-    /// A single Redis (or a managed primary with replicas) or a Redis Cluster.
-    pub mode: RedisMode,
-    /// Refuse readiness while a Redis primary may evict keys (`maxmemory-policy` other than
-    /// `noeviction`): an evicted counter silently resets a budget.
-    pub require_noeviction: bool,
-}
-
-impl RedisSettings {
-    /// The node URLs: one for standalone; for a cluster, `url` may list several seeds
-    /// separated by commas.
-    /// `host:port` of each seed, for messages (never a password).
-    pub fn describe_seeds(&self) -> String {
-        self.seeds()
-            .iter()
-            .map(|s| {
-                let rest = s.split_once("://").map_or(s.as_str(), |(_, r)| r);
-                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
-                rest.split('/').next().unwrap_or(rest).to_string()
-            })
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    pub fn seeds(&self) -> Vec<String> {
-        use secrecy::ExposeSecret;
-        self.url
-            .expose_secret()
-            .split(',')
-            .map(|s| s.trim().to_string())
-            .filter(|s| !s.is_empty())
-            .collect()
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum RedisMode {
-    #[default]
-    Standalone,
-    Cluster,
-}
-
-/// The Redis-outage mode.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum OnRedisError {
-    /// Enforce plans with in-memory counters on each replica; replay admitted usage later.
-    #[default]
-    Local,
-    /// Admit everything; count locally and replay later.
-    Open,
-    /// Answer 503 for metered requests.
-    Closed,
-}
-
-impl OnRedisError {
-    /// As written in the config file.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            OnRedisError::Local => "local",
-            OnRedisError::Open => "open",
-            OnRedisError::Closed => "closed",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct DatabaseSettings {
-    pub url: SecretString,
-    pub max_connections: u32,
-    pub connect_timeout: Duration,
-    /// How long `serve` and `migrate` wait for Postgres at start-up before giving up:
-    /// orchestrators start services in any order.
-    pub start_timeout: Duration,
-}
-
-#[derive(Debug, Clone)]
-pub struct LogSettings {
-    pub format: LogFormat,
-    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
-    pub level: String,
-}
-
 #[derive(Debug, Clone)]
 pub struct UsageSettings {
     /// How long an idempotency key of `POST /v1/usage` is remembered.
     pub idempotency_ttl: Duration,
-}
-
-/// `[proxy]`, `[identity]` and `[[routes]]`: the metering reverse proxy.
-#[derive(Debug, Clone)]
-pub struct ProxySettings {
-    pub listen: SocketAddr,
-    /// Default upstream (`http://host:port`); a route may name its own.
-    pub upstream: http::Uri,
-    pub connect_timeout: Duration,
-    /// The whole upstream exchange up to the response headers; past it the client gets a 504.
-    pub request_timeout: Duration,
-    /// How long a shutdown waits for in-flight requests before closing them.
-    pub drain_timeout: Duration,
-    /// `[proxy.conn]`: timeouts and the connection cap of the proxy listener.
-    pub conn: ConnSettings,
-    pub refund_on: RefundOn,
-    pub identity: IdentitySettings,
-    pub routes: RouteTable,
-}
-
-/// Outcomes after which a request's charges are given back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RefundOn {
-    pub server_error: bool,
-    pub connect_error: bool,
-    pub timeout: bool,
-}
-
-impl Default for RefundOn {
-    fn default() -> Self {
-        Self {
-            server_error: true,
-            connect_error: true,
-            timeout: true,
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum IdentityMode {
-    /// `Authorization: Bearer <key>` or `x-api-key`, resolved through `api_keys`.
-    ApiKey,
-    /// The org id is in a header set by a trusted auth layer in front of the gateway.
-    Header,
-}
-
-impl IdentityMode {
-    /// As written in the config file.
-    pub fn as_str(&self) -> &'static str {
-        match self {
-            IdentityMode::ApiKey => "api_key",
-            IdentityMode::Header => "header",
-        }
-    }
-}
-
-#[derive(Debug, Clone)]
-pub struct IdentitySettings {
-    pub mode: IdentityMode,
-    /// The org header: read in `header` mode, removed from clients in `api_key` mode.
-    pub header: http::HeaderName,
-}
-
-impl Default for IdentitySettings {
-    fn default() -> Self {
-        Self {
-            mode: IdentityMode::ApiKey,
-            header: http::HeaderName::from_static("x-org-id"),
-        }
-    }
 }
 
 // ---- raw file shapes ----------------------------------------------------------------------
@@ -1571,6 +1312,28 @@ fn load_catalog_into(path: &Path, problems: &mut Vec<Problem>) -> Option<Catalog
     catalog_from_table(path, table, problems)
 }
 
+/// Take the table under `key`, reporting it as `wrong` (not a table) or `missing`; an empty
+/// table stands in so the other checks still run.
+fn required_table(
+    r: &mut Report<'_>,
+    table: &mut toml::Table,
+    key: &str,
+    wrong: &str,
+    missing: &str,
+) -> toml::Table {
+    match table.remove(key) {
+        Some(toml::Value::Table(t)) => t,
+        Some(_) => {
+            r.add(key, wrong);
+            toml::Table::new()
+        }
+        None => {
+            r.add(key, missing);
+            toml::Table::new()
+        }
+    }
+}
+
 fn catalog_from_table(
     path: &Path,
     mut table: toml::Table,
@@ -1607,34 +1370,20 @@ fn catalog_from_table(
         }
         None => None,
     };
-    let metrics_t = match table.remove("metrics") {
-        Some(toml::Value::Table(t)) => t,
-        Some(_) => {
-            r.add("metrics", "must be a table of metric definitions");
-            toml::Table::new()
-        }
-        None => {
-            r.add(
-                "metrics",
-                "missing: declare at least one metric under [metrics]",
-            );
-            toml::Table::new()
-        }
-    };
-    let plans_t = match table.remove("plans") {
-        Some(toml::Value::Table(t)) => t,
-        Some(_) => {
-            r.add("plans", "must be a table of plans");
-            toml::Table::new()
-        }
-        None => {
-            r.add(
-                "plans",
-                "missing: define at least one plan under [plans.<id>]",
-            );
-            toml::Table::new()
-        }
-    };
+    let metrics_t = required_table(
+        &mut r,
+        &mut table,
+        "metrics",
+        "must be a table of metric definitions",
+        "missing: declare at least one metric under [metrics]",
+    );
+    let plans_t = required_table(
+        &mut r,
+        &mut table,
+        "plans",
+        "must be a table of plans",
+        "missing: define at least one plan under [plans.<id>]",
+    );
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }

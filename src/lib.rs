@@ -1,25 +1,22 @@
 //! quota-gateway: a usage-metering and quota gateway for SaaS APIs.
 //!
 //! # Layout
-//! - `config`: typed `gateway.toml` settings and the `plans.toml` catalog, validated at start-up
-//!   with every problem reported at once.
-//! - `domain`: org ids, plans, periods, decisions and their rendering; pure, no I/O.
-//! - `store`: Redis: key layout (`store::keys`) and the one Lua script a decision runs.
-//! - `db`: Postgres: orgs, API keys, plan changes, adjustments; migrations in `migrations/`.
-//! - `directory`: the per-replica org → plan cache, invalidated through Redis pub/sub; `cache`
-//!   holds the invalidation rules it shares with the proxy's API-key cache.
-//! - `flush`: writes changed monthly counters to Postgres (`usage_counters`), the billing record.
-//! - `local`: deciding while Redis is unreachable, and replaying what was admitted meanwhile.
-//! - `quota`: the use cases that combine catalog, directory, store and clock.
-//! - `proxy`: the metering reverse proxy on `[proxy].listen` (identify → decide → forward →
-//!   record), with route matching, header hygiene and API-key identity in submodules.
-//! - `api`: the HTTP routes; `respond` renders decisions; `error` maps errors to HTTP.
-//! - `reload`: hot reload of the plan catalog (SIGHUP or a change on disk).
-//! - `metrics`: the Prometheus registry and every metric, served at `/metrics`.
-//! - `singleflight`: one lookup per burst of concurrent cache misses for the same key.
-//! - `serve`: the accept loop both listeners share: connection cap, header and body timeouts,
-//!   `Host` checks.
-//! - `startup`, `shutdown`, `telemetry`, `clock`: running the process.
+//! From the edges in; each module imports only from those below it (no circles).
+//! - `main`, `startup`: the binary and the composition root, which builds every part and hands
+//!   each only what it uses; `shutdown`, `telemetry`, `serve` (the accept loop both listeners
+//!   share: connection cap, header and body timeouts, `Host` checks).
+//! - Inbound HTTP: `api` (`/v1`, `/admin`, health; its own state), `proxy` (the metering reverse
+//!   proxy: identify → decide → forward → record), `webhooks` (billing providers; their own
+//!   state), all answering through `http` (errors and decisions → responses, in one place).
+//! - Jobs: `flush` (counters → Postgres), `reload` (the plan catalog), the billing scheduler
+//!   (`webhooks::scheduler`), recovery (`local::LocalMode::recover`).
+//! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
+//!   owning `local` (deciding while Redis is unreachable and replaying it exactly once) and
+//!   `directory` (the per-replica org cache; `cache` holds its invalidation rules).
+//! - Adapters: `store` (Redis: keys, Lua scripts, the in-doubt machinery), `db` (Postgres).
+//! - `config`: typed settings and the catalog, validated at start-up, every problem at once.
+//! - `domain`: org ids, plans, periods, decisions, modes and their rendering; pure, no I/O.
+//! - `metrics`, `clock`, `singleflight`: small shared parts.
 
 pub mod api;
 pub mod cache;
@@ -28,14 +25,13 @@ pub mod config;
 pub mod db;
 pub mod directory;
 pub mod domain;
-pub mod error;
 pub mod flush;
+pub mod http;
 pub mod local;
 pub mod metrics;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
-pub mod respond;
 pub mod serve;
 pub mod shutdown;
 pub mod singleflight;

@@ -36,13 +36,35 @@ use dashmap::DashMap;
 use governor::{DefaultKeyedRateLimiter, Quota};
 use tokio_util::sync::CancellationToken;
 
-use crate::config::OnRedisError;
-use crate::domain::decision::{Limit, LimitReply, MAX_COUNTER, Target};
+use crate::db::DbError;
+use crate::domain::decision::Mode;
+use crate::domain::decision::{Limit, LimitReply, MAX_COUNTER, OnRedisError, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
 use crate::store::{
-    InDoubt, KeySpec, Mode, REPLAY_IDEMPOTENCY_TTL, Reply, SpecKind, Status, Store,
+    Batch, InDoubt, KeySpec, REPLAY_IDEMPOTENCY_TTL, Reply, SpecKind, Status, Store, StoreError,
 };
+
+/// Why a replay did not go through; it is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplayError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Db(#[from] DbError),
+}
+
+/// What recovery needs from the layer that owns this one: the time, and sending one batch to
+/// Redis with the org's counters restored first if Redis lost them (that dance lives with the
+/// decisions, once).
+pub trait Replayer: Send + Sync {
+    fn now(&self) -> chrono::DateTime<chrono::Utc>;
+    fn send(
+        &self,
+        batch: &Batch,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> impl std::future::Future<Output = Result<Status, ReplayError>> + Send;
+}
 
 /// How often a degraded replica probes Redis and retries its replay.
 const PROBE_EVERY: Duration = Duration::from_millis(250);
@@ -60,19 +82,6 @@ struct Pending {
     kind: SpecKind,
     param: i64,
     amount: i64,
-}
-
-/// Units to add to Redis under one idempotency key; kept until Redis confirms them.
-#[derive(Debug, Clone)]
-pub struct Batch {
-    pub org: OrgId,
-    /// The idempotency key: `replay:<uuid>`, or a usage report's own key.
-    pub key: String,
-    pub ttl_ms: u64,
-    pub specs: Vec<KeySpec>,
-    /// Gives back units Redis counted for a request this replica refused: it never counted
-    /// against the local cap.
-    pub compensation: bool,
 }
 
 /// A locally made decision whose Redis call is in doubt.
@@ -526,15 +535,21 @@ impl LocalMode {
 
     /// Probe Redis while degraded and replay pending usage; apply what other replicas left in
     /// Postgres; on `stop`, hand Redis (or else Postgres) everything still unconfirmed.
-    pub async fn recover(self: Arc<Self>, state: crate::api::SharedState, stop: CancellationToken) {
-        let store = state.quota.store().clone();
+    pub async fn recover<R: Replayer>(
+        self: Arc<Self>,
+        replayer: Arc<R>,
+        store: Store,
+        pool: sqlx::PgPool,
+        stop: CancellationToken,
+    ) {
+        let (replayer, pool) = (&*replayer, &pool);
         let mut tick = tokio::time::interval(PROBE_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut last_outbox: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => {
-                    self.drain_on_shutdown(&state, &store).await;
+                    self.drain_on_shutdown(replayer, pool).await;
                     return;
                 }
                 _ = tick.tick() => {}
@@ -542,7 +557,7 @@ impl LocalMode {
             if !self.is_degraded() && !self.has_work() {
                 if last_outbox.is_none_or(|t| t.elapsed() >= OUTBOX_EVERY) {
                     last_outbox = Some(tokio::time::Instant::now());
-                    match self.apply_outbox(&state, &store).await {
+                    match self.apply_outbox(replayer, pool).await {
                         Ok(0) => {}
                         Ok(n) => {
                             tracing::info!(units = n, "applied usage left in the replay outbox")
@@ -557,7 +572,7 @@ impl LocalMode {
             if store.ping().await.is_err() {
                 continue;
             }
-            match self.replay(&state, &store, state.quota.now()).await {
+            match self.replay(replayer, replayer.now()).await {
                 Ok(0) => {}
                 Ok(n) => tracing::info!(
                     units = n,
@@ -581,7 +596,7 @@ impl LocalMode {
     /// Shutdown: wait a little for calls in doubt, then replay everything; what Redis does not
     /// take goes to the replay outbox in Postgres. Nothing admitted is dropped while either store
     /// is up.
-    async fn drain_on_shutdown(&self, state: &crate::api::SharedState, store: &Store) {
+    async fn drain_on_shutdown(&self, replayer: &impl Replayer, pool: &sqlx::PgPool) {
         let wait_until = tokio::time::Instant::now() + Duration::from_secs(2);
         while self.in_doubt() > 0 && tokio::time::Instant::now() < wait_until {
             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -601,7 +616,7 @@ impl LocalMode {
         if !self.has_work() {
             return;
         }
-        match self.replay(state, store, state.quota.now()).await {
+        match self.replay(replayer, replayer.now()).await {
             Ok(n) => {
                 tracing::info!(units = n, "replayed admitted usage before exiting");
                 return;
@@ -620,7 +635,7 @@ impl LocalMode {
             .flat_map(|b| &b.specs)
             .map(|s| s.amount)
             .sum();
-        match crate::db::outbox::put(&state.pool, &batches).await {
+        match crate::db::outbox::put(pool, &batches).await {
             Ok(()) => tracing::info!(
                 units,
                 batches = batches.len(),
@@ -636,18 +651,18 @@ impl LocalMode {
     /// Apply batches other replicas (or this one, before a restart) left in Postgres.
     async fn apply_outbox(
         &self,
-        state: &crate::api::SharedState,
-        store: &Store,
-    ) -> Result<i64, crate::quota::QuotaError> {
-        let mut tx = state.pool.begin().await.map_err(crate::db::DbError::from)?;
+        replayer: &impl Replayer,
+        pool: &sqlx::PgPool,
+    ) -> Result<i64, ReplayError> {
+        let mut tx = pool.begin().await.map_err(DbError::from)?;
         let claimed = crate::db::outbox::claim(&mut tx).await?;
         if claimed.is_empty() {
             return Ok(0);
         }
-        let now = state.quota.now();
+        let now = replayer.now();
         let mut units = 0;
         for (_, batch) in &claimed {
-            if self.send(state, store, batch, now).await? == Status::WouldOverflow {
+            if replayer.send(batch, now).await? == Status::WouldOverflow {
                 self.overflowed(batch);
                 continue;
             }
@@ -655,7 +670,7 @@ impl LocalMode {
         }
         let ids: Vec<uuid::Uuid> = claimed.iter().map(|(id, _)| *id).collect();
         crate::db::outbox::remove(&mut tx, &ids).await?;
-        tx.commit().await.map_err(crate::db::DbError::from)?;
+        tx.commit().await.map_err(DbError::from)?;
         Ok(units)
     }
 
@@ -676,44 +691,14 @@ impl LocalMode {
         );
     }
 
-    /// Replay one batch, restoring the org's counters first if Redis lost them.
-    async fn send(
-        &self,
-        state: &crate::api::SharedState,
-        store: &Store,
-        batch: &Batch,
-        now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<Status, crate::quota::QuotaError> {
-        let ttl = Duration::from_millis(batch.ttl_ms);
-        let mut status = store
-            .replay(&batch.org, &batch.specs, &batch.key, ttl, now)
-            .await?;
-        if status == Status::NeedsRestore {
-            // Redis lost the org's counters meanwhile: restore them first, then add ours.
-            let catalog = state.quota.catalog();
-            state.quota.restore_org(&catalog, &batch.org, now).await?;
-            status = store
-                .replay(&batch.org, &batch.specs, &batch.key, ttl, now)
-                .await?;
-        }
-        if status == Status::NeedsRestore {
-            return Err(crate::store::StoreError::Protocol(
-                "restore marker missing during replay".into(),
-            )
-            .into());
-        }
-        Ok(status)
-    }
-
     /// Seal pending usage into batches and send them; a batch leaves only when Redis confirmed
     /// it (applied, or already applied by an earlier attempt). Until then its units keep
     /// counting against the local cap.
     async fn replay(
         &self,
-        state: &crate::api::SharedState,
-        store: &Store,
+        replayer: &impl Replayer,
         now: chrono::DateTime<chrono::Utc>,
-    ) -> Result<i64, crate::quota::QuotaError> {
+    ) -> Result<i64, ReplayError> {
         let batches = {
             let mut ledger = self.ledger();
             ledger.seal();
@@ -722,7 +707,7 @@ impl LocalMode {
         let mut replayed = 0;
         let mut left = batches.into_iter();
         while let Some(batch) = left.next() {
-            let status = match self.send(state, store, &batch, now).await {
+            let status = match replayer.send(&batch, now).await {
                 Ok(status) => status,
                 Err(e) => {
                     let mut ledger = self.ledger();

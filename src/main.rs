@@ -30,6 +30,18 @@ struct Cli {
     command: Command,
 }
 
+/// `--config`, the same for every command.
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The gateway's settings file (it names the plan catalog).
+    #[arg(
+        long = "config",
+        env = "QUOTA_GATEWAY_CONFIG",
+        default_value = "config/gateway.toml"
+    )]
+    path: PathBuf,
+}
+
 #[derive(Clone, Copy, clap::ValueEnum)]
 enum ExportFormat {
     Csv,
@@ -40,33 +52,21 @@ enum ExportFormat {
 enum Command {
     /// Run the gateway (runs pending migrations first unless --no-migrate).
     Serve {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// Do not run database migrations at start-up.
         #[arg(long)]
         no_migrate: bool,
     },
     /// Validate the configuration and print a summary of plans and metrics.
     CheckConfig {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
     /// Write every org's usage of one month (from Postgres) to stdout, for billing.
     Export {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
         /// The month, as YYYY-MM.
         #[arg(long)]
         period: String,
@@ -75,12 +75,8 @@ enum Command {
     },
     /// Apply pending database migrations and exit.
     Migrate {
-        #[arg(
-            long,
-            env = "QUOTA_GATEWAY_CONFIG",
-            default_value = "config/gateway.toml"
-        )]
-        config: PathBuf,
+        #[command(flatten)]
+        config: ConfigArg,
     },
 }
 
@@ -102,9 +98,9 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let env = EnvOverrides::from_env();
     match cli.command {
-        Command::CheckConfig { config } => match config::load(&config, &env) {
+        Command::CheckConfig { config } => match config::load(&config.path, &env) {
             Ok((settings, catalog)) => {
-                print_summary(&config, &settings.plans_path, &catalog);
+                print_summary(&config.path, &settings.plans_path, &catalog);
                 print_proxy_summary(&settings);
                 print_billing_summary(&settings);
                 ExitCode::SUCCESS
@@ -119,7 +115,7 @@ async fn run(cli: Cli) -> ExitCode {
             period,
             format,
         } => {
-            let (settings, _) = match config::load(&config, &env) {
+            let (settings, _) = match config::load(&config.path, &env) {
                 Ok(v) => v,
                 Err(e) => {
                     eprint!("{e}");
@@ -153,8 +149,8 @@ async fn run(cli: Cli) -> ExitCode {
                         eprintln!("{period}: no usage recorded for any org");
                     } else {
                         let orgs: std::collections::HashSet<&str> =
-                            rows.iter().map(|r| r.0.as_str()).collect();
-                        let total: i64 = rows.iter().map(|r| r.3).sum();
+                            rows.iter().map(|r| r.org_id.as_str()).collect();
+                        let total: i64 = rows.iter().map(|r| r.quantity).sum();
                         eprintln!(
                             "{period}: {} rows, {} orgs, {total} units in all",
                             rows.len(),
@@ -170,7 +166,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Migrate { config } => {
-            let (settings, _) = match config::load(&config, &env) {
+            let (settings, _) = match config::load(&config.path, &env) {
                 Ok(v) => v,
                 Err(e) => {
                     eprint!("{e}");
@@ -196,7 +192,7 @@ async fn run(cli: Cli) -> ExitCode {
             }
         }
         Command::Serve { config, no_migrate } => {
-            let (settings, catalog) = match config::load(&config, &env) {
+            let (settings, catalog) = match config::load(&config.path, &env) {
                 Ok(v) => v,
                 Err(e) => {
                     eprint!("{e}");
@@ -229,28 +225,29 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn render_export(
-    rows: &[(String, String, chrono::DateTime<chrono::Utc>, i64)],
-    format: ExportFormat,
-) -> String {
+fn render_export(rows: &[db::usage::ExportRow], format: ExportFormat) -> String {
     let stamp =
         |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     match format {
         // Org ids and metric ids cannot contain commas or quotes, so no field needs quoting.
         ExportFormat::Csv => {
             let mut out = String::from("org_id,metric,period_start,quantity\n");
-            for (org, metric, start, quantity) in rows {
-                out.push_str(&format!("{org},{metric},{},{quantity}\n", stamp(start)));
+            for r in rows {
+                let (org, metric, quantity) = (&r.org_id, &r.metric, r.quantity);
+                out.push_str(&format!(
+                    "{org},{metric},{},{quantity}\n",
+                    stamp(&r.period_start)
+                ));
             }
             out
         }
         ExportFormat::Json => {
             let items: Vec<serde_json::Value> = rows
                 .iter()
-                .map(|(org, metric, start, quantity)| {
+                .map(|r| {
                     serde_json::json!({
-                        "org_id": org, "metric": metric,
-                        "period_start": stamp(start), "quantity": quantity,
+                        "org_id": r.org_id, "metric": r.metric,
+                        "period_start": stamp(&r.period_start), "quantity": r.quantity,
                     })
                 })
                 .collect();

@@ -1,8 +1,8 @@
-//! The quota use cases shared by `/v1/*` and (later) the proxy: resolve an org's plan, build the
+//! The quota use cases shared by `/v1/*`, the proxy and recovery: resolve an org's plan, build the
 //! limits a set of charges touches, run them through the store in one round trip, and evaluate.
 //!
 //! This is the only place that combines the catalog, the org directory, the store and the clock;
-//! HTTP concerns stay in `api/` and `respond.rs`.
+//! HTTP concerns stay in `api/`, `proxy/` and `http/`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,14 +13,15 @@ use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::orgs::OrgRecord;
 use crate::directory::{Change, OrgDirectory};
+use crate::domain::decision::Mode;
 use crate::domain::decision::{
     Charge, Evaluation, LimitReply, LimitState, Outcome, Target, evaluate, limits_for,
     merge_charges,
 };
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
-use crate::local::LocalMode;
-use crate::store::{Mode, Status, Store, StoreError};
+use crate::local::{LocalMode, ReplayError, Replayer};
+use crate::store::{Batch, Reply, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -70,12 +71,14 @@ pub struct QuotaService {
 }
 
 impl QuotaService {
+    /// `local` says how decisions behave while Redis is unreachable (see `local`).
     pub fn new(
         catalog: Catalog,
         directory: Arc<OrgDirectory>,
         store: Store,
         clock: Arc<dyn Clock>,
         idempotency_ttl: Duration,
+        local: Arc<LocalMode>,
     ) -> Self {
         Self {
             catalog: ArcSwap::from_pointee(catalog),
@@ -84,19 +87,8 @@ impl QuotaService {
             clock,
             idempotency_ttl,
             shadow_everything: false,
-            local: Arc::new(LocalMode::new(
-                crate::config::OnRedisError::Closed,
-                1.0,
-                idempotency_ttl,
-                Arc::new(crate::metrics::Metrics::new()),
-            )),
+            local,
         }
-    }
-
-    /// How decisions behave while Redis is unreachable (see `local`).
-    pub fn with_local_mode(mut self, local: Arc<LocalMode>) -> Self {
-        self.local = local;
-        self
     }
 
     pub fn local(&self) -> &Arc<LocalMode> {
@@ -121,7 +113,13 @@ impl QuotaService {
                 .await?;
         let expiry = (month.end + chrono::Duration::days(7)).timestamp_millis();
         let mut entries = Vec::with_capacity(rows.len());
-        for (metric_id, quantity, version, gauge) in rows {
+        for crate::db::usage::DurableRow {
+            metric: metric_id,
+            quantity,
+            version,
+            gauge,
+        } in rows
+        {
             let Some(metric) = catalog.metric(&metric_id) else {
                 continue;
             };
@@ -150,6 +148,35 @@ impl QuotaService {
         Ok(restored)
     }
 
+    /// Ask Redis; when it answers that the org's counters are missing (Redis lost them, or a new
+    /// month began without the org's resident key), restore them from Postgres once and ask
+    /// again, handing `ask` what the first answer was. Every path that writes or reads the
+    /// org's counters goes through here.
+    async fn restoring<T, F>(
+        &self,
+        catalog: &Catalog,
+        org: &OrgId,
+        now: chrono::DateTime<chrono::Utc>,
+        mut ask: impl FnMut(Option<T>) -> F,
+        needs_restore: impl Fn(&T) -> bool,
+    ) -> Result<Result<T, StoreError>, QuotaError>
+    where
+        F: std::future::Future<Output = Result<T, StoreError>>,
+    {
+        match ask(None).await {
+            Ok(first) if needs_restore(&first) => {
+                self.restore_org(catalog, org, now).await?;
+                match ask(Some(first)).await {
+                    Ok(again) if needs_restore(&again) => Err(QuotaError::Store(
+                        StoreError::Protocol("restore marker missing right after a restore".into()),
+                    )),
+                    again => Ok(again),
+                }
+            }
+            other => Ok(other),
+        }
+    }
+
     /// Run `limits` through Redis, or locally while Redis is unreachable (per `on_error`).
     async fn run_limits(
         &self,
@@ -162,17 +189,16 @@ impl QuotaService {
     ) -> Result<(Status, Vec<LimitReply>), QuotaError> {
         let mut in_doubt = None;
         if !self.local.serves_locally() {
-            let mut result = self.store.run(org, limits, mode, now, idem).await;
-            if matches!(&result, Ok(r) if r.status == Status::NeedsRestore) {
-                self.restore_org(catalog, org, now).await?;
-                result = self.store.run(org, limits, mode, now, idem).await;
-            }
+            let result = self
+                .restoring(
+                    catalog,
+                    org,
+                    now,
+                    |_| self.store.run(org, limits, mode, now, idem),
+                    |r| r.status == Status::NeedsRestore,
+                )
+                .await?;
             match result {
-                Ok(reply) if reply.status == Status::NeedsRestore => {
-                    return Err(QuotaError::Store(StoreError::Protocol(
-                        "restore marker missing right after a restore".into(),
-                    )));
-                }
                 Ok(reply) => {
                     self.local.remember(limits, &reply);
                     return Ok((reply.status, reply.limits));
@@ -186,7 +212,7 @@ impl QuotaService {
                     if e.lost_with_connection() && mode != Mode::DryRun {
                         self.local.lost_with_connection(1);
                     }
-                    if self.local.on_error() == crate::config::OnRedisError::Closed {
+                    if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
                         return Err(e.into());
                     }
                 }
@@ -201,7 +227,7 @@ impl QuotaService {
         };
         // Redis may have applied this call: decide here (or refuse, in `closed` mode) without
         // queueing the units, and let the call's own answer say whether they must be replayed.
-        let closed = self.local.on_error() == crate::config::OnRedisError::Closed;
+        let closed = self.local.on_error() == crate::domain::decision::OnRedisError::Closed;
         let reply = (!closed && mode != Mode::DryRun)
             .then(|| self.local.decide(org, limits, &specs, mode, key, true));
         let admitted = reply
@@ -263,48 +289,42 @@ impl QuotaService {
         if self.local.serves_locally() {
             return Ok(local(false));
         }
-        let mut result = self
-            .store
-            .run_many(org, &specs, Mode::Record, now, ttl)
-            .await;
-        if let Ok(replies) = &result
-            && replies.iter().any(|r| r.status == Status::NeedsRestore)
-        {
-            // Nothing of this org was applied without its marker; another replica may have
-            // restored meanwhile, so only the items that asked are sent again.
-            self.restore_org(catalog, org, now).await?;
-            let replies = result.as_ref().map(Vec::clone).unwrap_or_default();
-            let again: Vec<usize> = (0..replies.len())
-                .filter(|i| replies[*i].status == Status::NeedsRestore)
-                .collect();
-            let retry: Vec<_> = again.iter().map(|i| specs[*i].clone()).collect();
-            result = match self
-                .store
-                .run_many(org, &retry, Mode::Record, now, ttl)
-                .await
-            {
-                Ok(second) => {
+        let needs = |r: &Reply| r.status == Status::NeedsRestore;
+        let result = self
+            .restoring(
+                catalog,
+                org,
+                now,
+                |first: Option<Vec<Reply>>| async {
+                    let Some(replies) = first else {
+                        return self
+                            .store
+                            .run_many(org, &specs, Mode::Record, now, ttl)
+                            .await;
+                    };
+                    // Nothing of this org was applied without its marker; another replica may
+                    // have restored meanwhile, so only the items that asked are sent again.
+                    let again: Vec<usize> =
+                        (0..replies.len()).filter(|i| needs(&replies[*i])).collect();
+                    let retry: Vec<_> = again.iter().map(|i| specs[*i].clone()).collect();
+                    let second = self
+                        .store
+                        .run_many(org, &retry, Mode::Record, now, ttl)
+                        .await?;
                     let mut merged = replies;
                     for (i, r) in again.into_iter().zip(second) {
                         merged[i] = r;
                     }
                     Ok(merged)
-                }
-                Err(e) => Err(e),
-            };
-        }
+                },
+                |replies: &Vec<Reply>| replies.iter().any(needs),
+            )
+            .await?;
         match result {
-            Ok(replies) => {
-                if replies.iter().any(|r| r.status == Status::NeedsRestore) {
-                    return Err(QuotaError::Store(StoreError::Protocol(
-                        "restore marker missing right after a restore".into(),
-                    )));
-                }
-                Ok(replies.iter().map(|r| recorded(r.status)).collect())
-            }
+            Ok(replies) => Ok(replies.iter().map(|r| recorded(r.status)).collect()),
             Err(StoreError::InDoubt(after, call)) => {
                 self.local.trip();
-                if self.local.on_error() == crate::config::OnRedisError::Closed {
+                if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
                     let decisions = specs
                         .into_iter()
                         .map(|(s, k)| (org.clone(), s, k.map(str::to_owned), false))
@@ -333,7 +353,7 @@ impl QuotaService {
                 if e.lost_with_connection() {
                     self.local.lost_with_connection(items.len());
                 }
-                if self.local.on_error() == crate::config::OnRedisError::Closed {
+                if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
                     return Err(e.into());
                 }
                 Ok(local(false))
@@ -453,17 +473,7 @@ impl QuotaService {
         org: &OrgId,
         charge: Charge<'c>,
     ) -> Result<Decision<'c>, QuotaError> {
-        let (plan, record) = self.org(catalog, org).await?;
-        let now = self.clock.now();
-        let limits: Vec<_> = limits_for(plan, &[charge], now, record.billing_anchor)
-            .into_iter()
-            .filter(|l| !l.is_rate())
-            .collect();
-        let reply = self
-            .store
-            .run(org, &limits, Mode::Record, now, None)
-            .await?;
-        let eval = evaluate(limits, &reply.limits, reply.status == Status::Applied, now);
+        let (plan, eval) = self.record_counters(catalog, org, &[charge]).await?;
         Ok(Decision {
             plan,
             eval,
@@ -482,8 +492,6 @@ impl QuotaService {
         org: &OrgId,
         charges: &[Charge<'c>],
     ) -> Result<(), QuotaError> {
-        let (plan, record) = self.org(catalog, org).await?;
-        let now = self.clock.now();
         let credits: Vec<Charge<'c>> = merge_charges(charges)
             .into_iter()
             .map(|c| Charge {
@@ -491,17 +499,35 @@ impl QuotaService {
                 amount: -c.amount,
             })
             .collect();
-        let limits: Vec<_> = limits_for(plan, &credits, now, record.billing_anchor)
+        self.record_counters(catalog, org, &credits).await?;
+        Ok(())
+    }
+
+    /// What adjustments and refunds share: apply `charges` to the org's counters and meters,
+    /// never denied, rates left out, through the same path as every decision (restore after a
+    /// Redis loss, degraded mode while Redis is unreachable).
+    async fn record_counters<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+    ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let now = self.clock.now();
+        let limits: Vec<_> = limits_for(plan, charges, now, record.billing_anchor)
             .into_iter()
             .filter(|l| !l.is_rate())
             .collect();
         if limits.is_empty() {
-            return Ok(());
+            return Ok((plan, evaluate(limits, &[], false, now)));
         }
-        self.store
-            .run(org, &limits, Mode::Record, now, None)
+        let (status, replies) = self
+            .run_limits(catalog, org, &limits, Mode::Record, now, None)
             .await?;
-        Ok(())
+        Ok((
+            plan,
+            evaluate(limits, &replies, status == Status::Applied, now),
+        ))
     }
 
     /// The org's current usage: one state per declared metric (the limit nearest exhaustion when a
@@ -534,18 +560,18 @@ impl QuotaService {
             .into_iter()
             .filter(|l| !matches!(l.target, Target::Rate { .. }))
             .collect();
-        let values = match self.store.read(org, &limits, now).await? {
-            Some(v) => v,
-            None => {
-                // Redis lost the org's counters (or never held them): restore first, so the
-                // view never shows zero for usage Postgres knows about.
-                self.restore_org(catalog, org, now).await?;
-                self.store
-                    .read(org, &limits, now)
-                    .await?
-                    .unwrap_or_else(|| vec![0; limits.len()])
-            }
-        };
+        // Redis lost the org's counters (or never held them): restored first, so the view never
+        // shows zero for usage Postgres knows about.
+        let values = self
+            .restoring(
+                catalog,
+                org,
+                now,
+                |_| self.store.read(org, &limits, now),
+                Option::is_none,
+            )
+            .await??
+            .unwrap_or_else(|| vec![0; limits.len()]);
         let replies: Vec<LimitReply> = values
             .into_iter()
             .map(|value| LimitReply {
@@ -575,6 +601,44 @@ impl QuotaService {
             }
         }
         Ok(chosen)
+    }
+}
+
+impl From<QuotaError> for ReplayError {
+    fn from(e: QuotaError) -> Self {
+        match e {
+            QuotaError::Store(e) => ReplayError::Store(e),
+            QuotaError::Db(e) => ReplayError::Db(e),
+        }
+    }
+}
+
+/// Recovery replays through the same restore path as decisions.
+impl Replayer for QuotaService {
+    fn now(&self) -> chrono::DateTime<chrono::Utc> {
+        self.clock.now()
+    }
+
+    async fn send(
+        &self,
+        batch: &Batch,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Status, ReplayError> {
+        let ttl = Duration::from_millis(batch.ttl_ms);
+        let catalog = self.catalog();
+        let status = self
+            .restoring(
+                &catalog,
+                &batch.org,
+                now,
+                |_| {
+                    self.store
+                        .replay(&batch.org, &batch.specs, &batch.key, ttl, now)
+                },
+                |s| *s == Status::NeedsRestore,
+            )
+            .await??;
+        Ok(status)
     }
 }
 

@@ -7,13 +7,15 @@
 //! the rename an editor or a ConfigMap update does.
 
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::SharedState;
 use crate::config::{self, ConfigError, Settings};
+use crate::metrics::Metrics;
+use crate::quota::QuotaService;
 
 const POLL_EVERY: Duration = Duration::from_secs(1);
 
@@ -41,7 +43,7 @@ fn stat(path: &Path) -> Option<(Option<SystemTime>, u64)> {
 fn reload_if_changed(
     path: &Path,
     settings: &Settings,
-    state: &SharedState,
+    quota: &QuotaService,
     seen: &mut Seen,
     force: bool,
 ) -> Result<Reloaded, ConfigError> {
@@ -81,12 +83,17 @@ fn reload_if_changed(
     // The rest of the configuration must still hold with the new catalog (proxy routes name
     // metrics, for instance).
     config::check_against_catalog(settings, &catalog)?;
-    state.quota.replace_catalog(catalog);
+    quota.replace_catalog(catalog);
     Ok(Reloaded::Replaced)
 }
 
 /// Follow SIGHUP and the file until `stop` fires.
-pub async fn follow(settings: Settings, state: SharedState, stop: CancellationToken) {
+pub async fn follow(
+    settings: Settings,
+    quota: Arc<QuotaService>,
+    metrics: Arc<Metrics>,
+    stop: CancellationToken,
+) {
     let path = settings.plans_path.clone();
     let mut seen = Seen::default();
     if let Ok(text) = std::fs::read(&path) {
@@ -126,14 +133,10 @@ pub async fn follow(settings: Settings, state: SharedState, stop: CancellationTo
                 true
             }
         };
-        match reload_if_changed(&path, &settings, &state, &mut seen, force) {
+        match reload_if_changed(&path, &settings, &quota, &mut seen, force) {
             Ok(Reloaded::Replaced) => {
-                let catalog = state.quota.catalog();
-                state
-                    .metrics
-                    .catalog_reloads
-                    .with_label_values(&["ok"])
-                    .inc();
+                let catalog = quota.catalog();
+                metrics.catalog_reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(
                     file = %path.display(),
                     plans = catalog.plans.len(),
@@ -143,8 +146,7 @@ pub async fn follow(settings: Settings, state: SharedState, stop: CancellationTo
             }
             Ok(Reloaded::Unchanged) => {}
             Err(e) => {
-                state
-                    .metrics
+                metrics
                     .catalog_reloads
                     .with_label_values(&["rejected"])
                     .inc();

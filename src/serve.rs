@@ -41,8 +41,7 @@ use tokio::time::{Instant, Sleep};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::ConnSettings;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::metrics::Metrics;
 
 /// One listener's bounds and where it reports.
@@ -401,5 +400,28 @@ mod tests {
         assert!(check_host(&req("http://a.example:81/x", &["a.example"])).is_err());
         assert!(check_host(&req("http://a.example/x", &["not a host"])).is_err());
         assert!(check_host(&req("http://a.example/x", &[])).is_ok());
+    }
+}
+
+/// `[api.conn]` / `[proxy.conn]`: what one listener grants a client connection. The defaults
+/// are what a slow or idle client cannot turn into a resource drain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnSettings {
+    /// Time to send a request's headers (and, on a fresh connection, the first request); it also
+    /// bounds how long an idle HTTP/1 keep-alive connection waits for its next request.
+    pub header_read_timeout: Duration,
+    /// Longest pause allowed inside a request body while the gateway is reading it.
+    pub body_idle_timeout: Duration,
+    /// Connections served at once; past it the listener stops accepting until one closes.
+    pub max_connections: std::num::NonZeroUsize,
+}
+
+impl Default for ConnSettings {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            body_idle_timeout: Duration::from_secs(30),
+            max_connections: std::num::NonZeroUsize::new(10_000).expect("non-zero"),
+        }
     }
 }

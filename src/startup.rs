@@ -20,12 +20,16 @@ use crate::directory::OrgDirectory;
 use crate::domain::plan::Catalog;
 use crate::local::LocalMode;
 use crate::metrics::Metrics;
-use crate::proxy::{ProxyServer, ProxyState};
+use crate::proxy::{ProxyDeps, ProxyServer, ProxyState};
 use crate::quota::QuotaService;
 use crate::store::Store;
+use crate::webhooks::Webhooks;
 
 /// How long a shutdown lets API requests in flight finish before closing their connections.
 const API_DRAIN: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for each background task (the final replay and flush included).
+const TASK_STOP: Duration = Duration::from_secs(15);
 
 /// How long start-up waits for the org-change subscription before serving anyway (the
 /// directory then distrusts its cache until the subscription is up).
@@ -118,15 +122,71 @@ impl Application {
             );
             local.trip();
         }
-        let quota = QuotaService::new(
-            catalog,
-            directory,
-            store,
-            options.clock,
-            settings.usage.idempotency_ttl,
-        )
-        .with_enforcement(settings.enforcement)
-        .with_local_mode(local.clone());
+        // The composition root: each part gets what it uses, nothing more.
+        let quota = Arc::new(
+            QuotaService::new(
+                catalog,
+                directory,
+                store.clone(),
+                options.clock.clone(),
+                settings.usage.idempotency_ttl,
+                local.clone(),
+            )
+            .with_enforcement(settings.enforcement),
+        );
+        let webhooks = Webhooks::new(crate::webhooks::Parts {
+            pool: pool.clone(),
+            billing: settings.billing.clone(),
+            quota: quota.clone(),
+            metrics: metrics.clone(),
+        });
+        // The recovery task and the flusher stop only after the listeners have drained, in
+        // that order: decisions made by the last requests are replayed, and the final flush
+        // carries the replay (see `run_until_stopped`).
+        let recovery_stop = CancellationToken::new();
+        let recovery = tokio::spawn(local.clone().recover(
+            quota.clone(),
+            store.clone(),
+            pool.clone(),
+            recovery_stop.clone(),
+        ));
+        let flush_stop = CancellationToken::new();
+        let flusher = tokio::spawn(crate::flush::run(
+            store.clone(),
+            pool.clone(),
+            metrics.clone(),
+            options.clock.clone(),
+            settings.flush.interval,
+            settings.redis.seeds(),
+            flush_stop.clone(),
+        ));
+        let downgrades = tokio::spawn(crate::webhooks::scheduler::run(
+            webhooks.clone(),
+            stop.child_token(),
+        ));
+        crate::config::check_against_catalog(&settings, &quota.catalog())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let proxy = match settings.proxy.clone() {
+            Some(p) => {
+                let deps = ProxyDeps {
+                    quota: quota.clone(),
+                    metrics: metrics.clone(),
+                    pool: pool.clone(),
+                };
+                Some(ProxyServer::bind(p, deps).await?)
+            }
+            None => None,
+        };
+        let eviction = tokio::spawn(crate::store::eviction::watch(
+            store.clone(),
+            stop.child_token(),
+        ));
+        let reloader = tokio::spawn(crate::reload::follow(
+            settings.clone(),
+            quota.clone(),
+            metrics.clone(),
+            stop.child_token(),
+        ));
         let state = Arc::new(AppState {
             quota,
             metrics,
@@ -134,39 +194,8 @@ impl Application {
             admin_token: settings.api.admin_token.clone(),
             service_token: settings.api.service_token.clone(),
             guard: FloodGuard::new(settings.api.guard_per_second, settings.api.guard_burst),
-            billing: settings.billing.clone(),
+            webhooks,
         });
-        // The recovery task and the flusher stop only after the listeners have drained, in
-        // that order: decisions made by the last requests are replayed, and the final flush
-        // carries the replay (see `run_until_stopped`).
-        let recovery_stop = CancellationToken::new();
-        let recovery = tokio::spawn(local.clone().recover(state.clone(), recovery_stop.clone()));
-        let flush_stop = CancellationToken::new();
-        let flusher = tokio::spawn(crate::flush::run(
-            state.clone(),
-            settings.flush.interval,
-            settings.redis.seeds(),
-            flush_stop.clone(),
-        ));
-        let downgrades = tokio::spawn(crate::webhooks::scheduler::run(
-            state.clone(),
-            stop.child_token(),
-        ));
-        crate::config::check_against_catalog(&settings, &state.quota.catalog())
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        let proxy = match settings.proxy.clone() {
-            Some(p) => Some(ProxyServer::bind(p, state.clone()).await?),
-            None => None,
-        };
-        let eviction = tokio::spawn(crate::store::eviction::watch(
-            state.quota.store().clone(),
-            stop.child_token(),
-        ));
-        let reloader = tokio::spawn(crate::reload::follow(
-            settings.clone(),
-            state.clone(),
-            stop.child_token(),
-        ));
         let listener = TcpListener::bind(settings.api.listen)
             .await
             .with_context(|| format!("binding the API listener on {}", settings.api.listen))?;
@@ -305,10 +334,14 @@ impl Application {
             if let Some(own_stop) = own_stop {
                 own_stop.cancel();
             }
-            match tokio::time::timeout(Duration::from_secs(15), task).await {
+            match tokio::time::timeout(TASK_STOP, task).await {
                 Ok(Ok(())) => tracing::info!(task = name, "stopped"),
                 Ok(Err(e)) => tracing::error!(task = name, error = %e, "task failed"),
-                Err(_) => tracing::warn!(task = name, "did not stop within 15s"),
+                Err(_) => tracing::warn!(
+                    task = name,
+                    waited_s = TASK_STOP.as_secs(),
+                    "did not stop in time; leaving it"
+                ),
             }
         }
         served.context("serving the API")

@@ -2,9 +2,8 @@
 
 use std::io::IsTerminal as _;
 
+use serde::Deserialize;
 use tracing_subscriber::EnvFilter;
-
-use crate::config::{LogFormat, LogSettings};
 
 /// Install the global subscriber. `RUST_LOG`, when set, wins over `[log] level`.
 pub fn init(settings: &LogSettings) {
@@ -21,4 +20,18 @@ pub fn init(settings: &LogSettings) {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogSettings {
+    pub format: LogFormat,
+    /// An `EnvFilter` directive; `RUST_LOG` wins when set.
+    pub level: String,
 }

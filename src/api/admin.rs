@@ -29,7 +29,7 @@ use crate::domain::period;
 use crate::domain::plan::Catalog;
 use crate::domain::render::{self, PlanRef, UsageEntry};
 use crate::domain::text::{Text, present};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::quota::QuotaError;
 
 #[derive(Deserialize)]

@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::SharedState;
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 
 pub fn tokens_match(presented: &str, expected: &SecretString) -> bool {
     let expected = expected.expose_secret();

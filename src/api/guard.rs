@@ -13,7 +13,7 @@ use axum::response::Response;
 use governor::{DefaultKeyedRateLimiter, Quota};
 
 use super::SharedState;
-use crate::error::error_response;
+use crate::http::error::error_response;
 
 pub struct FloodGuard {
     limiter: DefaultKeyedRateLimiter<IpAddr>,

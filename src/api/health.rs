@@ -9,7 +9,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::{OPENAPI_JSON, SharedState};
-use crate::config::OnRedisError;
+use crate::domain::decision::OnRedisError;
 
 /// Readiness probes must answer fast even when a dependency hangs.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(1);

@@ -20,10 +20,10 @@ use axum::routing::{MethodRouter, delete, get, post, put};
 use secrecy::SecretString;
 use sqlx::PgPool;
 
-use crate::error::ApiError;
+use crate::http::error::ApiError;
 use crate::metrics::Metrics;
 use crate::quota::QuotaService;
-use crate::webhooks::handler;
+use crate::webhooks::{Webhooks, handler};
 
 pub use extract::ApiJson;
 pub use guard::FloodGuard;
@@ -31,13 +31,20 @@ pub use v1::parse_month;
 
 /// Shared state of every handler.
 pub struct AppState {
-    pub quota: QuotaService,
+    pub quota: Arc<QuotaService>,
     pub metrics: Arc<Metrics>,
     pub pool: PgPool,
     pub admin_token: SecretString,
     pub service_token: Option<SecretString>,
     pub guard: FloodGuard,
-    pub billing: Option<crate::config::BillingSettings>,
+    /// The webhook endpoints' own state (see `webhooks::Webhooks`).
+    pub webhooks: Webhooks,
+}
+
+impl axum::extract::FromRef<SharedState> for Webhooks {
+    fn from_ref(state: &SharedState) -> Self {
+        state.webhooks.clone()
+    }
 }
 
 pub type SharedState = Arc<AppState>;

@@ -9,15 +9,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::{ApiJson, SharedState};
-use crate::domain::decision::{Charge, MAX_COUNTER, Outcome};
+use crate::domain::decision::Mode;
+use crate::domain::decision::{Charge, MAX_COUNTER};
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, MetricKind};
 use crate::domain::render::{self, PlanRef, UsageEntry};
 use crate::domain::text::{Text, present};
-use crate::error::ApiError;
+use crate::http::error::ApiError;
+use crate::http::respond;
 use crate::quota::Recorded;
-use crate::respond;
-use crate::store::Mode;
 
 /// Amounts travel through JSON and Lua doubles: keep them exactly representable. One charge may
 /// be as large as a counter may ever get.
@@ -175,11 +175,7 @@ pub async fn check(
         .decide(&catalog, &org, &charges, mode, None)
         .await?;
     let headers = render::ratelimit_headers(&decision.eval);
-    let outcome = match decision.eval.outcome {
-        Outcome::Allowed => "allowed",
-        Outcome::QuotaExceeded(_) => "quota_exceeded",
-        Outcome::RateLimited(_) => "rate_limited",
-    };
+    let outcome = decision.eval.outcome.label();
     state.metrics.decision(
         "check",
         outcome,
@@ -188,8 +184,8 @@ pub async fn check(
     );
     if let Some(body) = render::denial_body(&catalog, org.as_str(), decision.plan, &decision.eval) {
         if decision.shadow {
-            // Shadow enforcement: counted and reported, never blocked.
-            tracing::info!(org = %org, plan = %decision.plan.id, outcome, "shadow mode: would deny");
+            let mut headers = headers;
+            respond::shadow_denial(&mut headers, org.as_str(), &decision.plan.id, outcome);
             let body = ShadowBody {
                 allowed: true,
                 shadow: true,
@@ -199,8 +195,6 @@ pub async fn check(
                 usage: render::usage_entries(&decision.eval),
                 would_deny: body,
             };
-            let mut headers = headers;
-            headers.retry_after = None;
             return Ok(respond::allowed(&body, &headers));
         }
         return Ok(respond::denial(&body, &headers));

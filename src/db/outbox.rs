@@ -7,7 +7,7 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::DbError;
 use crate::domain::org::OrgId;
-use crate::local::Batch;
+use crate::store::Batch;
 
 /// Rows applied per transaction.
 const CLAIM_AT_MOST: i64 = 200;

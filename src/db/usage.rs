@@ -60,8 +60,8 @@ pub async fn durable_state(
     pool: &PgPool,
     org_id: &str,
     month_start: DateTime<Utc>,
-) -> Result<Vec<(String, i64, i64, bool)>, DbError> {
-    let rows = sqlx::query(
+) -> Result<Vec<DurableRow>, DbError> {
+    Ok(sqlx::query_as(
         "(SELECT metric, quantity, version, false AS gauge FROM usage_counters \
            WHERE org_id = $1 AND period_start = $2 AND kind = 'counter') \
          UNION ALL \
@@ -72,17 +72,25 @@ pub async fn durable_state(
     .bind(org_id)
     .bind(month_start)
     .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok((
-                r.try_get("metric")?,
-                r.try_get("quantity")?,
-                r.try_get("version")?,
-                r.try_get("gauge")?,
-            ))
-        })
-        .collect()
+    .await?)
+}
+
+/// A durable counter or gauge as the ledger holds it, for putting back into Redis.
+#[derive(Debug, sqlx::FromRow)]
+pub struct DurableRow {
+    pub metric: String,
+    pub quantity: i64,
+    pub version: i64,
+    pub gauge: bool,
+}
+
+/// One line of a month's billing export.
+#[derive(Debug, sqlx::FromRow)]
+pub struct ExportRow {
+    pub org_id: String,
+    pub metric: String,
+    pub period_start: DateTime<Utc>,
+    pub quantity: i64,
 }
 
 /// One org's rows for a month: (metric, quantity).
@@ -104,25 +112,12 @@ pub async fn month(
 }
 
 /// Every org's rows for a month, for billing exports.
-pub async fn export(
-    pool: &PgPool,
-    month_start: DateTime<Utc>,
-) -> Result<Vec<(String, String, DateTime<Utc>, i64)>, DbError> {
-    let rows = sqlx::query(
+pub async fn export(pool: &PgPool, month_start: DateTime<Utc>) -> Result<Vec<ExportRow>, DbError> {
+    Ok(sqlx::query_as(
         "SELECT org_id, metric, period_start, quantity FROM usage_counters \
          WHERE period_start = $1 ORDER BY org_id, metric",
     )
     .bind(month_start)
     .fetch_all(pool)
-    .await?;
-    rows.into_iter()
-        .map(|r| {
-            Ok((
-                r.try_get("org_id")?,
-                r.try_get("metric")?,
-                r.try_get("period_start")?,
-                r.try_get("quantity")?,
-            ))
-        })
-        .collect()
+    .await?)
 }

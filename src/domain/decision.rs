@@ -11,6 +11,20 @@ use chrono::{DateTime, Utc};
 use super::period::{self, BillingAnchor, Period, Window};
 use super::plan::{Metric, MetricKind, Overage, Plan};
 
+/// How a decision treats its limits: policy (dry runs, shadow enforcement), which the store
+/// carries out.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Deny if any blocking limit would be exceeded; otherwise apply every charge.
+    Check,
+    /// The same checks; apply nothing.
+    DryRun,
+    /// Never deny; apply every charge (usage reported after the fact, adjustments).
+    Record,
+    /// Check, report what would be denied, but apply every charge anyway.
+    Shadow,
+}
+
 /// The largest value a counter or gauge may hold, and so the largest amount of one charge:
 /// 2^53 − 1, the largest integer that JSON clients and the Lua doubles of `decide.lua` both
 /// represent exactly. A charge that would take a counter past it is refused with nothing applied
@@ -231,6 +245,30 @@ impl LimitState<'_> {
     }
 }
 
+/// The Redis-outage mode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnRedisError {
+    /// Enforce plans with in-memory counters on each replica; replay admitted usage later.
+    #[default]
+    Local,
+    /// Admit everything; count locally and replay later.
+    Open,
+    /// Answer 503 for metered requests.
+    Closed,
+}
+
+impl OnRedisError {
+    /// As written in the config file.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            OnRedisError::Local => "local",
+            OnRedisError::Open => "open",
+            OnRedisError::Closed => "closed",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Allowed,
@@ -238,6 +276,17 @@ pub enum Outcome {
     QuotaExceeded(usize),
     /// Index into `Evaluation::states` of the rate that denied.
     RateLimited(usize),
+}
+
+impl Outcome {
+    /// The name in metrics and logs.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Allowed => "allowed",
+            Outcome::QuotaExceeded(_) => "quota_exceeded",
+            Outcome::RateLimited(_) => "rate_limited",
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

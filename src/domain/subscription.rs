@@ -14,7 +14,39 @@
 use chrono::{DateTime, Duration, Utc};
 use serde::{Deserialize, Serialize};
 
-pub use crate::webhooks::event::SubscriptionStatus;
+/// The four states the quota logic distinguishes. Provider vocabularies are
+/// larger; each parser documents how it folds them into these.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubscriptionStatus {
+    Active,
+    Trialing,
+    PastDue,
+    Canceled,
+}
+
+impl SubscriptionStatus {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SubscriptionStatus::Active => "active",
+            SubscriptionStatus::Trialing => "trialing",
+            SubscriptionStatus::PastDue => "past_due",
+            SubscriptionStatus::Canceled => "canceled",
+        }
+    }
+
+    /// Parses our own spelling (the serde names); providers' spellings are mapped
+    /// in their parsers because their sets differ.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "active" => Some(SubscriptionStatus::Active),
+            "trialing" => Some(SubscriptionStatus::Trialing),
+            "past_due" => Some(SubscriptionStatus::PastDue),
+            "canceled" => Some(SubscriptionStatus::Canceled),
+            _ => None,
+        }
+    }
+}
 
 /// What the gateway remembers about one provider subscription.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

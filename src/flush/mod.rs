@@ -15,7 +15,7 @@ use chrono::{DateTime, TimeZone, Utc};
 use futures_util::future::join_all;
 use tokio_util::sync::CancellationToken;
 
-use crate::api::SharedState;
+use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::usage::{self, CounterRow};
 use crate::domain::period;
@@ -148,7 +148,7 @@ const RECONCILE_EVERY: Duration = Duration::from_secs(3600);
 /// before flushing still reach Postgres. A `SCAN` over the prefix on each node: done at start-up
 /// and hourly, never per flush. Versions make re-writing unchanged counters a no-op.
 pub async fn reconcile(store: &Store, nodes: &[String]) -> Result<usize, StoreError> {
-    let pattern = format!("{}:*", store.keys().prefix());
+    let pattern = store.keys().scan_pattern();
     let mut marked = 0;
     for node in nodes {
         let client = redis::Client::open(node.as_str())?;
@@ -181,7 +181,10 @@ pub async fn reconcile(store: &Store, nodes: &[String]) -> Result<usize, StoreEr
 /// Flush every `interval` until `stop`, then once more. `nodes`: the Redis nodes to reconcile
 /// (all primaries of a cluster).
 pub async fn run(
-    state: SharedState,
+    store: Store,
+    pool: sqlx::PgPool,
+    metrics: std::sync::Arc<Metrics>,
+    clock: std::sync::Arc<dyn Clock>,
     interval: Duration,
     nodes: Vec<String>,
     stop: CancellationToken,
@@ -190,10 +193,10 @@ pub async fn run(
     let mut last_reconcile: Option<Instant> = None;
     loop {
         if last_reconcile.is_none_or(|t| t.elapsed() >= RECONCILE_EVERY) {
-            match reconcile(state.quota.store(), &nodes).await {
+            match reconcile(&store, &nodes).await {
                 Ok(n) => {
                     tracing::debug!(keys = n, "reconciled durable keys for flushing");
-                    state.metrics.flush_reconciliations.inc();
+                    metrics.flush_reconciliations.inc();
                     last_reconcile = Some(Instant::now());
                 }
                 Err(e) => tracing::warn!(error = %e, "reconciliation scan failed; retrying later"),
@@ -203,8 +206,7 @@ pub async fn run(
             _ = stop.cancelled() => break,
             _ = tokio::time::sleep(wait) => {}
         }
-        let store = state.quota.store();
-        match try_flush_once(store, &state.pool, &state.metrics, state.quota.now()).await {
+        match try_flush_once(&store, &pool, &metrics, clock.now()).await {
             Ok(o) => {
                 if o.keys > 0 {
                     tracing::debug!(keys = o.keys, rows = o.rows_written, "flushed usage");
@@ -219,14 +221,7 @@ pub async fn run(
     }
     // Final flush: everything this replica counted reaches Postgres before it exits.
     for attempt in 1..=3 {
-        match try_flush_once(
-            state.quota.store(),
-            &state.pool,
-            &state.metrics,
-            state.quota.now(),
-        )
-        .await
-        {
+        match try_flush_once(&store, &pool, &metrics, clock.now()).await {
             Ok(o) => {
                 tracing::info!(
                     keys = o.keys,

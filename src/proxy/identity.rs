@@ -17,10 +17,10 @@ use sqlx::PgPool;
 
 use super::headers::X_API_KEY;
 use crate::cache::ChangeCache;
-use crate::config::{IdentityMode, IdentitySettings};
 use crate::db::{self, DbError};
 use crate::directory::{OrgCache, OrgDirectory};
 use crate::domain::org::OrgId;
+use crate::proxy::settings::{IdentityMode, IdentitySettings};
 
 /// Past this many cached keys the cache starts over (bounds memory under key spraying).
 const MAX_CACHED_KEYS: usize = 100_000;

@@ -27,6 +27,7 @@ pub mod headers;
 pub mod identity;
 pub mod path;
 pub mod routes;
+pub mod settings;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -46,18 +47,19 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::api::SharedState;
-use crate::config::{IdentityMode, ProxySettings};
-use crate::domain::decision::{Charge, Outcome};
+use crate::domain::decision::Charge;
+use crate::domain::decision::Mode;
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
 use crate::domain::render;
-use crate::error::ApiError;
-use crate::respond;
+use crate::http::error::ApiError;
+use crate::http::respond;
+use crate::metrics::Metrics;
+use crate::quota::QuotaService;
 use crate::serve::{self, RequestBody};
-use crate::store::Mode;
 use identity::{Identifier, IdentityError};
 use routes::{ChargeSpec, RouteAction};
+use settings::{IdentityMode, ProxySettings};
 
 /// Largest reported usage accepted from an upstream header: the largest counter value.
 const MAX_REPORTED: u64 = crate::domain::decision::MAX_COUNTER as u64;
@@ -90,9 +92,17 @@ impl Drop for InFlight<'_> {
     }
 }
 
+/// What the proxy uses of the rest of the gateway.
+pub struct ProxyDeps {
+    pub quota: Arc<QuotaService>,
+    pub metrics: Arc<Metrics>,
+    /// API keys and org records (identity).
+    pub pool: sqlx::PgPool,
+}
+
 pub struct ProxyState {
     settings: ProxySettings,
-    app: SharedState,
+    app: ProxyDeps,
     identifier: Identifier,
     client: Client<HttpConnector, RequestBody>,
     /// Work that outlives a response: usage recording and WebSocket tunnels. Shutdown waits for
@@ -111,7 +121,7 @@ pub struct ProxyServer {
 }
 
 impl ProxyServer {
-    pub async fn bind(settings: ProxySettings, app: SharedState) -> anyhow::Result<Self> {
+    pub async fn bind(settings: ProxySettings, app: ProxyDeps) -> anyhow::Result<Self> {
         let listener = TcpListener::bind(settings.listen)
             .await
             .with_context(|| format!("binding the proxy listener on {}", settings.listen))?;
@@ -226,7 +236,7 @@ async fn observed(
             request_id = request_id.as_ref().and_then(|v| v.to_str().ok()).unwrap_or("-"),
             "refused a request path"
         );
-        return ApiError::BadPath(e).into_response();
+        return ApiError::BadPath(e.to_string()).into_response();
     }
     let route = state
         .settings
@@ -336,11 +346,7 @@ async fn handle(
         Err(e) => return ApiError::from(e).into_response(),
     };
     let mut limit_headers = render::ratelimit_headers(&decision.eval);
-    let outcome = match decision.eval.outcome {
-        Outcome::Allowed => "allowed",
-        Outcome::QuotaExceeded(_) => "quota_exceeded",
-        Outcome::RateLimited(_) => "rate_limited",
-    };
+    let outcome = decision.eval.outcome.label();
     obs.outcome = outcome;
     obs.plan = Some(decision.plan.id.clone());
     state.app.metrics.decision(
@@ -353,9 +359,8 @@ async fn handle(
         if !decision.shadow {
             return respond::denial(&body, &limit_headers);
         }
-        // Shadow enforcement: counted and reported, forwarded anyway.
-        tracing::info!(org = %org, plan = %decision.plan.id, outcome, "shadow mode: would deny");
-        limit_headers.retry_after = None;
+        // Forwarded anyway.
+        respond::shadow_denial(&mut limit_headers, org.as_str(), &decision.plan.id, outcome);
     }
 
     // 3. forward

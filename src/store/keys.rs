@@ -26,6 +26,11 @@ impl Keys {
         &self.prefix
     }
 
+    /// A `SCAN MATCH` pattern for every key of this gateway (reconciliation).
+    pub fn scan_pattern(&self) -> String {
+        format!("{}:*", self.prefix)
+    }
+
     fn org_base(&self, org: &OrgId, extra: usize) -> String {
         let mut s = String::with_capacity(self.prefix.len() + org.as_str().len() + 4 + extra);
         s.push_str(&self.prefix);

@@ -12,9 +12,10 @@ pub mod keys;
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
+use secrecy::SecretString;
+use serde::Deserialize;
 
-use crate::config::{RedisMode, RedisSettings};
-use crate::domain::decision::{Limit, LimitReply, Target};
+use crate::domain::decision::{Limit, LimitReply, Mode, OnRedisError, Target};
 use crate::domain::org::OrgId;
 use crate::metrics::Metrics;
 pub use connection::Conn;
@@ -109,27 +110,13 @@ const PATIENCE: u32 = 10;
 /// How long an in-doubt call's answer is awaited at most, in deadlines.
 const BACKSTOP: u32 = 30;
 
-/// How the script treats the limits it is given.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Mode {
-    /// Deny if any blocking limit would be exceeded; otherwise apply every charge.
-    Check,
-    /// The same checks; apply nothing.
-    DryRun,
-    /// Never deny; apply every charge (usage reported after the fact, adjustments).
-    Record,
-    /// Check, report what would be denied, but apply every charge anyway.
-    Shadow,
-}
-
-impl Mode {
-    fn as_arg(self) -> &'static str {
-        match self {
-            Mode::Check => "check",
-            Mode::DryRun => "dry",
-            Mode::Record => "record",
-            Mode::Shadow => "shadow",
-        }
+/// The script's spelling of a mode.
+fn mode_arg(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Check => "check",
+        Mode::DryRun => "dry",
+        Mode::Record => "record",
+        Mode::Shadow => "shadow",
     }
 }
 
@@ -218,6 +205,20 @@ fn expiry_grace(period: crate::domain::period::Period) -> chrono::Duration {
         Period::Day => chrono::Duration::hours(6),
         Period::Month => chrono::Duration::days(7),
     }
+}
+
+/// Units to add to Redis under one idempotency key (usage admitted while Redis was unreachable);
+/// kept, in memory or in Postgres's replay outbox, until Redis confirms them.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub org: OrgId,
+    /// The idempotency key: `replay:<uuid>`, or a usage report's own key.
+    pub key: String,
+    pub ttl_ms: u64,
+    pub specs: Vec<KeySpec>,
+    /// Gives back units Redis counted for a request this replica refused: it never counted
+    /// against the local cap.
+    pub compensation: bool,
 }
 
 #[derive(Clone)]
@@ -624,7 +625,7 @@ impl Store {
                 cmd.arg(&version);
             }
         }
-        cmd.arg(now.timestamp_micros()).arg(mode.as_arg());
+        cmd.arg(now.timestamp_micros()).arg(mode_arg(mode));
         match &idempotency {
             Some((_, ttl)) => cmd.arg(ttl.as_millis() as u64),
             None => cmd.arg(0),
@@ -796,4 +797,59 @@ mod tests {
         );
         assert!(script.contains(&line), "decide.lua must declare `{line}`");
     }
+}
+
+#[derive(Debug, Clone)]
+pub struct RedisSettings {
+    pub url: SecretString,
+    pub key_prefix: String,
+    /// How long Redis may go without answering anything before it counts as unreachable (a
+    /// slow answer while Redis answers others is waited for; see `store::Store::await_decide`).
+    pub timeout: Duration,
+    pub connect_timeout: Duration,
+    /// What decisions do while Redis is unreachable.
+    pub on_error: OnRedisError,
+    /// Fraction of each limit (of what was left of it) one replica may admit on its own while
+    /// Redis is unreachable, in `local` mode. With N replicas, 1/N never over-admits.
+    pub local_share: f64,
+    /// A single Redis (or a managed primary with replicas) or a Redis Cluster.
+    pub mode: RedisMode,
+    /// Refuse readiness while a Redis primary may evict keys (`maxmemory-policy` other than
+    /// `noeviction`): an evicted counter silently resets a budget.
+    pub require_noeviction: bool,
+}
+
+impl RedisSettings {
+    /// The node URLs: one for standalone; for a cluster, `url` may list several seeds
+    /// separated by commas.
+    /// `host:port` of each seed, for messages (never a password).
+    pub fn describe_seeds(&self) -> String {
+        self.seeds()
+            .iter()
+            .map(|s| {
+                let rest = s.split_once("://").map_or(s.as_str(), |(_, r)| r);
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, r)| r);
+                rest.split('/').next().unwrap_or(rest).to_string()
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    pub fn seeds(&self) -> Vec<String> {
+        use secrecy::ExposeSecret;
+        self.url
+            .expose_secret()
+            .split(',')
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    #[default]
+    Standalone,
+    Cluster,
 }

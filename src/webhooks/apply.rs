@@ -6,7 +6,6 @@
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 
-use crate::config::{BillingProvider, BillingSettings};
 use crate::db::billing::{self as store, SubscriptionRow};
 use crate::db::{DbError, orgs};
 use crate::domain::org::OrgId;
@@ -15,6 +14,7 @@ use crate::domain::subscription::{
     Ordering, StoredSubscription, SubscriptionStatus, effective_plan, ordering,
 };
 use crate::webhooks::event::{Normalized, ParsedEvent, SubscriptionEvent};
+use crate::webhooks::{BillingProvider, BillingSettings};
 
 /// What an event did.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -17,35 +17,31 @@ use axum::response::{IntoResponse, Response};
 use secrecy::ExposeSecret;
 use serde_json::json;
 
-use crate::api::SharedState;
-use crate::config::{BillingProvider, ProviderKind};
 use crate::directory::Change;
-use crate::error::error_response;
+use crate::http::error::error_response;
+use crate::webhooks::Webhooks;
 use crate::webhooks::apply::{self, Applied, Policy};
 use crate::webhooks::event::{ParsedEvent, PayloadError};
 use crate::webhooks::signature::{
     self, DEFAULT_TOLERANCE_SECS, SignatureError, StandardKeyEncoding,
 };
+use crate::webhooks::{BillingProvider, ProviderKind};
 use crate::webhooks::{standard, stripe};
 
 pub async fn stripe_hook(
-    State(state): State<SharedState>,
+    State(state): State<Webhooks>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
     receive(&state, ProviderKind::Stripe, &headers, &body).await
 }
 
-pub async fn dodo_hook(
-    State(state): State<SharedState>,
-    headers: HeaderMap,
-    body: Bytes,
-) -> Response {
+pub async fn dodo_hook(State(state): State<Webhooks>, headers: HeaderMap, body: Bytes) -> Response {
     receive(&state, ProviderKind::Dodo, &headers, &body).await
 }
 
 pub async fn polar_hook(
-    State(state): State<SharedState>,
+    State(state): State<Webhooks>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
@@ -53,7 +49,7 @@ pub async fn polar_hook(
 }
 
 pub async fn standard_hook(
-    State(state): State<SharedState>,
+    State(state): State<Webhooks>,
     Path(name): Path<String>,
     headers: HeaderMap,
     body: Bytes,
@@ -123,7 +119,7 @@ fn verify_and_parse(
 }
 
 async fn receive(
-    state: &SharedState,
+    state: &Webhooks,
     kind: ProviderKind,
     headers: &HeaderMap,
     body: &[u8],

@@ -8,10 +8,10 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 use tokio_util::sync::CancellationToken;
 
-use crate::api::SharedState;
 use crate::db::DbError;
 use crate::directory::Change;
 use crate::domain::org::OrgId;
+use crate::webhooks::Webhooks;
 use crate::webhooks::apply::{Policy, settle_org};
 
 const EVERY: Duration = Duration::from_secs(60);
@@ -20,7 +20,7 @@ const BATCH: i64 = 200;
 
 /// Apply every downgrade due at `now`; returns the orgs whose plan changed.
 pub async fn try_apply_due_once(
-    state: &SharedState,
+    state: &Webhooks,
     now: DateTime<Utc>,
 ) -> Result<Vec<OrgId>, DbError> {
     let Some(billing) = state.billing.as_ref() else {
@@ -48,7 +48,7 @@ pub async fn try_apply_due_once(
     Ok(changed)
 }
 
-pub async fn run(state: SharedState, stop: CancellationToken) {
+pub async fn run(state: Webhooks, stop: CancellationToken) {
     let mut tick = tokio::time::interval(EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {

@@ -241,11 +241,9 @@ async fn past_months_are_served_from_postgres_and_exported() {
         ),
     )
     .unwrap();
-    let run = |format: &str| {
+    let export = |period: &str, format: &str| {
         let out = Command::new(env!("CARGO_BIN_EXE_quota-gateway"))
-            .args([
-                "export", "--period", "2026-10", "--format", format, "--config",
-            ])
+            .args(["export", "--period", period, "--format", format, "--config"])
             .arg(dir.join("gateway.toml"))
             .env_remove("DATABASE_URL")
             .output()
@@ -255,8 +253,21 @@ async fn past_months_are_served_from_postgres_and_exported() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        String::from_utf8(out.stdout).unwrap()
+        (
+            String::from_utf8(out.stdout).unwrap(),
+            String::from_utf8(out.stderr).unwrap(),
+        )
     };
+    let run = |format: &str| export("2026-10", format).0;
+    // A summary on stderr (stdout stays the export alone); an empty month says so.
+    let (_, summary) = export("2026-10", "csv");
+    assert!(
+        summary.contains("2026-10: 3 rows, 2 orgs, 922 units in all"),
+        "{summary}"
+    );
+    let (empty, said) = export("2025-01", "csv");
+    assert_eq!(empty, "org_id,metric,period_start,quantity\n");
+    assert!(said.contains("2025-01: no usage recorded"), "{said}");
     assert_eq!(
         run("csv"),
         "org_id,metric,period_start,quantity\n\

@@ -354,7 +354,7 @@ async fn cancel_at_period_end_keeps_the_plan_until_the_scheduled_job_after_the_p
 
     let before_end = app.clock_now() + chrono::Duration::hours(23);
     assert!(
-        try_apply_due_once(&app.state, before_end)
+        try_apply_due_once(&app.state.webhooks, before_end)
             .await
             .unwrap()
             .is_empty()
@@ -362,7 +362,7 @@ async fn cancel_at_period_end_keeps_the_plan_until_the_scheduled_job_after_the_p
     assert_eq!(plan_of(&app, "acme").await, "pro");
 
     app.clock.advance(chrono::Duration::hours(25));
-    let changed = try_apply_due_once(&app.state, app.clock_now())
+    let changed = try_apply_due_once(&app.state.webhooks, app.clock_now())
         .await
         .unwrap();
     assert_eq!(changed.len(), 1);
@@ -376,7 +376,7 @@ async fn cancel_at_period_end_keeps_the_plan_until_the_scheduled_job_after_the_p
     assert_eq!(cause, "schedule");
     // Running the job again (or on another replica) changes nothing.
     assert!(
-        try_apply_due_once(&app.state, app.clock_now())
+        try_apply_due_once(&app.state.webhooks, app.clock_now())
             .await
             .unwrap()
             .is_empty()
@@ -420,14 +420,17 @@ async fn past_due_keeps_the_plan_for_the_grace_period_then_downgrades() {
 
     let almost = app.clock_now() + chrono::Duration::hours(71);
     assert!(
-        try_apply_due_once(&app.state, almost)
+        try_apply_due_once(&app.state.webhooks, almost)
             .await
             .unwrap()
             .is_empty()
     );
     let after = app.clock_now() + chrono::Duration::hours(73);
     assert_eq!(
-        try_apply_due_once(&app.state, after).await.unwrap().len(),
+        try_apply_due_once(&app.state.webhooks, after)
+            .await
+            .unwrap()
+            .len(),
         1
     );
     assert_eq!(plan_of(&app, "acme").await, "free");
@@ -623,7 +626,7 @@ async fn without_auto_downgrade_upgrades_apply_and_downgrades_wait_for_an_operat
     );
     let later = app.clock_now() + chrono::Duration::days(10);
     assert!(
-        try_apply_due_once(&app.state, later)
+        try_apply_due_once(&app.state.webhooks, later)
             .await
             .unwrap()
             .is_empty()

@@ -2,8 +2,10 @@
 //!
 //! Policy: modules that cross a boundary return their own `thiserror` enum (`StoreError`,
 //! `DbError`, `QuotaError`, `ConfigError`); handlers convert them into `ApiError`, and only
-//! `ApiError::into_response` decides status codes, for the API and the proxy alike. Client mistakes get a 4xx with a message that
-//! names the field; infrastructure faults get an opaque 5xx body, with the detail in the log.
+//! `ApiError::into_response` decides the status of an error, for the API and the proxy alike
+//! (a decision's 402/429 is its problem document's own, see `respond`). Client mistakes get a
+//! 4xx with a message that names the field; infrastructure faults get an opaque 5xx body, with
+//! the detail in the log.
 //! `anyhow` is for `main` and background loops only.
 
 use axum::Json;
@@ -33,8 +35,8 @@ pub enum ApiError {
     /// What was too large, and the bound.
     PayloadTooLarge(String),
     /// Proxy: a request path that has no single canonical form (see `proxy::path`): 400.
-    #[error(transparent)]
-    BadPath(#[from] crate::proxy::path::PathError),
+    #[error("{0}")]
+    BadPath(String),
     /// Duplicate `Host`, or a `Host` that disagrees with an absolute-form target (RFC 9112): 400.
     #[error("{0}")]
     BadHost(&'static str),
@@ -138,8 +140,8 @@ impl IntoResponse for ApiError {
             ApiError::PayloadTooLarge(message) => {
                 error_response(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", message)
             }
-            ApiError::BadPath(e) => {
-                error_response(StatusCode::BAD_REQUEST, "bad_path", &e.to_string())
+            ApiError::BadPath(message) => {
+                error_response(StatusCode::BAD_REQUEST, "bad_path", message)
             }
             ApiError::BadHost(message) => {
                 error_response(StatusCode::BAD_REQUEST, "bad_host", message)

@@ -38,7 +38,15 @@ pub fn insert_ratelimit_headers(headers: &mut HeaderMap, h: &RateLimitHeaders) {
     }
 }
 
-/// A 402/429 problem document with its headers.
+/// Shadow enforcement: a would-be denial is counted and logged, never answered; the caller goes
+/// on as if allowed, and its headers lose `Retry-After` (nothing has to wait).
+pub fn shadow_denial(headers: &mut RateLimitHeaders, org: &str, plan: &str, outcome: &str) {
+    tracing::info!(org, plan, outcome, "shadow mode: would deny");
+    headers.retry_after = None;
+}
+
+/// A 402/429 problem document with its headers. Its status is the document's own `status`
+/// member (RFC 9457), set by `domain::render` from the outcome.
 pub fn denial(body: &DenialBody<'_>, headers: &RateLimitHeaders) -> Response {
     let status = StatusCode::from_u16(body.status).unwrap_or(StatusCode::PAYMENT_REQUIRED);
     json_with(status, body, headers, "application/problem+json")
