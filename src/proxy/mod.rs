@@ -428,7 +428,10 @@ fn misconfigured(metric: &str) -> Response<Body> {
 }
 
 /// Take the usage-report headers off the upstream response and record valid values in the
-/// background, once per exchange (the idempotency key is generated here, never client-chosen).
+/// background, once per exchange. No idempotency key: the proxy is the only writer of these
+/// records and sends each once, and a call whose answer is late is settled by the in-doubt
+/// machinery (`local`) like any decision. A key per exchange would leave one Redis key per
+/// proxied request for the key's whole TTL, so Redis memory would grow with traffic.
 fn record_reports(
     state: &Arc<ProxyState>,
     catalog: &Arc<Catalog>,
@@ -468,7 +471,6 @@ fn record_reports(
     if reported.is_empty() {
         return;
     }
-    let exchange = format!("proxy:{}", uuid::Uuid::new_v4().simple());
     let state2 = state.clone();
     let catalog = catalog.clone();
     let org = org.clone();
@@ -485,7 +487,7 @@ fn record_reports(
         match state2
             .app
             .quota
-            .decide(&catalog, &org, &charges, Mode::Record, Some(&exchange))
+            .decide(&catalog, &org, &charges, Mode::Record, None)
             .await
         {
             Ok(_) => {}

@@ -436,6 +436,24 @@ async fn reported_usage_is_recorded_and_stripped() {
         recorded.is_some(),
         "each exchange is recorded once, separately"
     );
+    // Redis holds counters, not a record of each exchange: memory grows with orgs and metrics,
+    // never with requests.
+    for n in 0..20 {
+        let r = app.proxy_get(&format!("/report/{n}"), &key).await;
+        assert_eq!(r.status(), 200);
+    }
+    let recorded = eventually(Duration::from_secs(5), || async {
+        app.usage_of("acme", "tokens").await == 50 + (0..20).sum::<i64>()
+    })
+    .await;
+    assert!(recorded.is_some(), "all twenty recorded");
+    let per_exchange: Vec<String> = app
+        .redis_keys()
+        .await
+        .into_iter()
+        .filter(|k| k.contains(":idem:"))
+        .collect();
+    assert!(per_exchange.is_empty(), "{per_exchange:?}");
 }
 
 #[tokio::test]
