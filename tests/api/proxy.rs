@@ -438,15 +438,15 @@ async fn reported_usage_is_recorded_and_stripped() {
     );
     // Redis holds counters, not a record of each exchange: memory grows with orgs and metrics,
     // never with requests.
-    for n in 0..20 {
+    for n in 1..=5 {
         let r = app.proxy_get(&format!("/report/{n}"), &key).await;
         assert_eq!(r.status(), 200);
     }
     let recorded = eventually(Duration::from_secs(5), || async {
-        app.usage_of("acme", "tokens").await == 50 + (0..20).sum::<i64>()
+        app.usage_of("acme", "tokens").await == 50 + 15
     })
     .await;
-    assert!(recorded.is_some(), "all twenty recorded");
+    assert!(recorded.is_some(), "all five recorded");
     let per_exchange: Vec<String> = app
         .redis_keys()
         .await
