@@ -493,6 +493,9 @@ pub fn load(path: &Path, env: &EnvOverrides) -> Result<(Settings, Catalog), Conf
     {
         problems.extend(e.problems);
     }
+    // The catalog checks run while parsing too; say each problem once.
+    let mut seen = std::collections::HashSet::new();
+    problems.retain(|p| seen.insert((p.key.clone(), p.reason.clone())));
     match (settings, catalog) {
         (Some(s), Some(c)) if problems.is_empty() => Ok((s, c)),
         _ => Err(ConfigError { problems }),

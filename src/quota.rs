@@ -150,8 +150,9 @@ impl QuotaService {
 
     /// Ask Redis; when it answers that the org's counters are missing (Redis lost them, or a new
     /// month began without the org's resident key), restore them from Postgres once and ask
-    /// again, handing `ask` what the first answer was. Every path that writes or reads the
-    /// org's counters goes through here.
+    /// again, handing `ask` what the first answer was. Decisions, adjustments, the usage view
+    /// and replays go through here; a batch of reports (`record_many`) asks again for the items
+    /// that asked only.
     async fn restoring<T, F>(
         &self,
         catalog: &Catalog,
@@ -273,93 +274,94 @@ impl QuotaService {
             .zip(items)
             .map(|(ls, (_, key))| (ls.iter().map(|l| self.store.spec(org, l)).collect(), *key))
             .collect();
-        let local = |hold: bool| -> Vec<Recorded> {
-            specs
-                .iter()
-                .zip(&limits)
-                .map(|((s, key), ls)| {
+        let closed = self.local.on_error() == crate::domain::decision::OnRedisError::Closed;
+        // Items (indices into `items`) decided here, while Redis is unreachable or in doubt.
+        let decide_locally = |idx: &[usize], hold: bool| -> Vec<Recorded> {
+            idx.iter()
+                .map(|&i| {
+                    let (s, key) = &specs[i];
                     recorded(
                         self.local
-                            .decide(org, ls, s, Mode::Record, *key, hold)
+                            .decide(org, &limits[i], s, Mode::Record, *key, hold)
                             .status,
                     )
                 })
                 .collect()
         };
-        if self.local.serves_locally() {
-            return Ok(local(false));
-        }
-        let needs = |r: &Reply| r.status == Status::NeedsRestore;
-        let result = self
-            .restoring(
-                catalog,
-                org,
-                now,
-                |first: Option<Vec<Reply>>| async {
-                    let Some(replies) = first else {
-                        return self
-                            .store
-                            .run_many(org, &specs, Mode::Record, now, ttl)
-                            .await;
-                    };
-                    // Nothing of this org was applied without its marker; another replica may
-                    // have restored meanwhile, so only the items that asked are sent again.
-                    let again: Vec<usize> =
-                        (0..replies.len()).filter(|i| needs(&replies[*i])).collect();
-                    let retry: Vec<_> = again.iter().map(|i| specs[*i].clone()).collect();
-                    let second = self
-                        .store
-                        .run_many(org, &retry, Mode::Record, now, ttl)
-                        .await?;
-                    let mut merged = replies;
-                    for (i, r) in again.into_iter().zip(second) {
-                        merged[i] = r;
-                    }
-                    Ok(merged)
-                },
-                |replies: &Vec<Reply>| replies.iter().any(needs),
-            )
-            .await?;
-        match result {
-            Ok(replies) => Ok(replies.iter().map(|r| recorded(r.status)).collect()),
-            Err(StoreError::InDoubt(after, call)) => {
-                self.local.trip();
-                if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
-                    let decisions = specs
-                        .into_iter()
-                        .map(|(s, k)| (org.clone(), s, k.map(str::to_owned), false))
+        // What becomes of the items `idx` when the Redis call that carried them (in that
+        // order) failed with `e`.
+        let fall_back = |idx: &[usize], e: StoreError| -> Result<Vec<Recorded>, QuotaError> {
+            match e {
+                StoreError::InDoubt(after, call) => {
+                    self.local.trip();
+                    let outcomes = (!closed).then(|| decide_locally(idx, true));
+                    let decisions = idx
+                        .iter()
+                        .enumerate()
+                        .map(|(j, &i)| {
+                            let (s, key) = &specs[i];
+                            let counted =
+                                outcomes.as_ref().is_some_and(|o| o[j] == Recorded::Counted);
+                            (org.clone(), s.clone(), key.map(str::to_owned), counted)
+                        })
                         .collect();
                     self.local.settle(&self.store, call, decisions);
-                    return Err(StoreError::Timeout(after).into());
+                    outcomes.ok_or_else(|| StoreError::Timeout(after).into())
                 }
-                let outcomes = local(true);
-                let decisions = specs
-                    .into_iter()
-                    .zip(&outcomes)
-                    .map(|((s, k), o)| {
-                        (
-                            org.clone(),
-                            s,
-                            k.map(str::to_owned),
-                            *o == Recorded::Counted,
-                        )
-                    })
-                    .collect();
-                self.local.settle(&self.store, call, decisions);
-                Ok(outcomes)
+                e if e.is_unavailable() => {
+                    self.local.trip();
+                    if e.lost_with_connection() {
+                        self.local.lost_with_connection(idx.len());
+                    }
+                    if closed {
+                        return Err(e.into());
+                    }
+                    Ok(decide_locally(idx, false))
+                }
+                e => Err(e.into()),
             }
-            Err(e) if e.is_unavailable() => {
-                self.local.trip();
-                if e.lost_with_connection() {
-                    self.local.lost_with_connection(items.len());
-                }
-                if self.local.on_error() == crate::domain::decision::OnRedisError::Closed {
-                    return Err(e.into());
-                }
-                Ok(local(false))
-            }
-            Err(e) => Err(e.into()),
+        };
+        let all: Vec<usize> = (0..items.len()).collect();
+        if self.local.serves_locally() {
+            return Ok(decide_locally(&all, false));
         }
+        let needs = |r: &Reply| r.status == Status::NeedsRestore;
+        let first = match self
+            .store
+            .run_many(org, &specs, Mode::Record, now, ttl)
+            .await
+        {
+            Ok(replies) => replies,
+            Err(e) => return fall_back(&all, e),
+        };
+        let mut outcomes: Vec<Recorded> = first.iter().map(|r| recorded(r.status)).collect();
+        if !first.iter().any(needs) {
+            return Ok(outcomes);
+        }
+        // Nothing of this org was applied without its marker, but another replica may have
+        // restored meanwhile, so some items may be in: only the items that asked are sent
+        // again, and a failure of that second call concerns them alone (unlike `restoring`,
+        // which asks again for the whole call).
+        self.restore_org(catalog, org, now).await?;
+        let again: Vec<usize> = (0..first.len()).filter(|&i| needs(&first[i])).collect();
+        let retry: Vec<_> = again.iter().map(|&i| specs[i].clone()).collect();
+        let second = match self
+            .store
+            .run_many(org, &retry, Mode::Record, now, ttl)
+            .await
+        {
+            Ok(second) if second.iter().any(needs) => {
+                return Err(QuotaError::Store(StoreError::Protocol(
+                    "restore marker missing right after a restore".into(),
+                )));
+            }
+            Ok(second) => second.iter().map(|r| recorded(r.status)).collect(),
+            Err(e) => fall_back(&again, e)?,
+        };
+        for (i, o) in again.into_iter().zip(second) {
+            outcomes[i] = o;
+        }
+        Ok(outcomes)
     }
 
     /// Put every plan in shadow mode (`[enforcement] mode = "shadow"`).
@@ -504,8 +506,10 @@ impl QuotaService {
     }
 
     /// What adjustments and refunds share: apply `charges` to the org's counters and meters,
-    /// never denied, rates left out, through the same path as every decision (restore after a
-    /// Redis loss, degraded mode while Redis is unreachable).
+    /// never denied, rates left out, restoring the org's counters first after a Redis loss.
+    /// Redis only, never degraded mode: credits are negative amounts, and Redis clamps each at
+    /// zero in order, which a locally summed replay would not; and an adjustment is committed
+    /// in Postgres only once Redis has it. While Redis is unreachable they fail, and say so.
     async fn record_counters<'c>(
         &self,
         catalog: &'c Catalog,
@@ -521,12 +525,18 @@ impl QuotaService {
         if limits.is_empty() {
             return Ok((plan, evaluate(limits, &[], false, now)));
         }
-        let (status, replies) = self
-            .run_limits(catalog, org, &limits, Mode::Record, now, None)
-            .await?;
+        let reply = self
+            .restoring(
+                catalog,
+                org,
+                now,
+                |_| self.store.run(org, &limits, Mode::Record, now, None),
+                |r| r.status == Status::NeedsRestore,
+            )
+            .await??;
         Ok((
             plan,
-            evaluate(limits, &replies, status == Status::Applied, now),
+            evaluate(limits, &reply.limits, reply.status == Status::Applied, now),
         ))
     }
 

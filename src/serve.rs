@@ -232,7 +232,13 @@ impl ConnState {
         // An answer given before the body was read (401, 402, 429 before forwarding): hyper
         // will not read the rest, so the connection cannot carry another request. Say so, or a
         // client that reuses it sends its next request into a closing socket.
-        if http1 && !seen.finished.load(Ordering::Relaxed) {
+        // (hyper reads on by itself what is already buffered, but not what has yet to arrive,
+        // so a denied POST costs its client a new connection: a small price for never
+        // breaking one.) An upgrade keeps its `Connection: upgrade`.
+        if http1
+            && !seen.finished.load(Ordering::Relaxed)
+            && response.status() != http::StatusCode::SWITCHING_PROTOCOLS
+        {
             response
                 .headers_mut()
                 .insert(header::CONNECTION, http::HeaderValue::from_static("close"));

@@ -52,8 +52,11 @@ pub fn describe_target(settings: &DatabaseSettings) -> String {
 fn is_transient(e: &sqlx::Error) -> bool {
     match e {
         sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut => true,
-        // 57P03: the database system is starting up (or shutting down).
-        sqlx::Error::Database(d) => d.code().as_deref() == Some("57P03"),
+        // 57P03: starting up or shutting down; 57P01: shut down by an administrator (a
+        // restart); 53300: too many connections for now.
+        sqlx::Error::Database(d) => {
+            matches!(d.code().as_deref(), Some("57P03" | "57P01" | "53300"))
+        }
         _ => false,
     }
 }
@@ -66,7 +69,21 @@ pub async fn wait_and_create(settings: &DatabaseSettings) -> Result<(), DbError>
     let mut pause = std::time::Duration::from_millis(250);
     let mut attempt = 1u32;
     loop {
-        match create_if_missing(settings).await {
+        // Each attempt is bounded too: a host that drops packets would otherwise hold one
+        // attempt for the kernel's TCP timeout, whatever `start_timeout` says.
+        let left = settings.start_timeout.saturating_sub(started.elapsed());
+        let bound = settings
+            .connect_timeout
+            .min(left)
+            .max(Duration::from_millis(100));
+        let attempt_result = match tokio::time::timeout(bound, create_if_missing(settings)).await {
+            Ok(r) => r,
+            Err(_) => Err(DbError::Sqlx(sqlx::Error::Io(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!("no answer within {} ms", bound.as_millis()),
+            )))),
+        };
+        match attempt_result {
             Ok(()) => return Ok(()),
             Err(DbError::Sqlx(e)) if is_transient(&e) => {
                 let waited = started.elapsed();
@@ -118,8 +135,12 @@ pub async fn create_if_missing(settings: &DatabaseSettings) -> Result<(), DbErro
     use sqlx::migrate::MigrateDatabase;
     let url = settings.url.expose_secret();
     if !sqlx::Postgres::database_exists(url).await? {
-        sqlx::Postgres::create_database(url).await?;
-        tracing::info!("created the database");
+        match sqlx::Postgres::create_database(url).await {
+            Ok(()) => tracing::info!("created the database"),
+            // 42P04: another replica starting at the same moment created it first.
+            Err(sqlx::Error::Database(d)) if d.code().as_deref() == Some("42P04") => {}
+            Err(e) => return Err(e.into()),
+        }
     }
     Ok(())
 }

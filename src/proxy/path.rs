@@ -13,8 +13,9 @@
 //! - empty segments are merged (`//v1` is `/v1`), so a prefix route cannot be sidestepped by an
 //!   extra slash, and the upstream gets the merged form;
 //! - rejected: encoded slashes and backslashes (`%2F`, `%5C`) and raw backslashes, because
-//!   upstreams disagree on whether they separate segments; segments that are `.` or `..` once
-//!   their `;parameters` are stripped (`..;`), which servlet containers read as `..`; control
+//!   upstreams disagree on whether they separate segments; `;` path parameters anywhere
+//!   (`/v1;x/chat`, `..;`), because servlet containers and Spring strip them before routing, so
+//!   `/v1;x/chat` is `/v1/chat` to them and an unmatched spelling to a route table; control
 //!   characters, raw or escaped (`%00`); malformed escapes (`%zz`, a truncated `%4`); anything
 //!   that is not an origin-form path.
 //!
@@ -40,8 +41,10 @@ pub enum PathError {
         "the request path contains an encoded slash or backslash, or a backslash; upstreams disagree on what they mean"
     )]
     AmbiguousSeparator,
-    #[error("the request path has a '.' or '..' segment with ';' parameters")]
-    DotSegmentWithParams,
+    #[error(
+        "the request path has ';' parameters; upstreams disagree on them (servlet containers strip them), so no single match is safe"
+    )]
+    Parameters,
     #[error("the request path climbs above the root")]
     AboveRoot,
 }
@@ -62,7 +65,7 @@ fn is_canonical(path: &str) -> bool {
         return false;
     }
     if b.iter()
-        .any(|&c| c == b'%' || c == b'\\' || c.is_ascii_control())
+        .any(|&c| c == b'%' || c == b'\\' || c == b';' || c.is_ascii_control())
     {
         return false;
     }
@@ -72,8 +75,7 @@ fn is_canonical(path: &str) -> bool {
         if seg.is_empty() && !last {
             return false;
         }
-        let name = seg.split(';').next().unwrap_or(seg);
-        if name == "." || name == ".." {
+        if seg == "." || seg == ".." {
             return false;
         }
     }
@@ -91,19 +93,17 @@ fn normalise(path: &str) -> Result<String, PathError> {
     let mut segments = decoded[1..].split('/').peekable();
     while let Some(seg) = segments.next() {
         let last = segments.peek().is_none();
-        let (name, params) = match seg.split_once(';') {
-            Some((name, _)) => (name, true),
-            None => (seg, false),
-        };
+        if seg.contains(';') {
+            return Err(PathError::Parameters);
+        }
         trailing_slash = false;
-        match name {
-            "." | ".." if params => return Err(PathError::DotSegmentWithParams),
+        match seg {
             "." => trailing_slash = last,
             ".." => {
                 out.pop().ok_or(PathError::AboveRoot)?;
                 trailing_slash = last;
             }
-            "" if !params => trailing_slash = last,
+            "" => trailing_slash = last,
             _ => out.push(seg),
         }
     }
@@ -187,7 +187,7 @@ mod tests {
             ("/v1/chat/completions", ok("/v1/chat/completions")),
             ("/v1/chat/", ok("/v1/chat/")),
             ("/v1/a%20b", ok("/v1/a%20b")),
-            ("/v1/x;jsessionid=1", ok("/v1/x;jsessionid=1")),
+            ("/v1/x;jsessionid=1", Err(Parameters)),
             ("/public/...", ok("/public/...")),
             ("/public/.x/..y", ok("/public/.x/..y")),
             // dot-segments, every spelling from the report
@@ -233,17 +233,19 @@ mod tests {
             ("/public/%252e%252e/v1/x", ok("/public/%252e%252e/v1/x")),
             ("/public/%252E%252E/v1/x", ok("/public/%252E%252E/v1/x")),
             // ;parameters
-            ("/public/..;/v1/x", Err(DotSegmentWithParams)),
-            ("/public/..;a=b/v1/x", Err(DotSegmentWithParams)),
-            ("/public/.;/v1/x", Err(DotSegmentWithParams)),
-            ("/public/%2e%2e;/v1/x", Err(DotSegmentWithParams)),
-            ("/public/x;a=1/../v1", ok("/public/v1")),
+            ("/public/..;/v1/x", Err(Parameters)),
+            ("/public/..;a=b/v1/x", Err(Parameters)),
+            ("/public/.;/v1/x", Err(Parameters)),
+            ("/public/%2e%2e;/v1/x", Err(Parameters)),
+            ("/public/x;a=1/../v1", Err(Parameters)),
+            ("/v1;x/chat/completions", Err(Parameters)),
+            ("/v1/chat/completions;x", Err(Parameters)),
             // empty segments are merged
             ("//v1/chat/completions", ok("/v1/chat/completions")),
             ("/public//v1", ok("/public/v1")),
             ("/v1//", ok("/v1/")),
             ("/public//../v1/x", ok("/v1/x")),
-            ("/;x/v1", ok("/;x/v1")),
+            ("/;x/v1", Err(Parameters)),
             // escapes: unreserved decoded, others uppercased
             ("/%76%31/chat/completions", ok("/v1/chat/completions")),
             ("/v1/%41%7e%5f%2D", ok("/v1/A~_-")),
@@ -281,7 +283,6 @@ mod tests {
         for p in [
             "/",
             "/v1/chat/completions",
-            "/v1/x;a=b",
             "/a/b/",
             "/.well-known/x",
         ] {
@@ -298,7 +299,7 @@ mod tests {
             "/public/%2e%2e/v1/%41%c3%a9",
             "/a//b/./c/../d/",
             "/public/%252e%252e/x",
-            "/x/%3b/y;z",
+            "/x/%3b/y",
         ] {
             let once = canonical(p).unwrap().into_owned();
             let twice = canonical(&once).unwrap().into_owned();

@@ -148,6 +148,11 @@ fn billing_mistakes_are_named_too() {
     ] {
         assert_has(&problems, needle);
     }
+    let platinum = problems
+        .iter()
+        .filter(|p| p.contains("unknown plan `platinum`"))
+        .count();
+    assert_eq!(platinum, 1, "each problem is said once: {problems:#?}");
     for p in &problems {
         assert!(
             !p.contains("whsec_abc") && !p.contains("not base64!"),

@@ -169,6 +169,11 @@ const SPELLINGS: &[(&str, Expect)] = {
         ("/public/..;jsessionid=1/v1/chat/completions", Rejected),
         ("/public/.;/../v1/chat/completions", Rejected),
         ("/public/%2e%2e;/v1/chat/completions", Rejected),
+        // ';' parameters on any segment: Spring and servlet upstreams strip them and route
+        // `/v1;x/chat/completions` as `/v1/chat/completions`.
+        ("/v1;x/chat/completions", Rejected),
+        ("/v1/chat/completions;x=1", Rejected),
+        ("/public;x/../v1/chat/completions", Rejected),
         ("/../v1/chat/completions", Rejected),
         ("/public/../../v1/chat/completions", Rejected),
         ("/public/%00/../v1/chat/completions", Rejected),
