@@ -280,12 +280,7 @@ mod tests {
 
     #[test]
     fn canonical_paths_are_borrowed() {
-        for p in [
-            "/",
-            "/v1/chat/completions",
-            "/a/b/",
-            "/.well-known/x",
-        ] {
+        for p in ["/", "/v1/chat/completions", "/a/b/", "/.well-known/x"] {
             assert!(
                 matches!(canonical(p), Ok(Cow::Borrowed(_))),
                 "{p} allocated"
