@@ -12,6 +12,8 @@
 #   3. the gateway proxy, every request metered (api_key identity, two limits per request)
 #   4. /v1/check directly
 #   5. redis-benchmark running the decide script with the same arguments (the ceiling for 4)
+#   6. a bare hyper-util reverse proxy (examples/floor_proxy.rs): the gateway's stack, no metering
+#   7. the same plus one trivial EVALSHA per request: the floor of any one-round-trip design
 # Quote the ratios between rows; absolute numbers on a shared machine mean little.
 # --soak MINUTES then drives the gateway at half its measured peak for that long, sampling its
 # RSS and open fds every 10 s.
@@ -21,7 +23,7 @@ DURATION=10
 CONNS=64
 SOAK=0
 WARMUP=2
-ROW_SET=1,2,3,4,5
+ROW_SET=1,2,3,4,5,6,7
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
@@ -45,9 +47,12 @@ if [ -z "${QG_BIN:-}" ]; then
   (cd "$ROOT" && cargo build --release --quiet --bin quota-gateway)
   QG_BIN="$ROOT/target/release/quota-gateway"
 fi
+if [[ ",$ROW_SET," == *",6,"* || ",$ROW_SET," == *",7,"* ]]; then
+  (cd "$ROOT" && cargo build --release --quiet --example floor_proxy)
+fi
 
 WORK=$(mktemp -d)
-UP=18081; NGX=18082; API=18090; PXY=18091
+UP=18081; NGX=18082; API=18090; PXY=18091; FLR=18083; FLR2=18084
 PREFIX="qgbench-$$"
 DB="quota_gateway_bench_$$"
 PIDS=()
@@ -200,6 +205,24 @@ run "2. nginx reverse proxy" "http://127.0.0.1:$NGX/" "" "" "$NGX_PIDS"; NGX_RPS
 run "3. gateway proxy, metered" "http://127.0.0.1:$PXY/" "" "Bearer $KEY" "$GW"; GW_RPS=$LAST_RPS; GW_P99=$LAST_P99
 run "4. /v1/check" "http://127.0.0.1:$API/v1/check" '{"org_id":"bench","metric":"requests"}' "" "$GW"; CHECK_RPS=$LAST_RPS
 
+# 6 and 7. The floors: the gateway's own stack (hyper, hyper-util, redis-rs), nothing else.
+floor() {
+  local port=$1 redis=$2
+  # shellcheck disable=SC2086
+  "$ROOT/target/release/examples/floor_proxy" "127.0.0.1:$port" "http://127.0.0.1:$UP" $redis >/dev/null 2>&1 &
+  FLOOR_PID=$!; PIDS+=("$FLOOR_PID")
+  for _ in $(seq 1 50); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
+}
+FLOOR_RPS=0; FLOOR2_RPS=0; FLOOR2_P99=0
+if want 6; then
+  floor "$FLR" ""
+  run "6. bare hyper-util proxy" "http://127.0.0.1:$FLR/" "" "" "$FLOOR_PID"; FLOOR_RPS=$LAST_RPS
+fi
+if want 7; then
+  floor "$FLR2" "redis://127.0.0.1:6379/0"
+  run "7. bare proxy + 1 EVALSHA" "http://127.0.0.1:$FLR2/" "" "" "$FLOOR_PID"; FLOOR2_RPS=$LAST_RPS; FLOOR2_P99=$LAST_P99
+fi
+
 # 5. The decide script itself, with the arguments a /v1/check of the bench plan sends.
 RB_RPS=0
 if want 5; then
@@ -225,7 +248,14 @@ printf '%-34s %10s %9s %9s %9s %8s %10s %8s %8s %8s\n' "target ($CONNS connectio
 for r in "${ROWS[@]}"; do echo "$r"; done
 echo "(proxy, upstream, redis: CPU µs per request of that process, user + system)"
 echo
-awk -v g="$GW_RPS" -v n="$NGX_RPS" -v gp="$GW_P99" -v np="$NGX_P99" -v c="$CHECK_RPS" -v rb="$RB_RPS" 'BEGIN {
+awk -v g="$GW_RPS" -v n="$NGX_RPS" -v gp="$GW_P99" -v np="$NGX_P99" -v c="$CHECK_RPS" -v rb="$RB_RPS" \
+  -v f="$FLOOR_RPS" -v f2="$FLOOR2_RPS" -v f2p="$FLOOR2_P99" 'BEGIN {
+  if (g > 0 && f2 > 0) {
+    printf "gateway / (bare proxy + 1 EVALSHA): %.2f   (target >= 0.90)\n", g / f2
+    printf "gateway p99 / its p99:              %.2f\n", gp / f2p
+  }
+  if (c > 0 && f2 > 0) printf "/v1/check / (bare proxy + 1 EVALSHA): %.2f\n", c / f2
+  if (f > 0 && n > 0) printf "bare hyper-util proxy / nginx:      %.2f\n", f / n
   if (g > 0 && n > 0) {
     printf "gateway / nginx throughput: %.2f   (target >= 0.80)\n", g / n
     printf "gateway / nginx p99:        %.2f   (target <= 1.50)\n", gp / np
