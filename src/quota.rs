@@ -95,10 +95,6 @@ impl QuotaService {
         &self.local
     }
 
-    pub fn clock(&self) -> Arc<dyn Clock> {
-        self.clock.clone()
-    }
-
     /// Put the org's durable counters of the current month back from Postgres, once, whichever
     /// replica gets there first (see `store/restore.lua`).
     pub async fn restore_org(

@@ -276,15 +276,9 @@ impl EnvOverrides {
 /// Load `gateway.toml` and the plan catalog it names.
 pub fn load(path: &Path, env: &EnvOverrides) -> Result<(Settings, Catalog), ConfigError> {
     let mut problems = Vec::new();
+    // The checks that need the catalog (route metrics, billing plans) run while parsing;
+    // `check_against_catalog` is for settings built in code.
     let (settings, catalog) = load_settings(path, env, &mut problems);
-    if let (Some(s), Some(c)) = (&settings, &catalog)
-        && let Err(e) = check_against_catalog(s, c)
-    {
-        problems.extend(e.problems);
-    }
-    // The catalog checks run while parsing too; say each problem once.
-    let mut seen = std::collections::HashSet::new();
-    problems.retain(|p| seen.insert((p.key.clone(), p.reason.clone())));
     match (settings, catalog) {
         (Some(s), Some(c)) if problems.is_empty() => Ok((s, c)),
         _ => Err(ConfigError { problems }),

@@ -22,10 +22,6 @@ impl Keys {
         }
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
     /// A `SCAN MATCH` pattern for every key of this gateway (reconciliation).
     pub fn scan_pattern(&self) -> String {
         format!("{}:*", self.prefix)
