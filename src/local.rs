@@ -82,6 +82,9 @@ struct Pending {
     kind: SpecKind,
     param: i64,
     amount: i64,
+    /// The limit and its notification thresholds, so the replay reports crossings.
+    limit: u64,
+    notify: Vec<u16>,
 }
 
 /// A locally made decision whose Redis call is in doubt.
@@ -136,6 +139,8 @@ impl Ledger {
                         kind: s.kind,
                         param: s.param,
                         amount: 0,
+                        limit: s.limit,
+                        notify: s.notify,
                     });
                     p.amount = p.amount.saturating_add(s.amount);
                 }
@@ -149,7 +154,7 @@ impl Ledger {
             let specs: Vec<KeySpec> = entries
                 .into_iter()
                 .filter(|(_, p)| p.amount != 0)
-                .map(|(key, p)| replay_spec(key, p.kind, p.param, p.amount))
+                .map(|(key, p)| replay_spec(key, p.kind, p.param, p.amount, p.limit, p.notify))
                 .collect();
             if !specs.is_empty() {
                 self.batches.push(Batch {
@@ -168,15 +173,24 @@ impl Ledger {
     }
 }
 
-/// A limit as a replay carries it: never denies.
-fn replay_spec(key: String, kind: SpecKind, param: i64, amount: i64) -> KeySpec {
+/// A limit as a replay carries it: never denies (replays run in "record" mode); the limit and
+/// thresholds only let the script report a threshold the replay crosses.
+fn replay_spec(
+    key: String,
+    kind: SpecKind,
+    param: i64,
+    amount: i64,
+    limit: u64,
+    notify: Vec<u16>,
+) -> KeySpec {
     KeySpec {
         key,
         kind,
         amount,
-        limit: 0,
+        limit,
         block: false,
         param,
+        notify,
     }
 }
 
@@ -747,6 +761,15 @@ fn counted_specs(specs: &[KeySpec]) -> Vec<KeySpec> {
     specs
         .iter()
         .filter(|s| s.kind != SpecKind::Rate && s.amount != 0)
-        .map(|s| replay_spec(s.key.clone(), s.kind, s.param, s.amount))
+        .map(|s| {
+            replay_spec(
+                s.key.clone(),
+                s.kind,
+                s.param,
+                s.amount,
+                s.limit,
+                s.notify.clone(),
+            )
+        })
         .collect()
 }

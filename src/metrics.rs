@@ -60,6 +60,11 @@ pub struct Metrics {
     pub connections_at_cap: IntCounterVec,
     /// Requests cut for slowness, by listener and phase (header | body).
     pub client_timeouts: IntCounterVec,
+    /// Outbound events by type (usage.threshold_crossed | plan.changed) and outcome: queued
+    /// (in the outbox), dropped (lost before the outbox), delivered, retried, failed.
+    pub notifications: IntCounterVec,
+    /// Age in seconds of the oldest event still pending delivery (0 when none).
+    pub notifications_oldest_pending: prometheus::Gauge,
 }
 
 impl Metrics {
@@ -226,6 +231,25 @@ impl Metrics {
             &["listener", "phase"],
         )
         .expect("valid metric");
+        let notifications = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_notifications_total",
+                "Outbound events (usage.threshold_crossed, plan.changed) by type and outcome: \
+                 queued, dropped (lost before reaching the outbox), delivered, retried, failed.",
+            ),
+            &["type", "outcome"],
+        )
+        .expect("valid metric");
+        for t in ["usage.threshold_crossed", "plan.changed"] {
+            for outcome in ["queued", "dropped", "delivered", "retried", "failed"] {
+                notifications.with_label_values(&[t, outcome]);
+            }
+        }
+        let notifications_oldest_pending = prometheus::Gauge::new(
+            "quota_gateway_notifications_oldest_pending_seconds",
+            "Age of the oldest outbound event not yet delivered (0 when none).",
+        )
+        .expect("valid metric");
         for listener in ["api", "proxy"] {
             connections_open.with_label_values(&[listener]);
             connections_at_cap.with_label_values(&[listener]);
@@ -259,6 +283,8 @@ impl Metrics {
             Box::new(flush_reconciliations.clone()),
             Box::new(flush_oldest_unflushed.clone()),
             Box::new(redis_eviction_policy_ok.clone()),
+            Box::new(notifications.clone()),
+            Box::new(notifications_oldest_pending.clone()),
         ] {
             registry.register(c).expect("metric names are unique");
         }
@@ -296,6 +322,8 @@ impl Metrics {
             connections_open,
             connections_at_cap,
             client_timeouts,
+            notifications,
+            notifications_oldest_pending,
         }
     }
 

@@ -133,6 +133,7 @@ impl QuotaService {
                 amount: 0,
                 limit: None,
                 overage: crate::domain::plan::Overage::Allow,
+                notify_at: &[],
             };
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, if gauge { 0 } else { expiry }));

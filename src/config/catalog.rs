@@ -34,6 +34,8 @@ pub(super) struct PlanRaw {
     rates: BTreeMap<String, toml::Value>,
     #[serde(default)]
     enforcement: Enforcement,
+    #[serde(default)]
+    notify_at: Option<Vec<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -58,6 +60,25 @@ pub(super) enum OverageRaw {
 pub(super) struct RateRaw {
     limit: i64,
     window: String,
+}
+
+/// `notify_at`: percentages of a limit, 1-1000, strictly ascending (so unique).
+pub(super) fn notify_at(r: &mut Report<'_>, key: &str, raw: Vec<i64>) -> Vec<u16> {
+    let mut out: Vec<u16> = Vec::with_capacity(raw.len());
+    for (i, p) in raw.into_iter().enumerate() {
+        match u16::try_from(p).ok().filter(|p| (1..=1000).contains(p)) {
+            None => r.add(
+                format!("{key}[{i}]"),
+                "must be a whole percentage from 1 to 1000",
+            ),
+            Some(p) if out.last().is_some_and(|&l| l >= p) => r.add(
+                format!("{key}[{i}]"),
+                "thresholds must be ascending, each once",
+            ),
+            Some(p) => out.push(p),
+        }
+    }
+    out
 }
 
 /// Ids of metrics and plans end up in Redis keys and HTTP headers: keep them plain.
@@ -155,6 +176,23 @@ pub(super) fn catalog_from_table(
             None
         }
         None => None,
+    };
+    let default_notify = match table.remove("notify_at") {
+        Some(toml::Value::Array(items)) => {
+            let mut raw = Vec::with_capacity(items.len());
+            for (i, v) in items.into_iter().enumerate() {
+                match v {
+                    toml::Value::Integer(n) => raw.push(n),
+                    _ => r.add(format!("notify_at[{i}]"), "must be a whole number"),
+                }
+            }
+            notify_at(&mut r, "notify_at", raw)
+        }
+        Some(_) => {
+            r.add("notify_at", "must be a list of percentages, e.g. [80, 100]");
+            Vec::new()
+        }
+        None => Vec::new(),
     };
     let metrics_t = required_table(
         &mut r,
@@ -336,6 +374,10 @@ pub(super) fn catalog_from_table(
                 }
             }
         }
+        let plan_notify = match raw.notify_at {
+            Some(list) => notify_at(&mut r, &format!("{key}.notify_at"), list),
+            None => default_notify.clone(),
+        };
         for (i, f) in raw.features.iter().enumerate() {
             if !valid_id(f) {
                 r.add(format!("{key}.features[{i}]"), format!("feature {ID_RULE}"));
@@ -351,6 +393,7 @@ pub(super) fn catalog_from_table(
                 features: raw.features.into_iter().collect::<BTreeSet<_>>(),
                 quotas,
                 rates,
+                notify_at: plan_notify,
             },
         );
     }

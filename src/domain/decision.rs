@@ -62,6 +62,9 @@ pub struct Limit<'a> {
     /// `None`: metered only, never denies.
     pub limit: Option<u64>,
     pub overage: Overage,
+    /// Threshold percentages to report crossings of (the plan's `notify_at`); empty for rates
+    /// and metered-only counters.
+    pub notify_at: &'a [u16],
 }
 
 impl Limit<'_> {
@@ -143,6 +146,7 @@ pub fn limits_for<'a>(
                     amount: charge.amount,
                     limit: quota.map(|q| q.limit),
                     overage: quota.map_or(Overage::Allow, |q| q.overage),
+                    notify_at: if quota.is_some() { &plan.notify_at } else { &[] },
                 });
             }
             MetricKind::Counter => {
@@ -156,6 +160,7 @@ pub fn limits_for<'a>(
                     amount: charge.amount,
                     limit: None,
                     overage: Overage::Allow,
+                    notify_at: &[],
                 });
                 for quota in plan.quotas_for(&metric.id) {
                     let Some(p) = quota.period else { continue };
@@ -168,6 +173,7 @@ pub fn limits_for<'a>(
                     if limits[meter_index].target == target {
                         limits[meter_index].limit = Some(quota.limit);
                         limits[meter_index].overage = quota.overage;
+                        limits[meter_index].notify_at = &plan.notify_at;
                     } else {
                         limits.push(Limit {
                             metric,
@@ -175,6 +181,7 @@ pub fn limits_for<'a>(
                             amount: charge.amount,
                             limit: Some(quota.limit),
                             overage: quota.overage,
+                            notify_at: &plan.notify_at,
                         });
                     }
                 }
@@ -192,6 +199,7 @@ pub fn limits_for<'a>(
                 amount: charge.amount,
                 limit: Some(rate.limit),
                 overage: Overage::Block,
+                notify_at: &[],
             });
         }
     }
@@ -411,6 +419,7 @@ mod tests {
             id: "free".into(),
             name: "Free".into(),
             upgrade_to: None,
+            notify_at: Vec::new(),
             features: BTreeSet::new(),
             quotas: vec![
                 Quota {

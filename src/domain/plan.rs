@@ -80,6 +80,9 @@ pub struct Plan {
     pub features: BTreeSet<String>,
     pub quotas: Vec<Quota>,
     pub rates: Vec<Rate>,
+    /// Percentages of each quota's limit at which the product is told (`notify_at`: the plan's
+    /// own, else the catalog's), ascending; empty: no threshold events for this plan.
+    pub notify_at: Vec<u16>,
 }
 
 impl Plan {

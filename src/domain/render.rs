@@ -344,6 +344,7 @@ mod tests {
         };
         let free = Plan {
             enforcement: Default::default(),
+            notify_at: Vec::new(),
             id: "free".into(),
             name: "Free".into(),
             upgrade_to: Some("pro".into()),
@@ -363,6 +364,7 @@ mod tests {
         };
         let pro = Plan {
             enforcement: Default::default(),
+            notify_at: Vec::new(),
             id: "pro".into(),
             name: "Pro".into(),
             upgrade_to: None,

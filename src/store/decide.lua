@@ -33,6 +33,11 @@
 --           r: the window in microseconds
 -- Durable keys carry a version (incremented on every change) so the flusher can write them to
 -- Postgres monotonically: a value read later never loses to one read earlier.
+-- then, only when some limit has notification thresholds (otherwise nothing at all), a tail:
+--   per such limit: its index i (1-based, in the order above), the count n of its thresholds,
+--     then n pairs: percent, trigger (the smallest value at or past that percent of the limit)
+--   and last an argument "T<length of the tail before it>", which marks that a tail is there
+--   KEYS then end with one "fired" hash per such limit, in the tail's order (field = percent)
 --
 -- Returns { status, then 3 integers per limit: denied, value, millis }
 --   status  0 applied, 1 denied (nothing applied), 2 dry run allowed (nothing applied),
@@ -42,6 +47,8 @@
 --   c/m/g   value = the counter or level before this call
 --   r       value = units remaining (after, when applied); millis = time until the bucket is
 --           full again, or, when denied, until this amount would fit
+--   then, for status 0 and 4 only, 2 integers per threshold crossed by this call: the limit's
+--   index i and the percent (none when nothing was crossed: the reply is unchanged)
 --
 -- Rates use GCRA (burst = limit, emission interval T = window / limit). The state is kept as a
 -- "debt" D = max(0, TAT - now) in microseconds *scaled by the limit*, plus the time it was
@@ -66,6 +73,12 @@ local mode = ARGV[2]
 local idem_ttl = tonumber(ARGV[3])
 local k = 1
 local idem_key = nil
+-- the threshold tail (see above): `tail` is its first argument, `last` the last per-limit one
+local last, tail = #ARGV, nil
+if string.byte(ARGV[last]) == 84 then
+  tail = last - tonumber(string.sub(ARGV[last], 2))
+  last = tail - 1
+end
 if idem_ttl > 0 then
   idem_key = KEYS[k]
   k = k + 1
@@ -98,7 +111,7 @@ local key_at, arg_at, state = {}, {}, {}
 local denied = false
 local overflow = false
 local i = 0
-for a = 5, #ARGV, 5 do
+for a = 5, last, 5 do
   i = i + 1
   key_at[i] = k
   arg_at[i] = a
@@ -211,6 +224,40 @@ for j = 1, i do
       if redis.call('INCR', version) == 1 and kind == 'm' then
         redis.call('PEXPIREAT', version, ARGV[a + 4])
       end
+    end
+  end
+end
+-- Thresholds: a crossing is this call taking a counter or gauge from below a trigger to at or
+-- past it. The "fired" hash remembers it for the period (it expires with the counter; a new
+-- period has a new key), so a crossing is reported once whatever the concurrency, and a credit
+-- that goes back below and a charge that crosses again report nothing. A gauge has no period:
+-- its threshold re-arms when the level falls back below the trigger.
+if tail then
+  local t = tail
+  while t < #ARGV do
+    local j = tonumber(ARGV[t])
+    local count = tonumber(ARGV[t + 1])
+    t = t + 2
+    local a = arg_at[j]
+    local gauge = ARGV[a] == 'g'
+    local amount = tonumber(ARGV[a + 1])
+    local before = state[j]
+    local after = before + amount
+    if after < 0 then after = 0 end
+    local fired = KEYS[k]
+    k = k + 1
+    for _ = 1, count do
+      local trigger = tonumber(ARGV[t + 1])
+      if amount > 0 and before < trigger and after >= trigger then
+        if redis.call('HSETNX', fired, ARGV[t], ARGV[1]) == 1 then
+          out[#out + 1] = j
+          out[#out + 1] = tonumber(ARGV[t])
+          if not gauge then redis.call('PEXPIREAT', fired, ARGV[a + 4]) end
+        end
+      elseif gauge and amount < 0 and after < trigger then
+        redis.call('HDEL', fired, ARGV[t])
+      end
+      t = t + 2
     end
   end
 end

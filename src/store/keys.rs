@@ -9,6 +9,7 @@ use sha2::{Digest, Sha256};
 
 use crate::domain::decision::{Limit, Target};
 use crate::domain::org::OrgId;
+use crate::domain::period::Period;
 
 #[derive(Debug, Clone)]
 pub struct Keys {
@@ -89,6 +90,38 @@ impl Keys {
         buf.push_str(":v");
     }
 
+    /// The "fired" hash of a limit's notification thresholds (field: percent), beside its value
+    /// key and in the same slot: per period for counters (a new period has a new key), so a
+    /// threshold re-arms when the period resets (see `decide.lua`).
+    pub fn fired_into(buf: &mut String, value_key: &str) {
+        buf.clear();
+        buf.push_str(value_key);
+        buf.push_str(":n");
+    }
+
+    /// The org, metric and, for counters, (period, period start in Unix seconds) of a counter or
+    /// gauge key built by `limit` (not rates).
+    pub fn parse_limit(&self, key: &str) -> Option<(OrgId, String, Option<(Period, i64)>)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let (org, rest) = rest.split_once("}:")?;
+        let org = OrgId::parse(org).ok()?;
+        let parts: Vec<&str> = rest.split(':').collect();
+        match parts.as_slice() {
+            ["c", metric, period, start] => {
+                let period = match *period {
+                    "minute" => Period::Minute,
+                    "hour" => Period::Hour,
+                    "day" => Period::Day,
+                    "month" => Period::Month,
+                    _ => return None,
+                };
+                Some((org, metric.to_string(), Some((period, start.parse().ok()?))))
+            }
+            ["g", metric] => Some((org, metric.to_string(), None)),
+            _ => None,
+        }
+    }
+
     /// Marks that an org's durable counters of the month starting at `month_start` are complete
     /// in Redis (see `restore.lua`).
     pub fn restore_marker(&self, org: &OrgId, month_start: i64) -> String {
@@ -145,7 +178,7 @@ impl Keys {
 mod tests {
     use super::*;
     use crate::domain::decision::{Limit, Target};
-    use crate::domain::period::{self, Period};
+    use crate::domain::period;
     use crate::domain::plan::{Metric, MetricKind, Overage};
     use chrono::{TimeZone, Utc};
 
@@ -168,6 +201,7 @@ mod tests {
             amount: 1,
             limit: None,
             overage: Overage::Allow,
+            notify_at: &[],
         };
         assert_eq!(
             keys.limit(&org, &limit),
@@ -183,6 +217,18 @@ mod tests {
             Some((OrgId::parse("a:b.c").unwrap(), "seats".to_string(), None))
         );
         assert_eq!(keys.parse_durable("qg:{acme}:c:requests:day:1"), None);
+        assert_eq!(
+            keys.parse_limit("qg:{acme}:c:requests:day:1"),
+            Some((org.clone(), "requests".to_string(), Some((Period::Day, 1))))
+        );
+        assert_eq!(
+            keys.parse_limit("qg:{acme}:g:seats"),
+            Some((org.clone(), "seats".to_string(), None))
+        );
+        assert_eq!(keys.parse_limit("qg:{acme}:r:requests:1000"), None);
+        let mut fired = String::new();
+        Keys::fired_into(&mut fired, &meter);
+        assert_eq!(keys.parse_durable(&fired), None, "not flushed");
         assert_eq!(keys.parse_durable("other:{acme}:g:seats"), None);
         let idem = keys.idempotency(&org, "abc");
         assert!(idem.starts_with("qg:{acme}:idem:"));

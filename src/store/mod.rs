@@ -142,6 +142,22 @@ pub struct Reply {
     pub limits: Vec<LimitReply>,
     /// The Redis key of each limit, in the same order (empty unless from `run`).
     pub keys: Vec<String>,
+    /// Notification thresholds this call crossed: (index of the limit, percent).
+    pub crossings: Vec<(usize, u16)>,
+}
+
+/// A notification threshold crossed by an applied call (see `decide.lua`): reported once per
+/// (org, metric, period, threshold), whichever replica made the call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Crossing {
+    pub org: OrgId,
+    pub metric: String,
+    /// Counters: the period and its window; `None` for a gauge.
+    pub period: Option<(crate::domain::period::Period, crate::domain::period::Window)>,
+    pub threshold: u16,
+    /// The counter or level after the call.
+    pub current: i64,
+    pub limit: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -175,9 +191,18 @@ pub struct KeySpec {
     pub block: bool,
     /// Counters: expiry (Unix ms); rates: window (µs); gauges: 0.
     pub param: i64,
+    /// Notification thresholds (percent of `limit`), ascending; empty for most limits.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub notify: Vec<u16>,
 }
 
 impl KeySpec {
+    /// The smallest value at or past `percent` of the limit (exact integer arithmetic).
+    pub fn trigger(&self, percent: u16) -> u64 {
+        let t = (u128::from(self.limit) * u128::from(percent)).div_ceil(100);
+        u64::try_from(t).unwrap_or(u64::MAX)
+    }
+
     /// Meters and gauges are flushed to Postgres and carry a version key.
     pub fn is_durable(&self) -> bool {
         matches!(self.kind, SpecKind::Meter | SpecKind::Gauge)
@@ -239,6 +264,8 @@ pub struct Store {
     restore: std::sync::Arc<redis::Script>,
     dirty: std::sync::Arc<dirty::DirtySet>,
     eviction: std::sync::Arc<eviction::EvictionWatch>,
+    /// Where crossed notification thresholds go (the notifier's writer); `None`: nowhere.
+    crossings: Option<tokio::sync::mpsc::Sender<Crossing>>,
 }
 
 impl Store {
@@ -276,7 +303,48 @@ impl Store {
             eviction: std::sync::Arc::new(eviction::EvictionWatch::new(
                 settings.require_noeviction,
             )),
+            crossings: None,
         })
+    }
+
+    /// Hand every threshold crossing to `sink`. Never waits: when the sink is full the crossing
+    /// is dropped, counted and logged, so notifications never slow a decision.
+    pub fn with_crossings(mut self, sink: tokio::sync::mpsc::Sender<Crossing>) -> Self {
+        self.crossings = Some(sink);
+        self
+    }
+
+    /// Send the crossings of an applied call (`reply`, for `specs`) to the sink.
+    fn report_crossings(&self, specs: &[KeySpec], reply: &Reply) {
+        let Some(sink) = &self.crossings else { return };
+        for &(i, percent) in &reply.crossings {
+            let (Some(spec), Some(r)) = (specs.get(i), reply.limits.get(i)) else {
+                continue;
+            };
+            let Some((org, metric, period)) = self.keys.parse_limit(&spec.key) else {
+                continue;
+            };
+            let period = period.and_then(|(p, start)| {
+                let start = DateTime::from_timestamp(start, 0)?;
+                let end = DateTime::from_timestamp_millis(spec.param)? - expiry_grace(p);
+                Some((p, crate::domain::period::Window { start, end }))
+            });
+            let crossing = Crossing {
+                org,
+                metric,
+                period,
+                threshold: percent,
+                current: r.value.saturating_add(spec.amount).max(0),
+                limit: spec.limit,
+            };
+            if let Err(e) = sink.try_send(crossing) {
+                self.metrics
+                    .notifications
+                    .with_label_values(&["usage.threshold_crossed", "dropped"])
+                    .inc();
+                tracing::error!(error = %e, threshold = percent, "threshold event dropped: the notification queue is full or closed");
+            }
+        }
     }
 
     pub fn keys(&self) -> &Keys {
@@ -397,6 +465,12 @@ impl Store {
             Target::Gauge => (SpecKind::Gauge, 0),
             Target::Rate { window, .. } => (SpecKind::Rate, window.as_micros() as i64),
         };
+        let notify = match (limit.limit, kind) {
+            (Some(l), SpecKind::Counter | SpecKind::Meter | SpecKind::Gauge) if l > 0 => {
+                limit.notify_at.to_vec()
+            }
+            _ => Vec::new(),
+        };
         KeySpec {
             key: self.keys.limit(org, limit),
             kind,
@@ -404,6 +478,7 @@ impl Store {
             limit: limit.limit.unwrap_or(0),
             block: limit.blocks(),
             param,
+            notify,
         }
     }
 
@@ -457,6 +532,7 @@ impl Store {
             .map(|(r, (specs, _))| {
                 let reply = parse_reply(r, specs.len())?;
                 self.mark_if_applied(specs, reply.status);
+                self.report_crossings(specs, &reply);
                 Ok(reply)
             })
             .collect()
@@ -479,7 +555,10 @@ impl Store {
         let marker = self.marker(org, now);
         let cmd = self.decide_cmd(specs, Mode::Record, now, idem, Some(&marker));
         let raw = self.bounded(self.decide_call(Call::One(cmd))).await?;
-        let status = status_of(raw.first().and_then(|r| r.first()).copied())?;
+        let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs.len())?;
+        // A replay detects crossings when it reaches Redis, not when the units were admitted.
+        self.report_crossings(specs, &reply);
+        let status = reply.status;
         if matches!(
             status,
             Status::Applied | Status::AppliedOverLimit | Status::Duplicate
@@ -590,6 +669,7 @@ impl Store {
             return Err(StoreError::CounterOverflow);
         }
         self.mark_if_applied(specs, reply.status);
+        self.report_crossings(specs, &reply);
         Ok(reply)
     }
 
@@ -603,10 +683,12 @@ impl Store {
         marker: Option<&MonthMarker>,
     ) -> redis::Cmd {
         let durable = specs.iter().filter(|s| s.is_durable()).count();
+        let notified = specs.iter().filter(|s| !s.notify.is_empty()).count();
         let mut cmd = redis::Cmd::with_capacity(6 + specs.len() * 7 + 2, 64 + specs.len() * 128);
         cmd.arg("EVALSHA").arg(self.decide.get_hash()).arg(
             specs.len()
                 + durable
+                + notified
                 + usize::from(idempotency.is_some())
                 + 2 * usize::from(marker.is_some()),
         );
@@ -625,6 +707,12 @@ impl Store {
                 cmd.arg(&version);
             }
         }
+        if notified > 0 {
+            for spec in specs.iter().filter(|s| !s.notify.is_empty()) {
+                Keys::fired_into(&mut version, &spec.key);
+                cmd.arg(&version);
+            }
+        }
         cmd.arg(now.timestamp_micros()).arg(mode_arg(mode));
         match &idempotency {
             Some((_, ttl)) => cmd.arg(ttl.as_millis() as u64),
@@ -638,7 +726,26 @@ impl Store {
                 .arg(if spec.block { "1" } else { "0" })
                 .arg(spec.param);
         }
+        if notified > 0 {
+            Self::threshold_tail(&mut cmd, specs);
+        }
         cmd
+    }
+
+    /// The threshold tail of a decide call's ARGV (see `decide.lua`); its "fired" keys end KEYS.
+    fn threshold_tail(cmd: &mut redis::Cmd, specs: &[KeySpec]) {
+        let mut len = 0usize;
+        for (i, spec) in specs.iter().enumerate() {
+            if spec.notify.is_empty() {
+                continue;
+            }
+            cmd.arg(i + 1).arg(spec.notify.len());
+            for &p in &spec.notify {
+                cmd.arg(p).arg(spec.trigger(p));
+            }
+            len += 2 + 2 * spec.notify.len();
+        }
+        cmd.arg(format!("T{len}"));
     }
 
     /// Current values of counters and gauges (rates read as 0), one `MGET` for one org, or
@@ -734,15 +841,24 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
             status,
             limits: Vec::new(),
             keys: Vec::new(),
+            crossings: Vec::new(),
         });
     }
-    if raw.len() != 1 + 3 * n {
+    // After the limits, pairs of (limit index, percent) for crossed thresholds (usually none).
+    if raw.len() < 1 + 3 * n || (raw.len() - 1 - 3 * n) % 2 != 0 {
         return Err(StoreError::Protocol(format!(
             "{} values for {n} limits",
             raw.len()
         )));
     }
-    let limits = raw[1..]
+    let crossings = raw[1 + 3 * n..]
+        .chunks_exact(2)
+        .filter_map(|c| {
+            let i = usize::try_from(c[0]).ok()?.checked_sub(1).filter(|&i| i < n)?;
+            Some((i, u16::try_from(c[1]).ok()?))
+        })
+        .collect();
+    let limits = raw[1..1 + 3 * n]
         .chunks_exact(3)
         .map(|c| LimitReply {
             denied: c[0] == 1,
@@ -754,6 +870,7 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
         status,
         limits,
         keys: Vec::new(),
+        crossings,
     })
 }
 
