@@ -6,6 +6,7 @@
 pub mod adjustments;
 pub mod api_keys;
 pub mod billing;
+pub mod notifications;
 pub mod orgs;
 pub mod outbox;
 pub mod usage;

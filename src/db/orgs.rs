@@ -1,9 +1,10 @@
-//! The `orgs` and `plan_changes` tables.
+//! The `orgs` and `plan_changes` tables (and the `plan.changed` event of each change).
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::DbError;
+use crate::domain::notify::EventType;
 use crate::domain::org::OrgId;
 
 /// What Postgres knows of an org. `plan_id: None` means the catalog's default plan.
@@ -110,6 +111,23 @@ pub async fn write_plan(
     .bind(event_id)
     .execute(&mut **tx)
     .await?;
+    // The product hears of every plan change (admin, webhook, scheduled downgrade) through the
+    // outbox, committed with the change itself: no change without its event, and no event for
+    // a change that rolled back.
+    let event = super::notifications::NewEvent {
+        id: uuid::Uuid::now_v7(),
+        org_id: org.as_str().to_string(),
+        type_: EventType::PlanChanged.as_str(),
+        payload: crate::domain::notify::plan_changed(
+            org.as_str(),
+            from,
+            to,
+            cause,
+            event_id,
+            Utc::now(),
+        ),
+    };
+    super::notifications::put_in(tx, &event).await?;
     Ok(())
 }
 

@@ -2,6 +2,7 @@
 //! types and rules, no I/O, so every rule is unit-testable without Redis or Postgres.
 
 pub mod decision;
+pub mod notify;
 pub mod org;
 pub mod period;
 pub mod plan;

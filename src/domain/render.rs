@@ -137,21 +137,20 @@ pub struct DenialBody<'a> {
 pub const QUOTA_EXCEEDED_TYPE: &str = "urn:quota-gateway:problem:quota-exceeded";
 pub const RATE_LIMITED_TYPE: &str = "urn:quota-gateway:problem:rate-limited";
 
-/// The denial document for a denied evaluation; `None` when it was allowed.
-pub fn denial_body<'a>(
+/// The plan an org on `plan` could move up to, with that plan's limit for the same metric and
+/// target: the `upgrade` member of a 402/429 body and of a threshold event.
+pub fn upgrade_for<'a>(
     catalog: &'a Catalog,
     org_id: &str,
-    plan: &'a Plan,
-    eval: &Evaluation<'a>,
-) -> Option<DenialBody<'a>> {
-    let state = eval.denied_state()?;
-    let limit = &state.limit;
-    let metric = &limit.metric.id;
-    let upgrade_plan = plan.upgrade_to.as_deref().and_then(|id| catalog.plan(id));
-    let upgrade = upgrade_plan.map(|up| Upgrade {
+    plan: &Plan,
+    metric: &str,
+    target: &Target<'_>,
+) -> Option<Upgrade<'a>> {
+    let up = plan.upgrade_to.as_deref().and_then(|id| catalog.plan(id))?;
+    Some(Upgrade {
         plan: &up.id,
         name: &up.name,
-        limit: match &limit.target {
+        limit: match target {
             Target::Rate { window, .. } => up
                 .rates_for(metric)
                 .find(|r| r.window == *window)
@@ -164,7 +163,20 @@ pub fn denial_body<'a>(
             Target::Gauge => up.quotas_for(metric).next().map(|q| q.limit),
         },
         url: catalog.upgrade_url_for(org_id, &up.id),
-    });
+    })
+}
+
+/// The denial document for a denied evaluation; `None` when it was allowed.
+pub fn denial_body<'a>(
+    catalog: &'a Catalog,
+    org_id: &str,
+    plan: &'a Plan,
+    eval: &Evaluation<'a>,
+) -> Option<DenialBody<'a>> {
+    let state = eval.denied_state()?;
+    let limit = &state.limit;
+    let metric = &limit.metric.id;
+    let upgrade = upgrade_for(catalog, org_id, plan, metric, &limit.target);
     let body = match eval.outcome {
         Outcome::QuotaExceeded(_) => {
             let (period, resets_at) = match &limit.target {
