@@ -9,7 +9,8 @@
 //!   proxy: identify → decide → forward → record), `webhooks` (billing providers; their own
 //!   state), all answering through `http` (errors and decisions → responses, in one place).
 //! - Jobs: `flush` (counters → Postgres), `reload` (the plan catalog), the billing scheduler
-//!   (`webhooks::scheduler`), recovery (`local::LocalMode::recover`).
+//!   (`webhooks::scheduler`), recovery (`local::LocalMode::recover`), `notify` (threshold and
+//!   plan-change events: crossings → outbox → signed deliveries).
 //! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
 //!   owning `local` (deciding while Redis is unreachable and replaying it exactly once) and
 //!   `directory` (the per-replica org cache; `cache` holds its invalidation rules).
@@ -29,6 +30,7 @@ pub mod flush;
 pub mod http;
 pub mod local;
 pub mod metrics;
+pub mod notify;
 pub mod proxy;
 pub mod quota;
 pub mod reload;

@@ -90,7 +90,11 @@ impl Application {
                 .context("running database migrations")?;
         }
         let metrics = Arc::new(Metrics::new());
-        let store = Store::new(&settings.redis, metrics.clone()).context("Redis settings")?;
+        // Threshold crossings leave the decision path through a bounded channel (see `notify`).
+        let (crossings, crossings_rx) = crate::notify::queue();
+        let store = Store::new(&settings.redis, metrics.clone())
+            .context("Redis settings")?
+            .with_crossings(crossings);
         let redis_up = store.ping().await;
         let directory = Arc::new(OrgDirectory::new(pool.clone()));
         let stop = CancellationToken::new();
@@ -159,6 +163,23 @@ impl Application {
             settings.flush.interval,
             settings.redis.seeds(),
             flush_stop.clone(),
+        ));
+        // Stopped after recovery (whose replays may cross thresholds), before the flusher.
+        let writer_stop = CancellationToken::new();
+        let writer = tokio::spawn(crate::notify::write_crossings(
+            crossings_rx,
+            quota.clone(),
+            pool.clone(),
+            metrics.clone(),
+            writer_stop.clone(),
+        ));
+        let delivery = tokio::spawn(crate::notify::deliver(
+            crate::notify::Deliverer::new(
+                pool.clone(),
+                settings.notifications.clone(),
+                metrics.clone(),
+            ),
+            stop.child_token(),
         ));
         let downgrades = tokio::spawn(crate::webhooks::scheduler::run(
             webhooks.clone(),
@@ -253,7 +274,9 @@ impl Application {
                 ("catalog reloader", reloader, None),
                 ("billing scheduler", downgrades, None),
                 ("redis eviction check", eviction, None),
+                ("notification delivery", delivery, None),
                 ("redis recovery", recovery, Some(recovery_stop)),
+                ("notification writer", writer, Some(writer_stop)),
                 ("usage flusher", flusher, Some(flush_stop)),
             ],
             proxy,

@@ -25,6 +25,7 @@ use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteActi
 // Settings types live with the parts that use them; this module parses and validates them.
 pub use crate::db::DatabaseSettings;
 pub use crate::domain::decision::OnRedisError;
+pub use crate::notify::NotifySettings;
 pub use crate::proxy::settings::{IdentityMode, IdentitySettings, ProxySettings, RefundOn};
 pub use crate::serve::ConnSettings;
 pub use crate::store::{RedisMode, RedisSettings};
@@ -92,6 +93,9 @@ pub struct Settings {
     /// `None` when `[billing]` is absent: the webhook endpoints answer 404.
     pub billing: Option<BillingSettings>,
     pub flush: FlushSettings,
+    /// `[notifications]`: where threshold and plan-change events go (defaults: org endpoints
+    /// only).
+    pub notifications: NotifySettings,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +110,25 @@ impl Default for FlushSettings {
             interval: Duration::from_secs(10),
         }
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct NotificationsRaw {
+    #[serde(default)]
+    url: Option<String>,
+    #[serde(default)]
+    secret: Option<String>,
+    #[serde(default)]
+    max_age: Option<String>,
+    #[serde(default)]
+    timeout: Option<String>,
+    #[serde(default)]
+    retry_initial: Option<String>,
+    #[serde(default)]
+    retry_max: Option<String>,
+    #[serde(default)]
+    poll_interval: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -258,6 +281,7 @@ pub struct EnvOverrides {
     pub database_url: Option<String>,
     pub api_listen: Option<String>,
     pub stripe_webhook_secret: Option<String>,
+    pub notifications_secret: Option<String>,
 }
 
 impl EnvOverrides {
@@ -269,6 +293,7 @@ impl EnvOverrides {
             database_url: get("DATABASE_URL"),
             api_listen: get("QG_API_LISTEN"),
             stripe_webhook_secret: get("QG_STRIPE_WEBHOOK_SECRET"),
+            notifications_secret: get("QG_NOTIFICATIONS_SECRET"),
         }
     }
 }

@@ -292,6 +292,7 @@ pub(super) fn settings_from_table(
     let routes_v = section(&mut r, "routes", false);
     let billing_v = section(&mut r, "billing", false);
     let flush_v = section(&mut r, "flush", false);
+    let notifications_v = section(&mut r, "notifications", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -481,6 +482,8 @@ pub(super) fn settings_from_table(
         ),
     };
 
+    let notifications = notification_settings(&mut r, notifications_v, env);
+
     Some(Settings {
         config_path: path.to_path_buf(),
         plans_path: plans_path?,
@@ -493,7 +496,58 @@ pub(super) fn settings_from_table(
         proxy,
         billing,
         flush,
+        notifications,
     })
+}
+
+pub(super) fn notification_settings(
+    r: &mut Report<'_>,
+    v: Option<toml::Value>,
+    env: &EnvOverrides,
+) -> NotifySettings {
+    use crate::webhooks::signature::{StandardKeyEncoding, standard_key};
+    let raw: NotificationsRaw = v
+        .and_then(|v| r.parse("notifications", v))
+        .unwrap_or_default();
+    let d = NotifySettings::default();
+    let secret = env.notifications_secret.clone().or(raw.secret);
+    if let Some(url) = &raw.url {
+        if let Some(reason) = crate::notify::url_problem(url) {
+            r.add("notifications.url", reason);
+        }
+        match &secret {
+            None => r.add(
+                "notifications.secret",
+                "missing: a Standard Webhooks secret (`whsec_` + base64) to sign events with \
+                 (or QG_NOTIFICATIONS_SECRET)",
+            ),
+            Some(s) if standard_key(s, StandardKeyEncoding::Base64AfterWhsecPrefix).is_err() => r
+                .add(
+                    "notifications.secret",
+                    "not a usable secret (Standard Webhooks secrets are `whsec_` + base64)",
+                ),
+            Some(_) => {}
+        }
+    }
+    let mut dur = |key: &str, raw: Option<String>, default: Duration| {
+        duration_or(r, &format!("notifications.{key}"), raw, default)
+    };
+    let s = NotifySettings {
+        url: raw.url,
+        secret: secret.map(SecretString::from),
+        max_age: dur("max_age", raw.max_age, d.max_age),
+        timeout: dur("timeout", raw.timeout, d.timeout),
+        retry_initial: dur("retry_initial", raw.retry_initial, d.retry_initial),
+        retry_max: dur("retry_max", raw.retry_max, d.retry_max),
+        poll_interval: dur("poll_interval", raw.poll_interval, d.poll_interval),
+    };
+    if s.retry_max < s.retry_initial {
+        r.add(
+            "notifications.retry_max",
+            "must be at least notifications.retry_initial",
+        );
+    }
+    s
 }
 
 #[derive(Deserialize)]

@@ -146,7 +146,11 @@ pub fn limits_for<'a>(
                     amount: charge.amount,
                     limit: quota.map(|q| q.limit),
                     overage: quota.map_or(Overage::Allow, |q| q.overage),
-                    notify_at: if quota.is_some() { &plan.notify_at } else { &[] },
+                    notify_at: if quota.is_some() {
+                        &plan.notify_at
+                    } else {
+                        &[]
+                    },
                 });
             }
             MetricKind::Counter => {

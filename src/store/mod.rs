@@ -854,7 +854,10 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
     let crossings = raw[1 + 3 * n..]
         .chunks_exact(2)
         .filter_map(|c| {
-            let i = usize::try_from(c[0]).ok()?.checked_sub(1).filter(|&i| i < n)?;
+            let i = usize::try_from(c[0])
+                .ok()?
+                .checked_sub(1)
+                .filter(|&i| i < n)?;
             Some((i, u16::try_from(c[1]).ok()?))
         })
         .collect();

@@ -194,6 +194,7 @@ fn environment_overrides_win_over_the_file() {
         database_url: Some("postgres://u@db:5432/qg".into()),
         api_listen: Some("0.0.0.0:9100".into()),
         stripe_webhook_secret: None,
+        notifications_secret: None,
     };
     let (settings, _) = config::load(&root.join("config/gateway.toml"), &env).unwrap();
     use secrecy::ExposeSecret;

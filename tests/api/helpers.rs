@@ -240,6 +240,8 @@ pub struct TestOptions {
     pub redis_cluster: Option<String>,
     /// `[api.conn]` (timeouts and connection cap of the API listener).
     pub api_conn: Option<quota_gateway::config::ConnSettings>,
+    /// `[notifications]`.
+    pub notifications: Option<quota_gateway::config::NotifySettings>,
 }
 
 impl Default for TestOptions {
@@ -260,6 +262,7 @@ impl Default for TestOptions {
             allow_eviction: false,
             redis_cluster: None,
             api_conn: None,
+            notifications: None,
         }
     }
 }
@@ -314,6 +317,9 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     settings.billing = opts.billing;
     if let Some(conn) = opts.api_conn {
         settings.api.conn = conn;
+    }
+    if let Some(n) = opts.notifications {
+        settings.notifications = n;
     }
     let pg_proxy = if opts.postgres_proxy {
         let proxy = ChaosProxy::start(&host_port(&test_database_url())).await;
@@ -569,6 +575,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         proxy: None,
         billing: None,
         flush: Default::default(),
+        notifications: Default::default(),
     }
 }
 
