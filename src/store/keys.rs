@@ -11,6 +11,10 @@ use crate::domain::decision::{Limit, Target};
 use crate::domain::org::OrgId;
 use crate::domain::period::Period;
 
+/// What `Keys::parse_limit` reads from a key: org, metric, and for a counter its period and
+/// period start (Unix seconds).
+pub type ParsedLimit = (OrgId, String, Option<(Period, i64)>);
+
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -101,7 +105,7 @@ impl Keys {
 
     /// The org, metric and, for counters, (period, period start in Unix seconds) of a counter or
     /// gauge key built by `limit` (not rates).
-    pub fn parse_limit(&self, key: &str) -> Option<(OrgId, String, Option<(Period, i64)>)> {
+    pub fn parse_limit(&self, key: &str) -> Option<ParsedLimit> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
         let (org, rest) = rest.split_once("}:")?;
         let org = OrgId::parse(org).ok()?;

@@ -845,7 +845,7 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
         });
     }
     // After the limits, pairs of (limit index, percent) for crossed thresholds (usually none).
-    if raw.len() < 1 + 3 * n || (raw.len() - 1 - 3 * n) % 2 != 0 {
+    if raw.len() < 1 + 3 * n || !(raw.len() - 1 - 3 * n).is_multiple_of(2) {
         return Err(StoreError::Protocol(format!(
             "{} values for {n} limits",
             raw.len()
