@@ -447,3 +447,70 @@ pub async fn adjust(
     )
         .into_response())
 }
+
+/// Longest notification endpoint URL accepted.
+pub const MAX_URL: usize = 2000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PutNotifications {
+    url: Text<MAX_URL>,
+}
+
+/// `PUT /admin/orgs/{org_id}/notifications` `{"url": "..."}`: the org's own receiver of its
+/// events, with a new Standard Webhooks secret, shown only in this answer (a PUT replaces the
+/// secret and re-enables an endpoint disabled by a 410).
+pub async fn put_notifications(
+    State(state): State<SharedState>,
+    Path(org_id): Path<String>,
+    ApiJson(req): ApiJson<PutNotifications>,
+) -> Result<Response, ApiError> {
+    use base64::engine::general_purpose::STANDARD;
+    let org = parse_org(&org_id, "org_id")?;
+    let url = req.url.as_str();
+    if let Some(reason) = crate::notify::url_problem(url) {
+        return Err(ApiError::invalid(format!("url: {reason}")));
+    }
+    let mut bytes = [0u8; 32];
+    rand::fill(&mut bytes);
+    let secret = format!("whsec_{}", STANDARD.encode(bytes));
+    db::notifications::put_endpoint(&state.pool, org.as_str(), url, &secret).await?;
+    tracing::info!(org = %org, "notification endpoint set");
+    Ok(Json(json!({ "url": url, "secret": secret })).into_response())
+}
+
+/// `DELETE /admin/orgs/{org_id}/notifications`: 204, or 404 when the org has no endpoint.
+pub async fn delete_notifications(
+    State(state): State<SharedState>,
+    Path(org_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let org = parse_org(&org_id, "org_id")?;
+    if db::notifications::delete_endpoint(&state.pool, org.as_str()).await? {
+        tracing::info!(org = %org, "notification endpoint removed");
+        Ok(StatusCode::NO_CONTENT.into_response())
+    } else {
+        Err(ApiError::NotFound(format!(
+            "org {org} has no notification endpoint"
+        )))
+    }
+}
+
+/// Events listed by `GET /admin/orgs/{org_id}/notifications`.
+const RECENT_EVENTS: i64 = 50;
+
+/// `GET /admin/orgs/{org_id}/notifications`: the org's endpoint (never its secret) and its
+/// recent events with their delivery status, attempts and last error (never their payload).
+pub async fn get_notifications(
+    State(state): State<SharedState>,
+    Path(org_id): Path<String>,
+) -> Result<Response, ApiError> {
+    let org = parse_org(&org_id, "org_id")?;
+    let endpoint = db::notifications::endpoint(&state.pool, org.as_str()).await?;
+    let events = db::notifications::recent(&state.pool, org.as_str(), RECENT_EVENTS).await?;
+    Ok(Json(json!({
+        "org_id": org.as_str(),
+        "endpoint": endpoint,
+        "events": events,
+    }))
+    .into_response())
+}

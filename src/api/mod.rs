@@ -119,6 +119,21 @@ pub fn routes() -> Routes {
             "/admin/orgs/{org_id}/adjustments",
             post(admin::adjust),
         )
+        .add(
+            Method::PUT,
+            "/admin/orgs/{org_id}/notifications",
+            put(admin::put_notifications),
+        )
+        .add(
+            Method::GET,
+            "/admin/orgs/{org_id}/notifications",
+            get(admin::get_notifications),
+        )
+        .add(
+            Method::DELETE,
+            "/admin/orgs/{org_id}/notifications",
+            delete(admin::delete_notifications),
+        )
         // Payment providers: their signatures, verified over the raw body.
         .add(Method::POST, "/webhooks/stripe", post(handler::stripe_hook))
         .add(Method::POST, "/webhooks/dodo", post(handler::dodo_hook))
