@@ -12,6 +12,11 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::DbError;
 
+/// Postgres intervals hold microseconds; a jittered wait has nanoseconds.
+fn micros(d: Duration) -> Duration {
+    Duration::from_micros(u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+}
+
 /// An event to write to the outbox.
 #[derive(Debug, Clone)]
 pub struct NewEvent {
@@ -82,7 +87,7 @@ pub async fn claim(pool: &PgPool, limit: i64, lease: Duration) -> Result<Vec<Cla
                     WHERE e.org_id = n.org_id AND e.disabled_at IS NULL) AS endpoint_secret",
     )
     .bind(limit)
-    .bind(lease)
+    .bind(micros(lease))
     .fetch_all(pool)
     .await?;
     rows.into_iter()
@@ -133,7 +138,7 @@ pub async fn settle(
     .bind(status)
     .bind(delivered_to)
     .bind(last_error)
-    .bind(wait)
+    .bind(micros(wait))
     .execute(pool)
     .await?;
     Ok(())

@@ -463,6 +463,17 @@ impl TestApp {
         keys_matching(&format!("{}:*", self.prefix)).await
     }
 
+    /// Stop this replica as SIGTERM does and start a new one on the same database, Redis prefix
+    /// and clock (a restart).
+    pub async fn restart(self) -> TestApp {
+        let settings = self.settings.clone();
+        let catalog = self.catalog.clone();
+        let clock = self.clock.clone();
+        let resources = self.resources.clone();
+        let _kept = self.shutdown().await;
+        start(settings, catalog, clock, resources).await
+    }
+
     /// Stop serving and wait for the background tasks (what SIGTERM does in production).
     /// Returns a guard that keeps the test's database and keys alive while the caller checks
     /// what the stopped gateway left behind.

@@ -11,6 +11,7 @@ mod exactness;
 mod flush;
 mod hostile;
 mod metrics;
+mod notifications;
 mod openapi;
 mod outage;
 mod process;
