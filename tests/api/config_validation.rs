@@ -257,3 +257,58 @@ fn check_config_prints_a_summary_or_exits_64_with_the_problems() {
     let err = String::from_utf8_lossy(&serve.stderr);
     assert!(err.contains("gateway_bad_values.toml: api.listen"), "{err}");
 }
+
+#[test]
+fn notification_thresholds_are_percentages_ascending_each_once() {
+    let problems = plan_problems("plans_bad_notify_at.toml");
+    assert_has(
+        &problems,
+        "notify_at[1]: thresholds must be ascending, each once",
+    );
+    assert_has(
+        &problems,
+        "notify_at[2]: must be a whole percentage from 1 to 1000",
+    );
+    assert_has(
+        &problems,
+        "plans.free.notify_at[1]: thresholds must be ascending, each once",
+    );
+    assert_has(
+        &problems,
+        "plans.free.notify_at[2]: must be a whole percentage from 1 to 1000",
+    );
+    assert_eq!(problems.len(), 4, "an empty list is fine: {problems:#?}");
+}
+
+#[test]
+fn notification_settings_mistakes_are_named() {
+    let problems = gateway_problems("gateway_notification_problems.toml");
+    for needle in [
+        "notifications.url: https:// is not supported yet",
+        "notifications.secret: not a usable secret",
+        "notifications.max_age: `forever`",
+        "notifications.retry_max: must be at least notifications.retry_initial",
+    ] {
+        assert_has(&problems, needle);
+    }
+}
+
+#[test]
+fn the_catalog_default_applies_unless_a_plan_sets_its_own() {
+    let text = r#"
+default_plan = "free"
+notify_at = [80, 100]
+[metrics]
+requests = { unit = "request" }
+[plans.free]
+quotas = { requests = { limit = 10, period = "month" } }
+[plans.quiet]
+notify_at = []
+[plans.loud]
+notify_at = [50, 90, 100, 150]
+"#;
+    let c = config::catalog_from_str(&PathBuf::from("plans.toml"), text).unwrap();
+    assert_eq!(c.plan("free").unwrap().notify_at, [80, 100]);
+    assert!(c.plan("quiet").unwrap().notify_at.is_empty());
+    assert_eq!(c.plan("loud").unwrap().notify_at, [50, 90, 100, 150]);
+}
