@@ -381,6 +381,38 @@ async fn cancel_at_period_end_keeps_the_plan_until_the_scheduled_job_after_the_p
             .unwrap()
             .is_empty()
     );
+    // The product is told of both changes, each written with the change itself.
+    let events: Vec<Value> = sqlx::query_scalar(
+        "SELECT payload FROM notifications WHERE org_id = 'acme' AND type = 'plan.changed' \
+         ORDER BY id",
+    )
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    let told: Vec<(Value, Value, Value, Value)> = events
+        .iter()
+        .map(|e| {
+            let d = &e["data"];
+            (
+                d["from"].clone(),
+                d["to"].clone(),
+                d["cause"].clone(),
+                d["event_id"].clone(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        told,
+        [
+            (
+                Value::Null,
+                json!("pro"),
+                json!("webhook"),
+                json!("evt_cancel")
+            ),
+            (json!("pro"), json!("free"), json!("schedule"), Value::Null),
+        ]
+    );
 }
 
 #[tokio::test]
