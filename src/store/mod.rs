@@ -909,6 +909,38 @@ mod tests {
     }
 
     #[test]
+    fn crossings_follow_the_limits_and_a_reply_without_them_is_unchanged() {
+        let plain = parse_reply(&[0, 0, 5, 0, 0, 9, 0], 2).unwrap();
+        assert!(plain.crossings.is_empty());
+        assert_eq!(plain.limits.len(), 2);
+        let crossed = parse_reply(&[0, 0, 5, 0, 0, 9, 0, 2, 80, 2, 100], 2).unwrap();
+        assert_eq!(crossed.crossings, [(1, 80), (1, 100)]);
+        assert_eq!(crossed.limits[1].value, 9);
+        assert!(matches!(
+            parse_reply(&[0, 0, 5, 0, 2], 1),
+            Err(StoreError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn triggers_are_the_smallest_values_at_or_past_the_percentage() {
+        let spec = |limit| KeySpec {
+            key: String::new(),
+            kind: SpecKind::Counter,
+            amount: 1,
+            limit,
+            block: true,
+            param: 0,
+            notify: vec![80, 100],
+        };
+        assert_eq!(spec(20).trigger(80), 16);
+        assert_eq!(spec(3).trigger(80), 3, "2.4 rounds up");
+        assert_eq!(spec(3).trigger(1), 1);
+        assert_eq!(spec(1000).trigger(1000), 10_000);
+        assert_eq!(spec(u64::MAX).trigger(100), u64::MAX);
+    }
+
+    #[test]
     fn the_script_and_the_domain_agree_on_the_largest_counter() {
         let script = include_str!("decide.lua");
         let line = format!(

@@ -11,8 +11,11 @@ use reqwest::Method;
 use secrecy::SecretString;
 use serde_json::{Value, json};
 
-use crate::helpers::{TestApp, TestOptions, json, keys_matching, spawn_app_with};
-use quota_gateway::config::NotifySettings;
+use crate::helpers::{
+    ChaosProxy, TestApp, TestOptions, eventually, host_port, json, keys_matching,
+    skip_in_cluster_mode, spawn_app_with, test_redis_url,
+};
+use quota_gateway::config::{NotifySettings, OnRedisError};
 use quota_gateway::webhooks::signature::{StandardKeyEncoding, standard_key, verify_standard};
 
 const PLANS: &str = r#"
@@ -516,4 +519,49 @@ async fn an_https_or_relative_endpoint_is_refused_with_422() {
             .await;
         assert_eq!(r.status(), 422, "{url}");
     }
+}
+
+#[tokio::test]
+async fn usage_admitted_while_redis_was_unreachable_crosses_when_the_replay_reaches_redis() {
+    if skip_in_cluster_mode(
+        "usage_admitted_while_redis_was_unreachable_crosses_when_the_replay_reaches_redis",
+    ) {
+        return;
+    }
+    let receiver = Receiver::start(SECRET).await;
+    let proxy = ChaosProxy::start(&host_port(&test_redis_url())).await;
+    let app = spawn_app_with(TestOptions {
+        plans: PLANS.into(),
+        notifications: Some(settings(Some(&receiver))),
+        redis_url: Some(format!("redis://{}/0", proxy.addr)),
+        on_error: OnRedisError::Local,
+        ..Default::default()
+    })
+    .await;
+    let r = app
+        .check(json!({"org_id": "acme", "metric": "requests", "amount": 8}))
+        .await;
+    assert_eq!(r.status(), 200);
+    proxy.cut();
+    let r = app
+        .check(json!({"org_id": "acme", "metric": "requests", "amount": 4}))
+        .await;
+    assert_eq!(r.status(), 200, "admitted locally");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        receiver.delivered("usage.threshold_crossed").is_empty(),
+        "not detected while deciding locally"
+    );
+    proxy.restore();
+    let ready = eventually(Duration::from_secs(10), || async {
+        let r = app.get("/readyz").await;
+        r.status() == 200 && json(r).await["status"] == "ready"
+    })
+    .await;
+    assert!(ready.is_some(), "the gateway leaves degraded mode");
+    let events = receiver.wait_for("usage.threshold_crossed", 1).await;
+    assert_eq!(events[0].body["data"]["threshold"], 50);
+    assert_eq!(events[0].body["data"]["current"], 12);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(receiver.delivered("usage.threshold_crossed").len(), 1);
 }
