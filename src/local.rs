@@ -182,6 +182,10 @@ fn replay_spec(key: String, kind: SpecKind, param: i64, amount: i64) -> KeySpec 
 
 type RateKey = (String, Duration);
 
+/// A decision carried by a call in doubt: its org, specs, idempotency key and whether this
+/// replica admitted it (see `LocalMode::settle`).
+pub type DoubtedDecision = (OrgId, Vec<KeySpec>, Option<String>, bool);
+
 pub struct LocalMode {
     on_error: OnRedisError,
     share: f64,
@@ -405,7 +409,7 @@ impl LocalMode {
         self: &Arc<Self>,
         store: &Store,
         in_doubt: InDoubt,
-        decisions: Vec<(OrgId, Vec<KeySpec>, Option<String>, bool)>,
+        decisions: Vec<DoubtedDecision>,
     ) {
         let ids: Vec<u64> = {
             let mut ledger = self.ledger();

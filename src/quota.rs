@@ -21,7 +21,7 @@ use crate::domain::decision::{
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
 use crate::lease::{LeaseSettings, Leases, Taken};
-use crate::local::{LocalMode, ReplayError, Replayer};
+use crate::local::{DoubtedDecision, LocalMode, ReplayError, Replayer};
 use crate::metrics::Metrics;
 use crate::store::{Batch, KeySpec, LeaseCall, Reply, Status, Store, StoreError};
 
@@ -352,7 +352,7 @@ impl QuotaService {
     fn lease_failed(
         &self,
         taken: Option<&Taken>,
-        in_doubt: Option<&mut Vec<(OrgId, Vec<KeySpec>, Option<String>, bool)>>,
+        in_doubt: Option<&mut Vec<DoubtedDecision>>,
     ) {
         let Some(taken) = taken else {
             return;
