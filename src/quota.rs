@@ -349,11 +349,7 @@ impl QuotaService {
     /// A lease call failed, so the units it was to settle are not in Redis (or, with
     /// `in_doubt`, may not be): hand them to local mode's replay, which counts them exactly
     /// once, as it does units admitted while degraded.
-    fn lease_failed(
-        &self,
-        taken: Option<&Taken>,
-        in_doubt: Option<&mut Vec<DoubtedDecision>>,
-    ) {
+    fn lease_failed(&self, taken: Option<&Taken>, in_doubt: Option<&mut Vec<DoubtedDecision>>) {
         let Some(taken) = taken else {
             return;
         };
