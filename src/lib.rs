@@ -12,7 +12,8 @@
 //!   (`webhooks::scheduler`), recovery (`local::LocalMode::recover`), `notify` (threshold and
 //!   plan-change events: crossings → outbox → signed deliveries).
 //! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
-//!   owning `local` (deciding while Redis is unreachable and replaying it exactly once) and
+//!   owning `local` (deciding while Redis is unreachable and replaying it exactly once),
+//!   `lease` (blocks of a limit this replica admits from without Redis, opt-in) and
 //!   `directory` (the per-replica org cache; `cache` holds its invalidation rules).
 //! - Adapters: `store` (Redis: keys, Lua scripts, the in-doubt machinery), `db` (Postgres).
 //! - `config`: typed settings and the catalog, validated at start-up, every problem at once.
@@ -28,6 +29,7 @@ pub mod directory;
 pub mod domain;
 pub mod flush;
 pub mod http;
+pub mod lease;
 pub mod local;
 pub mod metrics;
 pub mod notify;

@@ -25,6 +25,7 @@ use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteActi
 // Settings types live with the parts that use them; this module parses and validates them.
 pub use crate::db::DatabaseSettings;
 pub use crate::domain::decision::OnRedisError;
+pub use crate::lease::LeaseSettings;
 pub use crate::notify::NotifySettings;
 pub use crate::proxy::settings::{IdentityMode, IdentitySettings, ProxySettings, RefundOn};
 pub use crate::serve::ConnSettings;
@@ -96,6 +97,8 @@ pub struct Settings {
     /// `[notifications]`: where threshold and plan-change events go (defaults: org endpoints
     /// only).
     pub notifications: NotifySettings,
+    /// `[leases]`: off unless enabled.
+    pub leases: LeaseSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -129,6 +132,17 @@ struct NotificationsRaw {
     retry_max: Option<String>,
     #[serde(default)]
     poll_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LeasesRaw {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    max_block: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -242,6 +242,8 @@ pub struct TestOptions {
     pub api_conn: Option<quota_gateway::config::ConnSettings>,
     /// `[notifications]`.
     pub notifications: Option<quota_gateway::config::NotifySettings>,
+    /// `[leases]` (off by default, as in production).
+    pub leases: quota_gateway::config::LeaseSettings,
 }
 
 impl Default for TestOptions {
@@ -263,6 +265,7 @@ impl Default for TestOptions {
             redis_cluster: None,
             api_conn: None,
             notifications: None,
+            leases: Default::default(),
         }
     }
 }
@@ -335,6 +338,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     settings.redis.on_error = opts.on_error;
     settings.redis.require_noeviction = !opts.allow_eviction;
     settings.redis.local_share = opts.local_share;
+    settings.leases = opts.leases;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -454,7 +458,12 @@ impl TestApp {
         self.redis_keys()
             .await
             .into_iter()
-            .filter(|k| !k.ends_with(":v") && !k.contains("}:restored:") && !k.contains("}:idem:"))
+            .filter(|k| {
+                !k.ends_with(":v")
+                    && !k.ends_with(":l")
+                    && !k.contains("}:restored:")
+                    && !k.contains("}:idem:")
+            })
             .collect()
     }
 
@@ -587,6 +596,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         billing: None,
         flush: Default::default(),
         notifications: Default::default(),
+        leases: Default::default(),
     }
 }
 

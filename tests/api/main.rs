@@ -10,6 +10,7 @@ mod eviction;
 mod exactness;
 mod flush;
 mod hostile;
+mod leases;
 mod metrics;
 mod notifications;
 mod openapi;

@@ -565,3 +565,47 @@ async fn usage_admitted_while_redis_was_unreachable_crosses_when_the_replay_reac
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(receiver.delivered("usage.threshold_crossed").len(), 1);
 }
+
+#[tokio::test]
+async fn with_leases_a_threshold_is_reported_once_when_the_blocks_settle() {
+    let receiver = Receiver::start(SECRET).await;
+    let plans = r#"
+default_plan = "free"
+notify_at = [10, 50]
+[metrics]
+requests = { unit = "request" }
+[plans.free]
+quotas = { requests = { limit = 1000, period = "month" } }
+"#;
+    let app = spawn_app_with(TestOptions {
+        plans: plans.into(),
+        notifications: Some(settings(Some(&receiver))),
+        leases: quota_gateway::config::LeaseSettings {
+            enabled: true,
+            ttl: Duration::from_secs(1),
+            max_block: 100,
+        },
+        ..Default::default()
+    })
+    .await;
+    let peer = app.spawn_peer().await;
+    let responses = join_all((0..150).map(|i| {
+        let target = if i % 2 == 0 { &app } else { &peer };
+        target.check(json!({"org_id": "acme", "metric": "requests"}))
+    }))
+    .await;
+    assert!(responses.iter().all(|r| r.status() == 200));
+    for a in [&app, &peer] {
+        a.state.quota.settle_leases(true).await;
+    }
+    let events = receiver.wait_for("usage.threshold_crossed", 1).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let events_after = receiver.delivered("usage.threshold_crossed");
+    assert_eq!(events_after.len(), 1, "{events_after:?}");
+    assert_eq!(events[0].body["data"]["threshold"], 10);
+    let current = events[0].body["data"]["current"].as_i64().unwrap();
+    assert!(
+        (100..=150).contains(&current),
+        "consumed units, never reserved ones: {current}"
+    );
+}
