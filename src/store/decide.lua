@@ -55,12 +55,13 @@
 --   c/m/g   value = the counter or level before this call
 --   r       value = units remaining (after, when applied); millis = time until the bucket is
 --           full again, or, when denied, until this amount would fit
---   then, after the lease values, 3 integers per notification threshold this call crossed:
---   the limit's index i, the percent, and the counter or level after the call (none when
---   nothing was crossed: the reply is as it would be without thresholds)
 --   granted the block leased to the holder by this call (0 when denied or near the limit)
 --   swept   units of other holders' leases found expired and returned
 --   reserved  units other holders' live leases reserve (counted in a counter's value above)
+--   then, after the lease values, 3 integers per notification threshold this call crossed:
+--   the limit's index i, the percent, and the counter or level after the call (none when
+--   nothing was crossed: the reply is as it would be without thresholds). Units a lease call
+--   settles count towards a crossing whatever the status (see "Leases")
 --
 -- Leases. A replica may reserve a block of a limit and admit from it without Redis. A lease is a
 -- field of the limit's lease hash: holder -> "units:expiry_us". Reserved units count against the
