@@ -21,6 +21,8 @@ CREATE TABLE notifications (
 );
 CREATE INDEX notifications_due ON notifications (next_attempt_at) WHERE status = 'pending';
 CREATE INDEX notifications_org ON notifications (org_id, created_at DESC);
+-- Settled events are removed after a while (`notify::RETAIN`).
+CREATE INDEX notifications_settled ON notifications (updated_at) WHERE status <> 'pending';
 
 -- An org's own endpoint (PUT /admin/orgs/{org_id}/notifications). The secret must be kept to
 -- sign with, so it is stored as given (`whsec_` + base64); it is shown once, at creation.

@@ -144,6 +144,17 @@ pub async fn settle(
     Ok(())
 }
 
+/// Remove delivered and failed events settled more than `retain` ago; returns how many.
+pub async fn prune(pool: &PgPool, retain: Duration) -> Result<u64, DbError> {
+    let done = sqlx::query(
+        "DELETE FROM notifications WHERE status <> 'pending' AND updated_at < now() - $1",
+    )
+    .bind(micros(retain))
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// Seconds since the oldest pending event was written (0 when none).
 pub async fn oldest_pending_age(pool: &PgPool) -> Result<f64, DbError> {
     let age: Option<f64> = sqlx::query_scalar(

@@ -42,6 +42,12 @@ const HOLD: usize = 10_000;
 const BATCH: usize = 500;
 /// Events claimed per delivery round.
 const CLAIM_AT_MOST: i64 = 50;
+/// The most of a receiver's answer that is read.
+const ANSWER_READ: usize = 64 * 1024;
+/// Delivered and failed events are kept this long (for `GET …/notifications`), then removed.
+const RETAIN: Duration = Duration::from_secs(30 * 86_400);
+/// How often each replica removes them.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 /// `[notifications]` in gateway.toml.
 #[derive(Debug, Clone)]
@@ -422,8 +428,11 @@ impl Deliverer {
         let call = async {
             let response = self.client.request(request).await?;
             let status = response.status();
-            // Read (and drop) what the receiver answers, so the connection can be reused.
-            let _ = response.into_body().collect().await;
+            // Read (and drop) what the receiver answers, so the connection can be reused; a
+            // receiver's answer is not ours to hold, so at most `ANSWER_READ` of it.
+            let _ = http_body_util::Limited::new(response.into_body(), ANSWER_READ)
+                .collect()
+                .await;
             Ok::<_, hyper_util::client::legacy::Error>(status)
         };
         match tokio::time::timeout(self.settings.timeout, call).await {
@@ -440,7 +449,19 @@ impl Deliverer {
 /// Deliver due events every `poll_interval` until `stop`, and keep the oldest-pending gauge
 /// current. Only schedules: the work is `try_deliver_once`.
 pub async fn deliver(d: Deliverer, stop: CancellationToken) {
+    let mut pruned: Option<std::time::Instant> = None;
     loop {
+        if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
+            match outbox::prune(&d.pool, RETAIN).await {
+                Ok(n) => {
+                    pruned = Some(std::time::Instant::now());
+                    if n > 0 {
+                        tracing::debug!(events = n, "old notifications removed");
+                    }
+                }
+                Err(e) => tracing::debug!(error = %e, "cannot prune the notification outbox"),
+            }
+        }
         match outbox::oldest_pending_age(&d.pool).await {
             Ok(age) => d.metrics.notifications_oldest_pending.set(age),
             Err(e) => tracing::debug!(error = %e, "cannot read the notification outbox"),

@@ -609,3 +609,36 @@ quotas = { requests = { limit = 1000, period = "month" } }
         "consumed units, never reserved ones: {current}"
     );
 }
+
+#[tokio::test]
+async fn settled_events_are_pruned_after_the_retention_and_pending_ones_never() {
+    let app = spawn(None).await;
+    for (status, age_days) in [
+        ("delivered", 40),
+        ("failed", 40),
+        ("delivered", 1),
+        ("pending", 40),
+    ] {
+        sqlx::query(
+            "INSERT INTO notifications (id, org_id, type, payload, status, created_at, updated_at) \
+             VALUES ($1, 'acme', 'plan.changed', '{}', $2, now() - make_interval(days => $3), \
+                     now() - make_interval(days => $3))",
+        )
+        .bind(uuid::Uuid::now_v7())
+        .bind(status)
+        .bind(age_days)
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let removed =
+        quota_gateway::db::notifications::prune(&app.pool, Duration::from_secs(30 * 86_400))
+            .await
+            .unwrap();
+    assert_eq!(removed, 2);
+    let left: Vec<String> = sqlx::query_scalar("SELECT status FROM notifications ORDER BY status")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["delivered", "pending"]);
+}
