@@ -642,3 +642,43 @@ async fn settled_events_are_pruned_after_the_retention_and_pending_ones_never() 
         .unwrap();
     assert_eq!(left, ["delivered", "pending"]);
 }
+
+#[tokio::test]
+async fn a_crossing_while_postgres_is_unreachable_is_held_and_delivered_once_it_is_back() {
+    let receiver = Receiver::start(SECRET).await;
+    let app = spawn_app_with(TestOptions {
+        plans: PLANS.into(),
+        notifications: Some(settings(Some(&receiver))),
+        postgres_proxy: true,
+        ..Default::default()
+    })
+    .await;
+    let pg = app.pg_proxy.clone().unwrap();
+    // The org is cached: decisions need no Postgres.
+    let r = app
+        .check(json!({"org_id": "acme", "metric": "requests", "amount": 5}))
+        .await;
+    assert_eq!(r.status(), 200);
+    pg.cut();
+    let r = app
+        .check(json!({"org_id": "acme", "metric": "requests", "amount": 5}))
+        .await;
+    assert_eq!(r.status(), 200, "a crossing never waits for Postgres");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(receiver.delivered("usage.threshold_crossed").is_empty());
+    pg.restore();
+    let events = receiver.wait_for("usage.threshold_crossed", 1).await;
+    assert_eq!(events[0].body["data"]["threshold"], 50);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.delivered("usage.threshold_crossed").len(), 1);
+    let metrics = app.get("/metrics").await.text().await.unwrap();
+    assert!(
+        metrics.contains(
+            "quota_gateway_notifications_total{outcome=\"queued\",type=\"usage.threshold_crossed\"} 1"
+        ),
+        "{metrics}"
+    );
+    assert!(metrics.contains(
+        "quota_gateway_notifications_total{outcome=\"dropped\",type=\"usage.threshold_crossed\"} 0"
+    ));
+}
