@@ -450,6 +450,7 @@ impl Deliverer {
 /// current. Only schedules: the work is `try_deliver_once`.
 pub async fn deliver(d: Deliverer, stop: CancellationToken) {
     let mut pruned: Option<std::time::Instant> = None;
+    let mut failing = false;
     loop {
         if pruned.is_none_or(|t| t.elapsed() >= PRUNE_EVERY) {
             match outbox::prune(&d.pool, RETAIN).await {
@@ -468,10 +469,21 @@ pub async fn deliver(d: Deliverer, stop: CancellationToken) {
         }
         loop {
             match d.try_deliver_once().await {
-                Ok(round) if round.claimed as i64 == CLAIM_AT_MOST && !stop.is_cancelled() => {}
-                Ok(_) => break,
+                Ok(round) => {
+                    if failing {
+                        tracing::info!("notification delivery works again");
+                        failing = false;
+                    }
+                    if round.claimed as i64 != CLAIM_AT_MOST || stop.is_cancelled() {
+                        break;
+                    }
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "notification delivery round failed");
+                    // Once per outage, not once per poll.
+                    if !failing {
+                        tracing::warn!(error = %e, "notification delivery round failed; retrying");
+                        failing = true;
+                    }
                     break;
                 }
             }
