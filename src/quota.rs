@@ -229,6 +229,9 @@ impl QuotaService {
         }
         let taken = lease.as_ref().map(|(_, _, t)| t);
         let mut in_doubt = None;
+        // Until the call is answered, dropping this request (its client went away) must not
+        // strand the blocks it took out: see `Unanswered`.
+        let mut unanswered = Unanswered { quota: self, taken };
         if !self.local.serves_locally() {
             let asked = self
                 .restoring(
@@ -247,6 +250,7 @@ impl QuotaService {
                     |r| r.status == Status::NeedsRestore,
                 )
                 .await;
+            unanswered.taken = None;
             let result = match asked {
                 Ok(result) => result,
                 Err(e) => {
@@ -411,11 +415,12 @@ impl QuotaService {
                 .await;
             match asked {
                 Ok(Ok(reply)) => {
+                    leases.abandon(&taken);
                     self.metrics.lease_settlements.inc();
                     let swept: u64 = reply.leases.iter().map(|l| l.swept).sum();
                     self.metrics.lease_swept_units.inc_by(swept);
                 }
-                Ok(Err(StoreError::CounterOverflow)) => {}
+                Ok(Err(StoreError::CounterOverflow)) => leases.abandon(&taken),
                 Ok(Err(StoreError::InDoubt(_, doubt))) => {
                     self.local.trip();
                     let mut decisions = Vec::new();
@@ -864,6 +869,26 @@ impl Replayer for QuotaService {
             )
             .await??;
         Ok(status)
+    }
+}
+
+/// A lease call whose request may be dropped before it is answered (a client that goes away
+/// cancels its request's future, and the call with it). Whether Redis settled the blocks the call
+/// carried can then not be learned: they are replayed, like a decision in doubt whose answer never
+/// comes, and counted the same way (`in_doubt_total{outcome="unknown"}`).
+struct Unanswered<'a> {
+    quota: &'a QuotaService,
+    taken: Option<&'a Taken>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            if !taken.consumed.is_empty() {
+                self.quota.local.lost_with_connection(1);
+            }
+            self.quota.lease_failed(Some(taken), None);
+        }
     }
 }
 
