@@ -37,6 +37,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+want() { [[ ",$ROW_SET," == *",$1,"* ]]; }
+
 for tool in wrk nginx; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "installing $tool"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
@@ -183,7 +185,6 @@ NGX_PIDS=$(workers "$WORK/ngx.pid")
 REDIS_PID=$(redis-cli INFO server | tr -d '\r' | sed -n 's/^process_id://p')
 
 ROWS=()
-want() { [[ ",$ROW_SET," == *",$1,"* ]]; }
 # run NAME URL BODY AUTH PROXY_PIDS
 run() {
   local name=$1 url=$2 body=$3 auth=$4 proxy_pids=$5
