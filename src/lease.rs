@@ -310,6 +310,30 @@ impl Leases {
         out
     }
 
+    /// Take credits (negative amounts: a refund) out of what this replica's blocks consumed and
+    /// has not settled yet, where a block holds at least that much: Redis never saw those units,
+    /// and a credit sent there first would be clamped at zero and then the settlement would add
+    /// them back. Returns, per spec, whether it was taken here.
+    pub fn give_back(&self, org: &OrgId, specs: &[KeySpec]) -> Vec<bool> {
+        let Some(org_leases) = self.orgs.get(org).map(|o| o.clone()) else {
+            return vec![false; specs.len()];
+        };
+        let mut o = lock(&org_leases);
+        specs
+            .iter()
+            .map(|spec| {
+                let credit = spec.amount.unsigned_abs();
+                match o.held.get_mut(&spec.key) {
+                    Some(h) if spec.amount < 0 && h.consumed >= credit => {
+                        h.consumed -= credit;
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .collect()
+    }
+
     /// Units admitted from blocks and not settled yet (tests and shutdown logs).
     pub fn unsettled_units(&self) -> u64 {
         self.orgs

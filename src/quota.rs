@@ -695,7 +695,7 @@ impl QuotaService {
         org: &OrgId,
         charge: Charge<'c>,
     ) -> Result<Decision<'c>, QuotaError> {
-        let (plan, eval) = self.record_counters(catalog, org, &[charge]).await?;
+        let (plan, eval) = self.record_counters(catalog, org, &[charge], false).await?;
         Ok(Decision {
             plan,
             eval,
@@ -721,7 +721,7 @@ impl QuotaService {
                 amount: -c.amount,
             })
             .collect();
-        self.record_counters(catalog, org, &credits).await?;
+        self.record_counters(catalog, org, &credits, true).await?;
         Ok(())
     }
 
@@ -730,18 +730,27 @@ impl QuotaService {
     /// Redis only, never degraded mode: credits are negative amounts, and Redis clamps each at
     /// zero in order, which a locally summed replay would not; and an adjustment is committed
     /// in Postgres only once Redis has it. While Redis is unreachable they fail, and say so.
+    /// `from_leases`: credits may be taken from units this replica's blocks have not settled
+    /// (a refund of a request admitted from a block).
     async fn record_counters<'c>(
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
         charges: &[Charge<'c>],
+        from_leases: bool,
     ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
-        let limits: Vec<_> = limits_for(plan, charges, now, record.billing_anchor)
+        let mut limits: Vec<_> = limits_for(plan, charges, now, record.billing_anchor)
             .into_iter()
             .filter(|l| !l.is_rate())
             .collect();
+        if let Some(leases) = self.leases.as_ref().filter(|_| from_leases) {
+            // Credits for units still in this replica's blocks are taken there (see `give_back`).
+            let specs: Vec<KeySpec> = limits.iter().map(|l| self.store.spec(org, l)).collect();
+            let mut taken = leases.give_back(org, &specs).into_iter();
+            limits.retain(|_| !taken.next().unwrap_or(false));
+        }
         if limits.is_empty() {
             return Ok((plan, evaluate(limits, &[], false, now)));
         }
