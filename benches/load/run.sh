@@ -262,7 +262,7 @@ if want 5; then
     "$PREFIX:{rb}:restored:$START" "$PREFIX:{rb}:restored:resident" \
     "$PREFIX:{rb}:c:requests:month:$START" "$PREFIX:{rb}:c:requests:month:$START:v" \
     "$PREFIX:{rb}:r:requests:1000" \
-    "$NOW_US" check 0 $((NEXT * 1000)) m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
+    "$NOW_US" check 0 $((NEXT * 1000)) "" 0 m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
   RB_RPS=$(awk -F'","' '{ printf "%.0f", $2 }' <<<"$RB")
   RB_P50=$(awk -F'","' '{ printf "%.0f", $5 * 1000 }' <<<"$RB")
   RB_P99=$(awk -F'","' '{ printf "%.0f", $7 * 1000 }' <<<"$RB")
