@@ -78,6 +78,16 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Run a stand-in product API to proxy to (the quick start's upstream); not for production.
+    DemoUpstream {
+        /// Where to listen.
+        #[arg(
+            long,
+            env = "QG_DEMO_UPSTREAM_LISTEN",
+            default_value = "127.0.0.1:9100"
+        )]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,6 +108,23 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let env = EnvOverrides::from_env();
     match cli.command {
+        Command::DemoUpstream { listen } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    shutdown::signal().await;
+                    stop.cancel();
+                }
+            });
+            match quota_gateway::demo_upstream::run(listen, stop).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo upstream: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match config::load(&config.path, &env) {
             Ok((settings, catalog)) => {
                 print_summary(&config.path, &settings.plans_path, &catalog);

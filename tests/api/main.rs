@@ -5,6 +5,7 @@ mod helpers;
 mod admin;
 mod check;
 mod config_validation;
+mod demo;
 mod edges;
 mod eviction;
 mod exactness;
