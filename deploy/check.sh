@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Check what deploy/ ships: the Prometheus alert rules (promtool check rules + the unit tests in
-# alerts.test.yml) and the Kubernetes manifests (deploy/kubernetes/check.py). CI runs it
+# alerts.test.yml), the Grafana dashboard's queries (PromQL syntax) and the Kubernetes manifests
+# (deploy/kubernetes/check.py). tests/api/deploy.rs checks that the metrics they name exist. CI runs it
 # (.ci/run). promtool comes from Debian's `prometheus` package, installed only when missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,6 +27,31 @@ awk '
 ' deploy/prometheus/alerts.yml > "$work/alerts.yml"
 cp deploy/prometheus/alerts.test.yml "$work/"
 promtool test rules "$work/alerts.test.yml"
+
+# The dashboard's queries parse as PromQL: promtool checks them as recording rules, with
+# Grafana's variables replaced by values of the same kind.
+python3 - "$work/dashboard-rules.yml" <<'PY'
+import json, sys
+exprs = []
+def walk(v):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            if k == "expr" and isinstance(x, str):
+                exprs.append(x)
+            else:
+                walk(x)
+    elif isinstance(v, list):
+        for x in v:
+            walk(x)
+walk(json.load(open("deploy/grafana/quota-gateway.json")))
+with open(sys.argv[1], "w") as out:
+    out.write("groups:\n  - name: dashboard\n    rules:\n")
+    for i, e in enumerate(exprs):
+        e = e.replace("$__rate_interval", "5m").replace("$instance", ".*")
+        out.write(f"      - record: dashboard:panel_{i}\n        expr: {json.dumps(e)}\n")
+print(f"deploy/grafana/quota-gateway.json: {len(exprs)} queries")
+PY
+promtool check rules "$work/dashboard-rules.yml"
 
 if [ -f deploy/kubernetes/check.py ]; then
   python3 deploy/kubernetes/check.py

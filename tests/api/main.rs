@@ -6,6 +6,7 @@ mod admin;
 mod check;
 mod config_validation;
 mod demo;
+mod deploy;
 mod edges;
 mod eviction;
 mod exactness;
