@@ -208,8 +208,19 @@ async fn run(cli: Cli) -> ExitCode {
             }
             .await;
             match result {
-                Ok(()) => {
-                    tracing::info!("migrations applied");
+                Ok(applied) => {
+                    let total = db::MIGRATOR.iter().count();
+                    if applied.is_empty() {
+                        println!("database up to date: all {total} migrations were applied before");
+                    } else {
+                        for (version, description) in &applied {
+                            println!("applied {version} {description}");
+                        }
+                        println!(
+                            "database up to date: applied {} of {total} migrations",
+                            applied.len()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {

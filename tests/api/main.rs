@@ -4,6 +4,7 @@ mod helpers;
 
 mod admin;
 mod check;
+mod cli;
 mod config_validation;
 mod demo;
 mod deploy;
