@@ -5,6 +5,7 @@ mod helpers;
 mod admin;
 mod check;
 mod cli;
+mod client;
 mod config_validation;
 mod demo;
 mod deploy;
