@@ -56,6 +56,7 @@ promtool check rules "$work/dashboard-rules.yml"
 # The manifests, their ConfigMaps run through the binary's own check-config.
 python3 -c 'import yaml' 2>/dev/null || {
   log "installing python3-yaml"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq python3-yaml >/dev/null
 }
 cargo build -q --bin quota-gateway

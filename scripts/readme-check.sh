@@ -26,6 +26,7 @@ log() { printf '[readme-check] %s\n' "$*"; }
 
 if ! command -v jq >/dev/null 2>&1; then
   log "installing jq"
+  DEBIAN_FRONTEND=noninteractive apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq jq >/dev/null
 fi
 
