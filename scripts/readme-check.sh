@@ -66,7 +66,8 @@ QG_API_LISTEN="127.0.0.1:$API" QG_PROXY_LISTEN="127.0.0.1:$PROXY" \
 PIDS+=($!)
 
 for _ in $(seq 1 120); do
-  curl -fs "http://127.0.0.1:$API/readyz" >/dev/null 2>&1 && break
+  curl -fs "http://127.0.0.1:$API/readyz" >/dev/null 2>&1 \
+    && curl -fs "http://127.0.0.1:$UPSTREAM/health" >/dev/null 2>&1 && break
   sleep 0.25
 done
 if ! curl -fs "http://127.0.0.1:$API/readyz" >/dev/null 2>&1; then
