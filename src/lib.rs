@@ -11,7 +11,8 @@
 //! - Jobs: `flush` (counters → Postgres), `reload` (the plan catalog), the billing scheduler
 //!   (`webhooks::scheduler`), recovery (`local::LocalMode::recover`).
 //! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
-//!   owning `local` (deciding while Redis is unreachable and replaying it exactly once) and
+//!   owning `local` (deciding while Redis is unreachable and replaying it exactly once),
+//!   `lease` (blocks of a limit this replica admits from without Redis, opt-in) and
 //!   `directory` (the per-replica org cache; `cache` holds its invalidation rules).
 //! - Adapters: `store` (Redis: keys, Lua scripts, the in-doubt machinery), `db` (Postgres).
 //! - `config`: typed settings and the catalog, validated at start-up, every problem at once.
@@ -30,6 +31,7 @@ pub mod directory;
 pub mod domain;
 pub mod flush;
 pub mod http;
+pub mod lease;
 pub mod local;
 pub mod metrics;
 pub mod proxy;

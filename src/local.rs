@@ -182,6 +182,10 @@ fn replay_spec(key: String, kind: SpecKind, param: i64, amount: i64) -> KeySpec 
 
 type RateKey = (String, Duration);
 
+/// A decision carried by a call in doubt: its org, specs, idempotency key and whether this
+/// replica admitted it (see `LocalMode::settle`).
+pub type DoubtedDecision = (OrgId, Vec<KeySpec>, Option<String>, bool);
+
 pub struct LocalMode {
     on_error: OnRedisError,
     share: f64,
@@ -382,6 +386,21 @@ impl LocalMode {
         }
     }
 
+    /// Units already admitted (from a lease block) that Redis has not counted, because the
+    /// call that would have settled them failed: replayed like units admitted while degraded.
+    pub fn adopt(&self, org: &OrgId, specs: &[KeySpec]) {
+        let counted = counted_specs(specs);
+        let mut ledger = self.ledger();
+        ledger.add_unconfirmed(&counted, 1);
+        ledger.queue(org, counted, None, self.idempotency_ttl);
+    }
+
+    /// Units already admitted that travel in a call now in doubt: they count against the local
+    /// cap until `settle` learns whether Redis took them (pass them there as admitted).
+    pub fn hold(&self, specs: &[KeySpec]) {
+        self.ledger().add_unconfirmed(&counted_specs(specs), 1);
+    }
+
     /// Learn the outcome of Redis calls in doubt, in the background, and account for each of the
     /// decisions they carried exactly once. `decisions`: per decision in the call, in order, its
     /// org, specs, idempotency key and whether this replica admitted it (after `decide` with
@@ -390,7 +409,7 @@ impl LocalMode {
         self: &Arc<Self>,
         store: &Store,
         in_doubt: InDoubt,
-        decisions: Vec<(OrgId, Vec<KeySpec>, Option<String>, bool)>,
+        decisions: Vec<DoubtedDecision>,
     ) {
         let ids: Vec<u64> = {
             let mut ledger = self.ledger();
@@ -416,7 +435,12 @@ impl LocalMode {
         tokio::spawn(async move {
             let statuses = in_doubt.resolve().await;
             for (i, id) in ids.into_iter().enumerate() {
-                let status = statuses.as_ref().and_then(|s| s.get(i).copied());
+                // A pipeline has a status per decision; a single script call carries all of its
+                // decisions (a request and the lease units it settles) under its one status.
+                let status = statuses.as_ref().and_then(|s| match s.len() {
+                    1 => s.first().copied(),
+                    _ => s.get(i).copied(),
+                });
                 this.resolve_doubt(&store, id, status);
             }
         });

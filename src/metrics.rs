@@ -56,6 +56,16 @@ pub struct Metrics {
     pub replay_overflow: IntCounter,
     /// 1 while every Redis primary's `maxmemory-policy` is `noeviction` (see `store::eviction`).
     pub redis_eviction_policy_ok: IntGauge,
+    /// Leased decisions by path: local (from a block this replica holds, no Redis call) |
+    /// redis (a lease call: settle, decide exactly, take a new block).
+    pub lease_decisions: IntCounterVec,
+    /// Lease calls that only settled and returned blocks (expiry, shutdown).
+    pub lease_settlements: IntCounter,
+    /// Units of expired, unsettled leases (a replica died or lost Redis) returned to their
+    /// limits: the bound on what such a replica may have admitted without it being counted.
+    pub lease_swept_units: IntCounter,
+    /// Denials that would have been admitted but for units other replicas held in leases.
+    pub lease_underadmissions: IntCounter,
     /// Open client connections by listener (api | proxy).
     pub connections_open: prometheus::IntGaugeVec,
     /// Times a listener reached its `max_connections` and stopped accepting until one closed.
@@ -204,6 +214,33 @@ impl Metrics {
              keys (an evicted counter silently resets a budget), or before the first check.",
         )
         .expect("valid metric");
+        let lease_decisions = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_lease_decisions_total",
+                "Leased decisions by path: local (no Redis call) or redis (settle, decide, refill).",
+            ),
+            &["path"],
+        )
+        .expect("valid metric");
+        for path in ["local", "redis"] {
+            lease_decisions.with_label_values(&[path]);
+        }
+        let lease_settlements = IntCounter::new(
+            "quota_gateway_lease_settlements_total",
+            "Lease calls that only settled consumed units and returned blocks (expiry, shutdown).",
+        )
+        .expect("valid metric");
+        let lease_swept_units = IntCounter::new(
+            "quota_gateway_lease_swept_units_total",
+            "Units of expired, unsettled leases returned to their limits: the bound on what a \
+             replica that died (or lost Redis) may have admitted from them uncounted.",
+        )
+        .expect("valid metric");
+        let lease_underadmissions = IntCounter::new(
+            "quota_gateway_lease_underadmissions_total",
+            "Denials that would have been admitted but for units other replicas held in leases.",
+        )
+        .expect("valid metric");
         let connections_open = prometheus::IntGaugeVec::new(
             Opts::new(
                 "quota_gateway_connections_open",
@@ -262,6 +299,10 @@ impl Metrics {
             Box::new(flush_reconciliations.clone()),
             Box::new(flush_oldest_unflushed.clone()),
             Box::new(redis_eviction_policy_ok.clone()),
+            Box::new(lease_decisions.clone()),
+            Box::new(lease_settlements.clone()),
+            Box::new(lease_swept_units.clone()),
+            Box::new(lease_underadmissions.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
@@ -303,6 +344,10 @@ impl Metrics {
             usage_lost,
             replay_overflow,
             redis_eviction_policy_ok,
+            lease_decisions,
+            lease_settlements,
+            lease_swept_units,
+            lease_underadmissions,
             connections_open,
             connections_at_cap,
             client_timeouts,

@@ -20,8 +20,10 @@ use crate::domain::decision::{
 };
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
-use crate::local::{LocalMode, ReplayError, Replayer};
-use crate::store::{Batch, Reply, Status, Store, StoreError};
+use crate::lease::{LeaseSettings, Leases, Taken};
+use crate::local::{DoubtedDecision, LocalMode, ReplayError, Replayer};
+use crate::metrics::Metrics;
+use crate::store::{Batch, KeySpec, LeaseCall, Reply, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -68,6 +70,9 @@ pub struct QuotaService {
     idempotency_ttl: Duration,
     shadow_everything: bool,
     local: Arc<LocalMode>,
+    /// `None` unless `[leases] enabled`.
+    leases: Option<Arc<Leases>>,
+    metrics: Arc<Metrics>,
 }
 
 impl QuotaService {
@@ -79,6 +84,7 @@ impl QuotaService {
         clock: Arc<dyn Clock>,
         idempotency_ttl: Duration,
         local: Arc<LocalMode>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             catalog: ArcSwap::from_pointee(catalog),
@@ -88,7 +94,21 @@ impl QuotaService {
             idempotency_ttl,
             shadow_everything: false,
             local,
+            leases: None,
+            metrics,
         }
+    }
+
+    /// Admit from leased blocks (`[leases]`); off unless `settings.enabled`.
+    pub fn with_leases(mut self, settings: &LeaseSettings) -> Self {
+        self.leases = settings
+            .enabled
+            .then(|| Arc::new(Leases::new(settings.clone())));
+        self
+    }
+
+    pub fn leases(&self) -> Option<&Arc<Leases>> {
+        self.leases.as_ref()
     }
 
     pub fn local(&self) -> &Arc<LocalMode> {
@@ -174,7 +194,9 @@ impl QuotaService {
         }
     }
 
-    /// Run `limits` through Redis, or locally while Redis is unreachable (per `on_error`).
+    /// Run `limits` through Redis, or locally while Redis is unreachable (per `on_error`). With
+    /// leases, a check is admitted from this replica's blocks when it can be, and every check or
+    /// dry run that reaches Redis sees the blocks all replicas hold (see `lease`).
     async fn run_limits(
         &self,
         catalog: &Catalog,
@@ -184,19 +206,60 @@ impl QuotaService {
         now: chrono::DateTime<chrono::Utc>,
         idem: Option<(&str, Duration)>,
     ) -> Result<(Status, Vec<LimitReply>), QuotaError> {
+        let leases = self
+            .leases
+            .as_ref()
+            .filter(|_| matches!(mode, Mode::Check | Mode::DryRun));
+        // With leases: the limits' script arguments, and the lease part of the Redis call.
+        let mut lease: Option<(Vec<KeySpec>, LeaseCall, Taken)> = None;
+        if let Some(leases) = leases {
+            let specs: Vec<KeySpec> = limits.iter().map(|l| self.store.spec(org, l)).collect();
+            let refill = mode == Mode::Check && idem.is_none();
+            if refill && let Some(replies) = leases.admit(org, &specs) {
+                self.metrics
+                    .lease_decisions
+                    .with_label_values(&["local"])
+                    .inc();
+                return Ok((Status::Applied, replies));
+            }
+            if !self.local.serves_locally() {
+                let (call, taken) = leases.call(org, &specs, refill, now);
+                lease = Some((specs, call, taken));
+            }
+        }
+        let taken = lease.as_ref().map(|(_, _, t)| t);
         let mut in_doubt = None;
         if !self.local.serves_locally() {
-            let result = self
+            let asked = self
                 .restoring(
                     catalog,
                     org,
                     now,
-                    |_| self.store.run(org, limits, mode, now, idem),
+                    |_| match &lease {
+                        Some((specs, call, _)) => futures_util::future::Either::Left(
+                            self.store
+                                .run_specs(org, specs.clone(), mode, now, idem, Some(call)),
+                        ),
+                        None => futures_util::future::Either::Right(
+                            self.store.run(org, limits, mode, now, idem),
+                        ),
+                    },
                     |r| r.status == Status::NeedsRestore,
                 )
-                .await?;
+                .await;
+            let result = match asked {
+                Ok(result) => result,
+                Err(e) => {
+                    // Postgres failed the restore: nothing of the call was applied.
+                    self.lease_failed(taken, None);
+                    return Err(e);
+                }
+            };
             match result {
                 Ok(reply) => {
+                    if let (Some(leases), Some((specs, _, taken))) = (leases, &lease) {
+                        self.lease_answered(leases, taken, specs, &reply);
+                    }
                     self.local.remember(limits, &reply);
                     return Ok((reply.status, reply.limits));
                 }
@@ -206,6 +269,7 @@ impl QuotaService {
                 }
                 Err(e) if e.is_unavailable() => {
                     self.local.trip();
+                    self.lease_failed(taken, None);
                     if e.lost_with_connection() && mode != Mode::DryRun {
                         self.local.lost_with_connection(1);
                     }
@@ -213,11 +277,24 @@ impl QuotaService {
                         return Err(e.into());
                     }
                 }
-                Err(e) => return Err(e.into()),
+                Err(StoreError::CounterOverflow) => {
+                    // The script settled before it refused: only the refill slot is freed.
+                    if let (Some(leases), Some(taken)) = (leases, taken) {
+                        leases.abandon(taken);
+                    }
+                    return Err(StoreError::CounterOverflow.into());
+                }
+                Err(e) => {
+                    self.lease_failed(taken, None);
+                    return Err(e.into());
+                }
             }
         }
-        let specs: Vec<_> = limits.iter().map(|l| self.store.spec(org, l)).collect();
         let key = idem.map(|(k, _)| k);
+        let specs: Vec<KeySpec> = match &lease {
+            Some((specs, _, _)) => specs.clone(),
+            None => limits.iter().map(|l| self.store.spec(org, l)).collect(),
+        };
         let Some((after, call)) = in_doubt else {
             let reply = self.local.decide(org, limits, &specs, mode, key, false);
             return Ok((refuse_overflow(reply.status)?, reply.limits));
@@ -230,17 +307,159 @@ impl QuotaService {
         let admitted = reply
             .as_ref()
             .is_some_and(|r| matches!(r.status, Status::Applied | Status::AppliedOverLimit));
+        let mut decisions = Vec::with_capacity(2);
         if mode != Mode::DryRun {
-            self.local.settle(
-                &self.store,
-                call,
-                vec![(org.clone(), specs, key.map(str::to_owned), admitted)],
-            );
+            decisions.push((org.clone(), specs, key.map(str::to_owned), admitted));
+        }
+        // Units a lease settled in the same call share its fate.
+        self.lease_failed(taken, Some(&mut decisions));
+        if !decisions.is_empty() {
+            self.local.settle(&self.store, call, decisions);
         }
         match reply {
             Some(reply) => Ok((refuse_overflow(reply.status)?, reply.limits)),
             None => Err(StoreError::Timeout(after).into()),
         }
+    }
+
+    /// Redis answered a lease call: keep the blocks it granted, and count what it says.
+    fn lease_answered(&self, leases: &Leases, taken: &Taken, specs: &[KeySpec], reply: &Reply) {
+        leases.install(taken, specs, reply);
+        self.metrics
+            .lease_decisions
+            .with_label_values(&["redis"])
+            .inc();
+        let mut swept = 0;
+        let mut held_back = false;
+        for ((spec, limit), lease) in specs.iter().zip(&reply.limits).zip(&reply.leases) {
+            swept += lease.swept;
+            // Denied by a counter that only others' blocks filled: the price of leases.
+            held_back |= limit.denied
+                && spec.kind != crate::store::SpecKind::Rate
+                && lease.reserved > 0
+                && (limit.value - lease.reserved as i64).saturating_add(spec.amount)
+                    <= spec.limit as i64;
+        }
+        self.metrics.lease_swept_units.inc_by(swept);
+        if held_back && reply.status == Status::Denied {
+            self.metrics.lease_underadmissions.inc();
+        }
+    }
+
+    /// A lease call failed, so the units it was to settle are not in Redis (or, with
+    /// `in_doubt`, may not be): hand them to local mode's replay, which counts them exactly
+    /// once, as it does units admitted while degraded.
+    fn lease_failed(&self, taken: Option<&Taken>, in_doubt: Option<&mut Vec<DoubtedDecision>>) {
+        let Some(taken) = taken else {
+            return;
+        };
+        if let Some(leases) = &self.leases {
+            leases.abandon(taken);
+        }
+        if taken.consumed.is_empty() {
+            return;
+        }
+        match in_doubt {
+            Some(decisions) => {
+                self.local.hold(&taken.consumed);
+                decisions.push((taken.org.clone(), taken.consumed.clone(), None, true));
+            }
+            None => self.local.adopt(&taken.org, &taken.consumed),
+        }
+    }
+
+    /// Settle the blocks that expired here (all of them when `all`): what they consumed goes to
+    /// the counters, what they did not returns to the limits. A call that fails hands its units
+    /// to local mode's replay. Returns the number of orgs settled.
+    pub async fn settle_leases(&self, all: bool) -> usize {
+        let Some(leases) = &self.leases else {
+            return 0;
+        };
+        if self.local.is_degraded() && !all {
+            // Redis is unreachable: settle when it is back (the recovery task probes it).
+            return 0;
+        }
+        let now = self.clock.now();
+        let catalog = self.catalog();
+        let due = leases.expired(all, now);
+        let n = due.len();
+        if self.local.is_degraded() {
+            // Shutting down without Redis: straight to local mode's replay (and its outbox).
+            for (_, _, taken) in &due {
+                self.lease_failed(Some(taken), None);
+            }
+            return n;
+        }
+        for (specs, call, taken) in due {
+            let asked = self
+                .restoring(
+                    &catalog,
+                    &taken.org,
+                    now,
+                    |_| {
+                        self.store.run_specs(
+                            &taken.org,
+                            specs.clone(),
+                            Mode::Record,
+                            now,
+                            None,
+                            Some(&call),
+                        )
+                    },
+                    |r| r.status == Status::NeedsRestore,
+                )
+                .await;
+            match asked {
+                Ok(Ok(reply)) => {
+                    self.metrics.lease_settlements.inc();
+                    let swept: u64 = reply.leases.iter().map(|l| l.swept).sum();
+                    self.metrics.lease_swept_units.inc_by(swept);
+                }
+                Ok(Err(StoreError::CounterOverflow)) => {}
+                Ok(Err(StoreError::InDoubt(_, doubt))) => {
+                    self.local.trip();
+                    let mut decisions = Vec::new();
+                    self.lease_failed(Some(&taken), Some(&mut decisions));
+                    if !decisions.is_empty() {
+                        self.local.settle(&self.store, doubt, decisions);
+                    }
+                }
+                Ok(Err(e)) => {
+                    if e.is_unavailable() {
+                        self.local.trip();
+                    }
+                    tracing::warn!(org = %taken.org, error = %e, "cannot settle leases; replaying their usage");
+                    self.lease_failed(Some(&taken), None);
+                }
+                Err(e) => {
+                    tracing::warn!(org = %taken.org, error = %e, "cannot settle leases; replaying their usage");
+                    self.lease_failed(Some(&taken), None);
+                }
+            }
+        }
+        n
+    }
+
+    /// Settle expired blocks until `stop`, then every block (graceful shutdown).
+    pub async fn run_lease_settler(self: Arc<Self>, stop: tokio_util::sync::CancellationToken) {
+        let Some(every) = self
+            .leases
+            .as_ref()
+            .map(|l| crate::lease::settle_every(l.settings()))
+        else {
+            return;
+        };
+        let mut tick = tokio::time::interval(every);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    self.settle_leases(false).await;
+                }
+            }
+        }
+        self.settle_leases(true).await;
     }
 
     /// Record a batch of usage reports of one org in one round trip (a pipeline): each item is

@@ -135,8 +135,10 @@ impl Application {
                 options.clock.clone(),
                 settings.usage.idempotency_ttl,
                 local.clone(),
+                metrics.clone(),
             )
-            .with_enforcement(settings.enforcement),
+            .with_enforcement(settings.enforcement)
+            .with_leases(&settings.leases),
         );
         let webhooks = Webhooks::new(crate::webhooks::Parts {
             pool: pool.clone(),
@@ -147,6 +149,10 @@ impl Application {
         // The recovery task and the flusher stop only after the listeners have drained, in
         // that order: decisions made by the last requests are replayed, and the final flush
         // carries the replay (see `run_until_stopped`).
+        // Blocks are settled before recovery stops, so what a settlement cannot give Redis
+        // reaches recovery's final replay (or its outbox).
+        let leases_stop = CancellationToken::new();
+        let lease_settler = tokio::spawn(quota.clone().run_lease_settler(leases_stop.clone()));
         let recovery_stop = CancellationToken::new();
         let recovery = tokio::spawn(local.clone().recover(
             quota.clone(),
@@ -257,6 +263,7 @@ impl Application {
                 ("catalog reloader", reloader, None),
                 ("billing scheduler", downgrades, None),
                 ("redis eviction check", eviction, None),
+                ("lease settler", lease_settler, Some(leases_stop)),
                 ("redis recovery", recovery, Some(recovery_stop)),
                 ("usage flusher", flusher, Some(flush_stop)),
             ],

@@ -14,6 +14,8 @@
 #   5. redis-benchmark running the decide script with the same arguments (the ceiling for 4)
 #   6. a bare hyper-util reverse proxy (examples/floor_proxy.rs): the gateway's stack, no metering
 #   7. the same plus one trivial EVALSHA per request: the floor of any one-round-trip design
+#   8. the gateway proxy as in 3, with [leases] on (a second gateway, org far from its limits)
+#   9. /v1/check with [leases] on
 # Quote the ratios between rows; absolute numbers on a shared machine mean little.
 # --soak MINUTES then drives the gateway at half its measured peak for that long, sampling its
 # RSS and open fds every 10 s.
@@ -23,7 +25,7 @@ DURATION=10
 CONNS=64
 SOAK=0
 WARMUP=2
-ROW_SET=1,2,3,4,5,6,7
+ROW_SET=1,2,3,4,5,6,7,8,9
 while [ $# -gt 0 ]; do
   case $1 in
     --duration) DURATION=$2; shift 2 ;;
@@ -52,7 +54,7 @@ if [[ ",$ROW_SET," == *",6,"* || ",$ROW_SET," == *",7,"* ]]; then
 fi
 
 WORK=$(mktemp -d)
-UP=18081; NGX=18082; API=18090; PXY=18091; FLR=18083; FLR2=18084
+UP=18081; NGX=18082; API=18090; PXY=18091; FLR=18083; FLR2=18084; API2=18092; PXY2=18093
 PREFIX="qgbench-$$"
 DB="quota_gateway_bench_$$"
 PIDS=()
@@ -125,6 +127,10 @@ mode = "api_key"
 [proxy.default_route]
 charges = [{ metric = "requests", amount = 1 }]
 TOML
+# The same gateway with leases, on its own ports (and its own org, so that no decision of one
+# org mixes replicas with and without leases).
+sed -e "s/127.0.0.1:$API/127.0.0.1:$API2/" -e "s/127.0.0.1:$PXY/127.0.0.1:$PXY2/" "$WORK/gateway.toml" >"$WORK/gateway-leases.toml"
+printf '[leases]\nenabled = true\n' >>"$WORK/gateway-leases.toml"
 "$QG_BIN" serve --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
 GW=$!
 PIDS+=("$GW")
@@ -133,9 +139,24 @@ for _ in $(seq 1 100); do
   sleep 0.2
 done
 curl -fs "http://127.0.0.1:$API/readyz" >/dev/null || { cat "$WORK/gateway.log"; exit 1; }
-KEY=$(curl -fs -X POST "http://127.0.0.1:$API/admin/orgs/bench/keys" \
-  -H 'authorization: Bearer bench-admin' -H 'content-type: application/json' -d '{"name":"bench"}' \
-  | sed -n 's/.*"key":"\([^"]*\)".*/\1/p')
+GWL=""
+if want 8 || want 9; then
+  "$QG_BIN" serve --no-migrate --config "$WORK/gateway-leases.toml" >"$WORK/gateway-leases.log" 2>&1 &
+  GWL=$!
+  PIDS+=("$GWL")
+  for _ in $(seq 1 100); do
+    curl -fs "http://127.0.0.1:$API2/readyz" >/dev/null 2>&1 && break
+    sleep 0.2
+  done
+  curl -fs "http://127.0.0.1:$API2/readyz" >/dev/null || { cat "$WORK/gateway-leases.log"; exit 1; }
+fi
+new_key() {
+  curl -fs -X POST "http://127.0.0.1:$API/admin/orgs/$1/keys" \
+    -H 'authorization: Bearer bench-admin' -H 'content-type: application/json' -d '{"name":"bench"}' \
+    | sed -n 's/.*"key":"\([^"]*\)".*/\1/p'
+}
+KEY=$(new_key bench)
+KEYL=$(new_key benchl)
 
 # Round trips to Redis per request: EVALSHA calls (INFO commandstats also counts the commands a
 # script runs inside Redis; those are no round trips). Measured on the whole Redis, so run this
@@ -166,7 +187,7 @@ want() { [[ ",$ROW_SET," == *",$1,"* ]]; }
 # run NAME URL BODY AUTH PROXY_PIDS
 run() {
   local name=$1 url=$2 body=$3 auth=$4 proxy_pids=$5
-  LAST_RPS=0; LAST_P99=0
+  LAST_RPS=0; LAST_P99=0; LAST_REDIS_CPU=0
   want "${name%%.*}" || return 0
   local before after out cpu_before cpu_after
   # Unmeasured first: connection set-up and cold caches are not the steady state.
@@ -197,13 +218,15 @@ run() {
   done
   [ -z "$proxy_pids" ] && cpu[0]="-"
   ROWS+=("$(printf '%-34s %10s %9s %9s %9s %8s %10s %8s %8s %8s' "$name" "$rps" "$p50" "$p99" "$p999" "$errors" "$per" "${cpu[@]}")")
-  LAST_RPS=$rps; LAST_P99=$p99
+  LAST_RPS=$rps; LAST_P99=$p99; LAST_REDIS_CPU=${cpu[2]}
 }
 
 run "1. upstream (nginx return 200)" "http://127.0.0.1:$UP/" "" "" ""
 run "2. nginx reverse proxy" "http://127.0.0.1:$NGX/" "" "" "$NGX_PIDS"; NGX_RPS=$LAST_RPS; NGX_P99=$LAST_P99
-run "3. gateway proxy, metered" "http://127.0.0.1:$PXY/" "" "Bearer $KEY" "$GW"; GW_RPS=$LAST_RPS; GW_P99=$LAST_P99
+run "3. gateway proxy, metered" "http://127.0.0.1:$PXY/" "" "Bearer $KEY" "$GW"; GW_RPS=$LAST_RPS; GW_P99=$LAST_P99; GW_REDIS=$LAST_REDIS_CPU
 run "4. /v1/check" "http://127.0.0.1:$API/v1/check" '{"org_id":"bench","metric":"requests"}' "" "$GW"; CHECK_RPS=$LAST_RPS
+run "8. gateway proxy, leases" "http://127.0.0.1:$PXY2/" "" "Bearer $KEYL" "$GWL"; GWL_RPS=$LAST_RPS; GWL_P99=$LAST_P99; GWL_REDIS=$LAST_REDIS_CPU
+run "9. /v1/check, leases" "http://127.0.0.1:$API2/v1/check" '{"org_id":"benchl","metric":"requests"}' "" "$GWL"; CHECKL_RPS=$LAST_RPS
 
 # 6 and 7. The floors: the gateway's own stack (hyper, hyper-util, redis-rs), nothing else.
 floor() {
@@ -213,10 +236,11 @@ floor() {
   FLOOR_PID=$!; PIDS+=("$FLOOR_PID")
   for _ in $(seq 1 50); do curl -fs "http://127.0.0.1:$port/" >/dev/null 2>&1 && break; sleep 0.1; done
 }
-FLOOR_RPS=0; FLOOR2_RPS=0; FLOOR2_P99=0
+FLOOR_RPS=0; FLOOR_P99=0; FLOOR2_RPS=0; FLOOR2_P99=0
+GW_RPS=${GW_RPS:-0}; GWL_RPS=${GWL_RPS:-0}; CHECKL_RPS=${CHECKL_RPS:-0}
 if want 6; then
   floor "$FLR" ""
-  run "6. bare hyper-util proxy" "http://127.0.0.1:$FLR/" "" "" "$FLOOR_PID"; FLOOR_RPS=$LAST_RPS
+  run "6. bare hyper-util proxy" "http://127.0.0.1:$FLR/" "" "" "$FLOOR_PID"; FLOOR_RPS=$LAST_RPS; FLOOR_P99=$LAST_P99
 fi
 if want 7; then
   floor "$FLR2" "redis://127.0.0.1:6379/0"
@@ -249,7 +273,8 @@ for r in "${ROWS[@]}"; do echo "$r"; done
 echo "(proxy, upstream, redis: CPU µs per request of that process, user + system)"
 echo
 awk -v g="$GW_RPS" -v n="$NGX_RPS" -v gp="$GW_P99" -v np="$NGX_P99" -v c="$CHECK_RPS" -v rb="$RB_RPS" \
-  -v f="$FLOOR_RPS" -v f2="$FLOOR2_RPS" -v f2p="$FLOOR2_P99" 'BEGIN {
+  -v f="$FLOOR_RPS" -v f2="$FLOOR2_RPS" -v f2p="$FLOOR2_P99" -v fp="$FLOOR_P99" \
+  -v gl="$GWL_RPS" -v glp="${GWL_P99:-0}" -v gw_r="${GW_REDIS:-0}" -v gl_r="${GWL_REDIS:-0}" -v cl="$CHECKL_RPS" 'BEGIN {
   if (g > 0 && f2 > 0) {
     printf "gateway / (bare proxy + 1 EVALSHA): %.2f   (target >= 0.90)\n", g / f2
     printf "gateway p99 / its p99:              %.2f\n", gp / f2p
@@ -261,6 +286,13 @@ awk -v g="$GW_RPS" -v n="$NGX_RPS" -v gp="$GW_P99" -v np="$NGX_P99" -v c="$CHECK
     printf "gateway / nginx p99:        %.2f   (target <= 1.50)\n", gp / np
   }
   if (c > 0 && rb > 0) printf "/v1/check / redis-benchmark: %.2f  (target >= 0.50)\n", c / rb
+  if (gl > 0 && f > 0) {
+    printf "gateway with leases / bare hyper-util proxy: %.2f   (target >= 0.85)\n", gl / f
+    printf "gateway with leases p99 / bare proxy p99:    %.2f   (target <= 1.30)\n", glp / fp
+  }
+  if (gl > 0 && n > 0) printf "gateway with leases / nginx: %.2f\n", gl / n
+  if (gw_r > 0 && gl > 0) printf "Redis CPU per request, leases / exact path: %.3f   (target <= 0.10)\n", gl_r / gw_r
+  if (cl > 0 && c > 0) printf "/v1/check with leases / /v1/check: %.2f   (target >= 2)\n", cl / c
 }'
 
 if [ "$SOAK" != "0" ]; then

@@ -25,6 +25,7 @@ use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteActi
 // Settings types live with the parts that use them; this module parses and validates them.
 pub use crate::db::DatabaseSettings;
 pub use crate::domain::decision::OnRedisError;
+pub use crate::lease::LeaseSettings;
 pub use crate::proxy::settings::{IdentityMode, IdentitySettings, ProxySettings, RefundOn};
 pub use crate::serve::ConnSettings;
 pub use crate::store::{RedisMode, RedisSettings};
@@ -92,6 +93,8 @@ pub struct Settings {
     /// `None` when `[billing]` is absent: the webhook endpoints answer 404.
     pub billing: Option<BillingSettings>,
     pub flush: FlushSettings,
+    /// `[leases]`: off unless enabled.
+    pub leases: LeaseSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -106,6 +109,17 @@ impl Default for FlushSettings {
             interval: Duration::from_secs(10),
         }
     }
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct LeasesRaw {
+    #[serde(default)]
+    enabled: bool,
+    #[serde(default)]
+    ttl: Option<String>,
+    #[serde(default)]
+    max_block: Option<u64>,
 }
 
 #[derive(Deserialize, Default)]

@@ -292,6 +292,7 @@ pub(super) fn settings_from_table(
     let routes_v = section(&mut r, "routes", false);
     let billing_v = section(&mut r, "billing", false);
     let flush_v = section(&mut r, "flush", false);
+    let leases_v = section(&mut r, "leases", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -481,6 +482,25 @@ pub(super) fn settings_from_table(
         ),
     };
 
+    let leases_raw: LeasesRaw = leases_v
+        .and_then(|v| r.parse("leases", v))
+        .unwrap_or_default();
+    let lease_defaults = LeaseSettings::default();
+    let leases = LeaseSettings {
+        enabled: leases_raw.enabled,
+        ttl: duration_or(&mut r, "leases.ttl", leases_raw.ttl, lease_defaults.ttl),
+        max_block: leases_raw.max_block.unwrap_or(lease_defaults.max_block),
+    };
+    if leases.ttl < Duration::from_millis(100) || leases.ttl > Duration::from_secs(60) {
+        r.add(
+            "leases.ttl",
+            "must be between 100ms and 60s (a block is settled, and its usage seen, within it)",
+        );
+    }
+    if leases.max_block == 0 {
+        r.add("leases.max_block", "must be at least 1");
+    }
+
     Some(Settings {
         config_path: path.to_path_buf(),
         plans_path: plans_path?,
@@ -493,6 +513,7 @@ pub(super) fn settings_from_table(
         proxy,
         billing,
         flush,
+        leases,
     })
 }
 

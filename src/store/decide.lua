@@ -7,7 +7,8 @@
 --   the idempotency key        only when ARGV[3] > 0
 --   the month's restore marker only when ARGV[4] > 0 (see restore.lua), and right after it
 --                              the org's resident key
---   per limit: its key, and for durable limits (kinds "m" and "g") its version key right after
+--   per limit: its key, and for durable limits (kinds "m", "M" and "g") its version key right
+--                              after; for leased kinds ("C", "M", "R") then its lease hash
 --
 -- ARGV[1]  now, integer microseconds since the Unix epoch (the gateway's clock, so tests can
 --          inject it)
@@ -22,19 +23,26 @@
 --          its data) is created here and the decision goes on; with both missing nothing is read
 --          or written and status 5 asks the gateway to restore the org's durable counters from
 --          Postgres first
--- then 5 arguments per limit:
+-- ARGV[5]  the lease holder (this replica's id), or '' (see "Leases" below)
+-- ARGV[6]  the absolute expiry (Unix microseconds) of a lease granted by this call
+-- then 5 arguments per limit, 7 for leased kinds:
 --   kind    "c" counter of one period, "m" the calendar-month meter of a counter (durable),
---           "g" gauge level (durable), "r" GCRA rate
+--           "g" gauge level (durable), "r" GCRA rate; "C", "M", "R" the same with leases
 --   amount  integer; negative only in "record" mode (counters and gauges never go below 0)
 --   limit   integer > 0, or 0 for a metered-only counter that never denies
 --   block   "1" when exceeding the limit denies, "0" for a soft limit (still reported)
 --   param   c, m: absolute expiry in Unix milliseconds (end of the period plus a grace)
 --           g: unused
 --           r: the window in microseconds
+--   consumed  leased kinds: units this holder admitted from its lease since it last settled;
+--             they are added to the counter (rates: to the debt), and the holder's lease on the
+--             limit is released. -1: settle nothing and keep the holder's lease
+--   want      leased kinds: the largest block to grant the holder (0: none)
 -- Durable keys carry a version (incremented on every change) so the flusher can write them to
 -- Postgres monotonically: a value read later never loses to one read earlier.
 --
--- Returns { status, then 3 integers per limit: denied, value, millis }
+-- Returns { status, then 3 integers per limit: denied, value, millis, then 3 per leased limit
+-- (in the order of the limits): granted, swept, reserved }
 --   status  0 applied, 1 denied (nothing applied), 2 dry run allowed (nothing applied),
 --           3 duplicate idempotency key (nothing applied), 4 applied although it would have
 --           been denied (shadow mode), 5 restore needed (nothing applied), 6 a counter or
@@ -42,6 +50,21 @@
 --   c/m/g   value = the counter or level before this call
 --   r       value = units remaining (after, when applied); millis = time until the bucket is
 --           full again, or, when denied, until this amount would fit
+--   granted the block leased to the holder by this call (0 when denied or near the limit)
+--   swept   units of other holders' leases found expired and returned
+--   reserved  units other holders' live leases reserve (counted in a counter's value above)
+--
+-- Leases. A replica may reserve a block of a limit and admit from it without Redis. A lease is a
+-- field of the limit's lease hash: holder -> "units:expiry_us". Reserved units count against the
+-- limit (counters: used + reserved + amount <= limit; rates: they sit in the bucket undecayed
+-- until settled), so no interleaving of replicas admits past a hard limit. What a holder
+-- consumed reaches the counter when it settles, which also releases its lease; a lease that
+-- expires unsettled (its replica died) is swept here and its units return to the limit. The
+-- block granted shrinks with the headroom: half of what is left, shared among the holders, so
+-- near the limit there is no block and every decision is exact.
+--
+-- Settlement happens before the checks and stays applied whatever the status (except 3 and 5,
+-- which return before it): it records units already admitted.
 --
 -- Rates use GCRA (burst = limit, emission interval T = window / limit). The state is kept as a
 -- "debt" D = max(0, TAT - now) in microseconds *scaled by the limit*, plus the time it was
@@ -90,15 +113,35 @@ if idem_key and not redis.call('SET', idem_key, '1', 'NX', 'PX', ARGV[3]) then
 end
 
 local record = mode == 'record'
+local holder = ARGV[5]
 local out = { 0 }
 local n = 1
 -- per limit i: the index of its key in KEYS, of its first argument in ARGV, and the counter's
--- value before this call (c/m/g) or the rate's debt after it (r)
+-- value before this call (c/m/g) or the rate's debt after it (r); for leased limits, in
+-- `leased`, the units other holders reserve, how many they are, and the units swept
 local key_at, arg_at, state = {}, {}, {}
+local lease_at, others, holders, swept, leased = {}, {}, {}, {}, {}
 local denied = false
 local overflow = false
+
+-- A rate's state: its debt and when it was written, expiring when the bucket is full again.
+local function write_rate(key, debt, limit)
+  if debt < 0 then debt = 0 end
+  local millis = math.ceil(debt / limit / 1000)
+  redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', string.format('%.0f', millis + 1000))
+  return debt, millis
+end
+
+-- The version key of a durable counter moves with every change (see the flusher).
+local function bump(version, kind, expiry)
+  if redis.call('INCR', version) == 1 and kind == 'm' then
+    redis.call('PEXPIREAT', version, expiry)
+  end
+end
+
 local i = 0
-for a = 5, #ARGV, 5 do
+local a = 7
+while a <= #ARGV do
   i = i + 1
   key_at[i] = k
   arg_at[i] = a
@@ -107,10 +150,39 @@ for a = 5, #ARGV, 5 do
   local amount = tonumber(ARGV[a + 1])
   local limit = tonumber(ARGV[a + 2])
   local block = not record and ARGV[a + 3] == '1'
+  local consumed, reserved = 0, 0
   local d, value, millis = 0, 0, 0
+  if kind == 'C' or kind == 'M' or kind == 'R' then
+    kind = string.lower(kind)
+    if kind == 'm' then lease_at[i] = k + 2 else lease_at[i] = k + 1 end
+    consumed = tonumber(ARGV[a + 5])
+    local hkey = KEYS[lease_at[i]]
+    local h, sw = 0, 0
+    local fields = redis.call('HGETALL', hkey)
+    for f = 1, #fields, 2 do
+      local v = fields[f + 1]
+      local sep = string.find(v, ':', 1, true)
+      local units = tonumber(string.sub(v, 1, sep - 1))
+      if fields[f] == holder and consumed >= 0 then
+        redis.call('HDEL', hkey, holder)
+      elseif tonumber(string.sub(v, sep + 1)) <= now then
+        sw = sw + units
+        redis.call('HDEL', hkey, fields[f])
+      else
+        reserved = reserved + units
+        h = h + 1
+      end
+    end
+    others[i], holders[i], swept[i] = reserved, h, sw
+    leased[#leased + 1] = i
+    k = k + 1
+    a = a + 7
+  else
+    a = a + 5
+  end
   if kind == 'r' then
     k = k + 1
-    local param = tonumber(ARGV[a + 4])
+    local param = tonumber(ARGV[arg_at[i] + 4])
     local debt, stamp = 0, now
     local raw = redis.call('GET', key)
     if raw then
@@ -124,17 +196,24 @@ for a = 5, #ARGV, 5 do
     if elapsed > 0 then
       if elapsed * limit >= debt then debt = 0 else debt = debt - elapsed * limit end
     end
+    if consumed > 0 then
+      -- settled tokens enter the bucket now, and decay from now on
+      debt = debt + consumed * param
+      if debt > limit * MAX_WAIT_US then debt = limit * MAX_WAIT_US end
+      write_rate(key, debt, limit)
+    end
     local cap = param * limit
+    local held = reserved * param
     local new_debt = debt + amount * param
-    value = math.floor((cap - debt) / param)
+    value = math.floor((cap - debt - held) / param)
     if value < 0 then value = 0 end
-    if block and new_debt > cap then
+    if block and new_debt + held > cap then
       d = 1
       denied = true
       if amount > limit then
         millis = math.ceil(param / 1000)
       else
-        millis = math.ceil((debt - param * (limit - amount)) / limit / 1000)
+        millis = math.ceil((debt + held - param * (limit - amount)) / limit / 1000)
       end
     else
       millis = math.ceil(debt / limit / 1000)
@@ -145,20 +224,61 @@ for a = 5, #ARGV, 5 do
     -- durable kinds (m, g) have their version key right after the value key
     if kind == 'c' then k = k + 1 else k = k + 2 end
     local current = tonumber(redis.call('GET', key) or '0')
+    if consumed > 0 then
+      current = redis.call('INCRBY', key, consumed)
+      local expiry = ARGV[arg_at[i] + 4]
+      if current == consumed then redis.call('PEXPIREAT', key, expiry) end
+      if kind == 'm' then bump(KEYS[key_at[i] + 1], kind, expiry) end
+    end
     if amount > 0 and current + amount > MAX_COUNTER then
       overflow = true
     end
-    if block and limit > 0 and amount > 0 and current + amount > limit then
+    if block and limit > 0 and amount > 0 and current + reserved + amount > limit then
       d = 1
       denied = true
     end
-    value = current
+    value = current + reserved
     state[i] = current
   end
   out[n + 1] = d
   out[n + 2] = value
   out[n + 3] = millis
   n = n + 3
+end
+
+-- The lease part of the reply: per leased limit, the block granted, the units swept and the
+-- units others reserve.
+local function leases(grant)
+  for _, j in ipairs(leased) do
+    local granted = 0
+    if grant then
+      local b = arg_at[j]
+      local want = tonumber(ARGV[b + 6])
+      local limit = tonumber(ARGV[b + 2])
+      if want > 0 and limit > 0 and ARGV[b + 3] == '1' then
+        local avail
+        if ARGV[b] == 'R' then
+          local param = tonumber(ARGV[b + 4])
+          avail = math.floor((param * limit - state[j]) / param) - others[j]
+        else
+          avail = limit - state[j] - tonumber(ARGV[b + 1]) - others[j]
+        end
+        granted = math.floor(avail / (2 * (holders[j] + 1)))
+        if granted > want then granted = want end
+        if granted > 0 then
+          local hkey = KEYS[lease_at[j]]
+          redis.call('HSET', hkey, holder, granted .. ':' .. ARGV[6])
+          redis.call('PEXPIREAT', hkey, math.floor(tonumber(ARGV[6]) / 1000) + 1)
+        else
+          granted = 0
+        end
+      end
+    end
+    out[#out + 1] = granted
+    out[#out + 1] = swept[j]
+    out[#out + 1] = others[j]
+  end
+  return out
 end
 
 if overflow then
@@ -168,36 +288,33 @@ end
 if denied and mode ~= 'shadow' then
   out[1] = 1
   if idem_key then redis.call('DEL', idem_key) end
-  return out
+  return leases(false)
 end
 if mode == 'dry' then
   out[1] = 2
-  return out
+  return leases(false)
 end
 
 for j = 1, i do
   local key = KEYS[key_at[j]]
-  local a = arg_at[j]
-  local kind = ARGV[a]
+  local b = arg_at[j]
+  local kind = string.lower(ARGV[b])
   if kind == 'r' then
-    local limit = tonumber(ARGV[a + 2])
-    local param = tonumber(ARGV[a + 4])
-    local debt = state[j]
-    if debt < 0 then debt = 0 end
-    local millis = math.ceil(debt / limit / 1000)
-    redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', string.format('%.0f', millis + 1000))
+    local limit = tonumber(ARGV[b + 2])
+    local param = tonumber(ARGV[b + 4])
+    local debt, millis = write_rate(key, state[j], limit)
     local o = 1 + (j - 1) * 3
-    local left = math.floor((param * limit - debt) / param)
+    local left = math.floor((param * limit - debt) / param) - (others[j] or 0)
     if left < 0 then left = 0 end
     out[o + 2] = left
     out[o + 3] = millis
   else
-    local amount = tonumber(ARGV[a + 1])
+    local amount = tonumber(ARGV[b + 1])
     local changed = false
     if amount >= 0 then
-      local v = redis.call('INCRBY', key, ARGV[a + 1])
+      local v = redis.call('INCRBY', key, ARGV[b + 1])
       if kind ~= 'g' and v == amount then
-        redis.call('PEXPIREAT', key, ARGV[a + 4])
+        redis.call('PEXPIREAT', key, ARGV[b + 4])
       end
       changed = amount > 0
     elseif state[j] > 0 then
@@ -207,12 +324,9 @@ for j = 1, i do
       changed = true
     end
     if changed and kind ~= 'c' then
-      local version = KEYS[key_at[j] + 1]
-      if redis.call('INCR', version) == 1 and kind == 'm' then
-        redis.call('PEXPIREAT', version, ARGV[a + 4])
-      end
+      bump(KEYS[key_at[j] + 1], kind, ARGV[b + 4])
     end
   end
 end
 if denied then out[1] = 4 end
-return out
+return leases(mode == 'check')

@@ -89,6 +89,14 @@ impl Keys {
         buf.push_str(":v");
     }
 
+    /// The lease hash of a limit (see "Leases" in `decide.lua`), into a reused buffer: it sits
+    /// beside the limit's key, so under the org's hash tag too.
+    pub fn lease_into(buf: &mut String, value_key: &str) {
+        buf.clear();
+        buf.push_str(value_key);
+        buf.push_str(":l");
+    }
+
     /// Marks that an org's durable counters of the month starting at `month_start` are complete
     /// in Redis (see `restore.lua`).
     pub fn restore_marker(&self, org: &OrgId, month_start: i64) -> String {

@@ -142,6 +142,8 @@ pub struct Reply {
     pub limits: Vec<LimitReply>,
     /// The Redis key of each limit, in the same order (empty unless from `run`).
     pub keys: Vec<String>,
+    /// One per limit of a call with leases (empty otherwise; default for gauges).
+    pub leases: Vec<LeaseReply>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -154,14 +156,64 @@ pub enum SpecKind {
 }
 
 impl SpecKind {
-    fn as_arg(self) -> &'static str {
-        match self {
-            SpecKind::Counter => "c",
-            SpecKind::Meter => "m",
-            SpecKind::Gauge => "g",
-            SpecKind::Rate => "r",
+    /// The script's letter for the kind; upper case when the call carries lease arguments.
+    fn as_arg(self, leased: bool) -> &'static str {
+        match (self, leased) {
+            (SpecKind::Counter, false) => "c",
+            (SpecKind::Meter, false) => "m",
+            (SpecKind::Gauge, _) => "g",
+            (SpecKind::Rate, false) => "r",
+            (SpecKind::Counter, true) => "C",
+            (SpecKind::Meter, true) => "M",
+            (SpecKind::Rate, true) => "R",
         }
     }
+
+    /// Gauges are levels, not flows: they are never leased.
+    pub fn leasable(self) -> bool {
+        self != SpecKind::Gauge
+    }
+}
+
+/// The lease part of a decision (see "Leases" in `decide.lua`): every leasable limit of the call
+/// sees the reservations of all holders, and this holder may settle and take new blocks.
+#[derive(Debug, Clone)]
+pub struct LeaseCall {
+    /// This replica's id.
+    pub holder: std::sync::Arc<str>,
+    /// When a block granted by this call stops counting against the limit in Redis (Unix µs):
+    /// after the holder stops using it, plus a grace for clocks that disagree.
+    pub expiry_us: i64,
+    /// Per limit of the call, in order (ignored for gauges).
+    pub args: Vec<LeaseArg>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseArg {
+    /// Units admitted from this holder's lease since it last settled; `None` keeps the lease
+    /// as it is (the call settles nothing).
+    pub consumed: Option<u64>,
+    /// The largest block to take (0: none).
+    pub want: u64,
+}
+
+impl LeaseArg {
+    /// See every reservation, settle nothing, take nothing.
+    pub const LOOK: LeaseArg = LeaseArg {
+        consumed: None,
+        want: 0,
+    };
+}
+
+/// What a call did with one leased limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LeaseReply {
+    /// The block now leased to this holder (0: none).
+    pub granted: u64,
+    /// Units of other holders' expired leases returned to the limit.
+    pub swept: u64,
+    /// Units other holders' live leases reserve (a counter's `value` includes them).
+    pub reserved: u64,
 }
 
 /// One limit as the script sees it (see the argument contract in `decide.lua`).
@@ -417,10 +469,24 @@ impl Store {
         idempotency: Option<(&str, Duration)>,
     ) -> Result<Reply, StoreError> {
         let specs: Vec<KeySpec> = limits.iter().map(|l| self.spec(org, l)).collect();
+        self.run_specs(org, specs, mode, now, idempotency, None)
+            .await
+    }
+
+    /// `run` for limits already turned into script arguments, with leases when `lease` is given.
+    pub async fn run_specs(
+        &self,
+        org: &OrgId,
+        specs: Vec<KeySpec>,
+        mode: Mode,
+        now: DateTime<Utc>,
+        idempotency: Option<(&str, Duration)>,
+        lease: Option<&LeaseCall>,
+    ) -> Result<Reply, StoreError> {
         let idem = idempotency.map(|(key, ttl)| (self.keys.idempotency(org, key), ttl));
         let marker = self.marker(org, now);
         let mut reply = self
-            .eval_specs(&specs, mode, now, idem, Some(marker))
+            .eval_specs(&specs, mode, now, idem, Some(marker), lease)
             .await?;
         reply.keys = specs.into_iter().map(|s| s.key).collect();
         Ok(reply)
@@ -440,7 +506,7 @@ impl Store {
         let mut pipe = redis::Pipeline::with_capacity(items.len());
         for (specs, idem) in items {
             let idem = idem.map(|k| (self.keys.idempotency(org, k), idempotency_ttl));
-            pipe.add_command(self.decide_cmd(specs, mode, now, idem, Some(&marker)));
+            pipe.add_command(self.decide_cmd(specs, mode, now, idem, Some(&marker), None));
         }
         let raw = self
             .await_decide(self.decide_call(Call::Many(pipe)))
@@ -455,7 +521,7 @@ impl Store {
         raw.iter()
             .zip(items)
             .map(|(r, (specs, _))| {
-                let reply = parse_reply(r, specs.len())?;
+                let reply = parse_reply(r, specs.len(), None)?;
                 self.mark_if_applied(specs, reply.status);
                 Ok(reply)
             })
@@ -477,7 +543,7 @@ impl Store {
     ) -> Result<Status, StoreError> {
         let idem = Some((self.keys.idempotency(org, idempotency_key), ttl));
         let marker = self.marker(org, now);
-        let cmd = self.decide_cmd(specs, Mode::Record, now, idem, Some(&marker));
+        let cmd = self.decide_cmd(specs, Mode::Record, now, idem, Some(&marker), None);
         let raw = self.bounded(self.decide_call(Call::One(cmd))).await?;
         let status = status_of(raw.first().and_then(|r| r.first()).copied())?;
         if matches!(
@@ -582,10 +648,26 @@ impl Store {
         now: DateTime<Utc>,
         idempotency: Option<(String, Duration)>,
         marker: Option<MonthMarker>,
+        lease: Option<&LeaseCall>,
     ) -> Result<Reply, StoreError> {
-        let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_ref());
+        let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_ref(), lease);
         let raw = self.await_decide(self.decide_call(Call::One(cmd))).await?;
-        let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs.len())?;
+        let leased = lease.map(|_| specs);
+        let reply = parse_reply(
+            raw.first().map_or(&[][..], Vec::as_slice),
+            specs.len(),
+            leased,
+        )?;
+        // What a lease call settled is in whatever the status, bar the two that return first.
+        if let Some(lease) = lease
+            && !matches!(reply.status, Status::NeedsRestore | Status::Duplicate)
+        {
+            for (spec, arg) in specs.iter().zip(&lease.args) {
+                if spec.kind == SpecKind::Meter && arg.consumed.is_some_and(|c| c > 0) {
+                    self.dirty.mark(&spec.key);
+                }
+            }
+        }
         if reply.status == Status::WouldOverflow {
             return Err(StoreError::CounterOverflow);
         }
@@ -601,12 +683,16 @@ impl Store {
         now: DateTime<Utc>,
         idempotency: Option<(String, Duration)>,
         marker: Option<&MonthMarker>,
+        lease: Option<&LeaseCall>,
     ) -> redis::Cmd {
         let durable = specs.iter().filter(|s| s.is_durable()).count();
-        let mut cmd = redis::Cmd::with_capacity(6 + specs.len() * 7 + 2, 64 + specs.len() * 128);
+        let leased = |spec: &KeySpec| lease.is_some() && spec.kind.leasable();
+        let hashes = specs.iter().filter(|s| leased(s)).count();
+        let mut cmd = redis::Cmd::with_capacity(8 + specs.len() * 10 + 2, 64 + specs.len() * 192);
         cmd.arg("EVALSHA").arg(self.decide.get_hash()).arg(
             specs.len()
                 + durable
+                + hashes
                 + usize::from(idempotency.is_some())
                 + 2 * usize::from(marker.is_some()),
         );
@@ -624,6 +710,10 @@ impl Store {
                 Keys::version_into(&mut version, &spec.key);
                 cmd.arg(&version);
             }
+            if leased(spec) {
+                Keys::lease_into(&mut version, &spec.key);
+                cmd.arg(&version);
+            }
         }
         cmd.arg(now.timestamp_micros()).arg(mode_arg(mode));
         match &idempotency {
@@ -631,12 +721,26 @@ impl Store {
             None => cmd.arg(0),
         };
         cmd.arg(marker.as_ref().map_or(0, |m| m.expiry));
-        for spec in specs {
-            cmd.arg(spec.kind.as_arg())
+        match lease {
+            Some(l) => cmd.arg(&*l.holder).arg(l.expiry_us),
+            None => cmd.arg("").arg(0),
+        };
+        for (i, spec) in specs.iter().enumerate() {
+            cmd.arg(spec.kind.as_arg(leased(spec)))
                 .arg(spec.amount)
                 .arg(spec.limit)
                 .arg(if spec.block { "1" } else { "0" })
                 .arg(spec.param);
+            if leased(spec) {
+                let arg = lease
+                    .and_then(|l| l.args.get(i).copied())
+                    .unwrap_or(LeaseArg::LOOK);
+                match arg.consumed {
+                    Some(c) => cmd.arg(c),
+                    None => cmd.arg(-1),
+                };
+                cmd.arg(arg.want);
+            }
         }
         cmd
     }
@@ -724,7 +828,9 @@ fn status_of(code: Option<i64>) -> Result<Status, StoreError> {
     })
 }
 
-fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
+/// `leased`: the call's specs when it carried lease arguments (their leasable limits have three
+/// more values each, after every limit's three).
+fn parse_reply(raw: &[i64], n: usize, leased: Option<&[KeySpec]>) -> Result<Reply, StoreError> {
     let status = status_of(raw.first().copied())?;
     if matches!(
         status,
@@ -734,15 +840,17 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
             status,
             limits: Vec::new(),
             keys: Vec::new(),
+            leases: Vec::new(),
         });
     }
-    if raw.len() != 1 + 3 * n {
+    let extra = leased.map_or(0, |s| s.iter().filter(|s| s.kind.leasable()).count());
+    if raw.len() != 1 + 3 * n + 3 * extra {
         return Err(StoreError::Protocol(format!(
             "{} values for {n} limits",
             raw.len()
         )));
     }
-    let limits = raw[1..]
+    let limits = raw[1..1 + 3 * n]
         .chunks_exact(3)
         .map(|c| LimitReply {
             denied: c[0] == 1,
@@ -750,10 +858,27 @@ fn parse_reply(raw: &[i64], n: usize) -> Result<Reply, StoreError> {
             millis: c[2],
         })
         .collect();
+    let mut tail = raw[1 + 3 * n..].chunks_exact(3);
+    let leases = leased
+        .map(|specs| {
+            specs
+                .iter()
+                .map(|s| match (s.kind.leasable(), tail.next()) {
+                    (true, Some(c)) => LeaseReply {
+                        granted: c[0].max(0) as u64,
+                        swept: c[1].max(0) as u64,
+                        reserved: c[2].max(0) as u64,
+                    },
+                    _ => LeaseReply::default(),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
     Ok(Reply {
         status,
         limits,
         keys: Vec::new(),
+        leases,
     })
 }
 
@@ -781,7 +906,7 @@ mod tests {
 
     #[test]
     fn an_overflow_reply_carries_no_limits_and_is_not_an_outage() {
-        let reply = parse_reply(&[6], 3).unwrap();
+        let reply = parse_reply(&[6], 3, None).unwrap();
         assert_eq!(reply.status, Status::WouldOverflow);
         assert!(reply.limits.is_empty());
         assert!(!StoreError::CounterOverflow.is_unavailable());

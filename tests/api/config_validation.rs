@@ -175,6 +175,17 @@ fn connection_settings_mistakes_are_named_too() {
 }
 
 #[test]
+fn lease_settings_mistakes_are_named_too() {
+    let problems = gateway_problems("gateway_lease_problems.toml");
+    for needle in [
+        "gateway_lease_problems.toml: leases.ttl: must be between 100ms and 60s",
+        "leases.max_block: must be at least 1",
+    ] {
+        assert_has(&problems, needle);
+    }
+}
+
+#[test]
 fn the_shipped_configuration_is_valid() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (settings, catalog) =

@@ -240,6 +240,8 @@ pub struct TestOptions {
     pub redis_cluster: Option<String>,
     /// `[api.conn]` (timeouts and connection cap of the API listener).
     pub api_conn: Option<quota_gateway::config::ConnSettings>,
+    /// `[leases]` (off by default, as in production).
+    pub leases: quota_gateway::config::LeaseSettings,
 }
 
 impl Default for TestOptions {
@@ -260,6 +262,7 @@ impl Default for TestOptions {
             allow_eviction: false,
             redis_cluster: None,
             api_conn: None,
+            leases: Default::default(),
         }
     }
 }
@@ -329,6 +332,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     settings.redis.on_error = opts.on_error;
     settings.redis.require_noeviction = !opts.allow_eviction;
     settings.redis.local_share = opts.local_share;
+    settings.leases = opts.leases;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -448,7 +452,12 @@ impl TestApp {
         self.redis_keys()
             .await
             .into_iter()
-            .filter(|k| !k.ends_with(":v") && !k.contains("}:restored:") && !k.contains("}:idem:"))
+            .filter(|k| {
+                !k.ends_with(":v")
+                    && !k.ends_with(":l")
+                    && !k.contains("}:restored:")
+                    && !k.contains("}:idem:")
+            })
             .collect()
     }
 
@@ -569,6 +578,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         proxy: None,
         billing: None,
         flush: Default::default(),
+        leases: Default::default(),
     }
 }
 

@@ -14,6 +14,7 @@ mod eviction;
 mod exactness;
 mod flush;
 mod hostile;
+mod leases;
 mod metrics;
 mod openapi;
 mod outage;

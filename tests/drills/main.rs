@@ -101,23 +101,37 @@ type DrillFn = fn(Scale) -> Pin<Box<dyn Future<Output = Row> + Send>>;
 /// Every drill, in the order they run.
 fn drills() -> Vec<(&'static str, DrillFn)> {
     vec![
-        ("two replicas, 200 clients", |s| Box::pin(cases::healthy(s))),
+        ("two replicas, 200 clients", |s| {
+            Box::pin(cases::healthy(s, false))
+        }),
+        ("two replicas, 200 clients, leases", |s| {
+            Box::pin(cases::healthy(s, true))
+        }),
         ("Redis latency 30-80 ms", |s| Box::pin(cases::jitter(s))),
         ("usage batch 10x + 20x concurrent", |s| {
             Box::pin(cases::usage_batch(s))
         }),
         ("Redis cut, then restored", |s| {
-            Box::pin(cases::redis_cut(s))
+            Box::pin(cases::redis_cut(s, false))
+        }),
+        ("Redis cut, then restored, leases", |s| {
+            Box::pin(cases::redis_cut(s, true))
         }),
         ("Redis restarted empty", |s| {
             Box::pin(cases::redis_restarted_empty(s))
         }),
         ("replica SIGKILL + restart", |s| {
-            Box::pin(cases::replica_sigkill(s))
+            Box::pin(cases::replica_sigkill(s, false))
+        }),
+        ("replica SIGKILL + restart, leases", |s| {
+            Box::pin(cases::replica_sigkill(s, true))
         }),
         ("Postgres cut", |s| Box::pin(cases::postgres_cut(s))),
         ("SIGTERM under load", |s| {
-            Box::pin(cases::sigterm_under_load(s))
+            Box::pin(cases::sigterm_under_load(s, false))
+        }),
+        ("SIGTERM under load, leases", |s| {
+            Box::pin(cases::sigterm_under_load(s, true))
         }),
         ("SIGTERM, Redis unreachable", |s| {
             Box::pin(cases::sigterm_redis_unreachable(s))
