@@ -205,6 +205,8 @@ fn environment_overrides_win_over_the_file() {
         database_url: Some("postgres://u@db:5432/qg".into()),
         api_listen: Some("0.0.0.0:9100".into()),
         stripe_webhook_secret: None,
+        proxy_listen: Some("0.0.0.0:8081".into()),
+        proxy_upstream: Some("http://demo-upstream:9100".into()),
     };
     let (settings, _) = config::load(&root.join("config/gateway.toml"), &env).unwrap();
     use secrecy::ExposeSecret;
@@ -218,6 +220,12 @@ fn environment_overrides_win_over_the_file() {
         "postgres://u@db:5432/qg"
     );
     assert_eq!(settings.api.listen.to_string(), "0.0.0.0:9100");
+    let proxy = settings
+        .proxy
+        .as_ref()
+        .expect("the example config runs the proxy");
+    assert_eq!(proxy.listen.to_string(), "0.0.0.0:8081");
+    assert_eq!(proxy.upstream.to_string(), "http://demo-upstream:9100/");
     // Secrets stay out of Debug output.
     let debug = format!("{settings:?}");
     assert!(!debug.contains("from-env"), "{debug}");
@@ -266,4 +274,20 @@ fn check_config_prints_a_summary_or_exits_64_with_the_problems() {
     assert_eq!(serve.status.code(), Some(64));
     let err = String::from_utf8_lossy(&serve.stderr);
     assert!(err.contains("gateway_bad_values.toml: api.listen"), "{err}");
+}
+
+#[test]
+fn proxy_overrides_without_a_proxy_section_are_named() {
+    // This fixture has no [proxy]: an override with nothing to override is a mistake, not a
+    // silently ignored variable.
+    let env = EnvOverrides {
+        proxy_upstream: Some("http://demo-upstream:9100".into()),
+        ..Default::default()
+    };
+    let err = config::load(&fixture("gateway_billing_problems.toml"), &env).expect_err("invalid");
+    let problems: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+    assert_has(
+        &problems,
+        "proxy: QG_PROXY_UPSTREAM is set, but there is no [proxy] section",
+    );
 }
