@@ -13,6 +13,7 @@ COPY config /etc/quota-gateway
 USER gateway
 ENV QUOTA_GATEWAY_CONFIG=/etc/quota-gateway/gateway.toml \
     QG_API_LISTEN=0.0.0.0:9000
-EXPOSE 9000
+# 9000: the API; 8080: the proxy (when [proxy] is configured); 9100: `demo-upstream`
+EXPOSE 9000 8080
 ENTRYPOINT ["quota-gateway"]
 CMD ["serve"]

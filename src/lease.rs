@@ -77,7 +77,9 @@ struct OrgLeases {
     refilling: bool,
 }
 
-/// Settlement of blocks this replica took out of its table for a call: what each consumed.
+/// Settlement of blocks this replica took out of its table for a call: what each consumed. Once
+/// the call is answered, `Leases::install` or `Leases::abandon` must see it (they free the
+/// org's refill slot).
 pub struct Taken {
     pub org: OrgId,
     /// The limits with what they consumed as `amount` (only those that consumed any).
@@ -253,6 +255,9 @@ impl Leases {
 
     /// Blocks to settle now: those expired here (all of them when `all`, at shutdown), taken
     /// out of the table, per org: the limits as leased, and the lease call that settles them.
+    /// Each org's refill slot is held until `abandon` (after the call): a refill running
+    /// meanwhile would release this holder's lease, and the settlement would then release the
+    /// refill's new one.
     pub fn expired(
         &self,
         all: bool,
@@ -272,6 +277,7 @@ impl Leases {
                 .map(|(k, _)| k.clone())
                 .collect();
             if !due.is_empty() {
+                o.refilling = true;
                 let mut specs = Vec::with_capacity(due.len());
                 let mut args = Vec::with_capacity(due.len());
                 let mut consumed = Vec::new();
@@ -295,13 +301,37 @@ impl Leases {
                     Taken {
                         org: org.clone(),
                         consumed,
-                        refill: false,
+                        refill: true,
                     },
                 ));
             }
-            !o.held.is_empty()
+            o.refilling || !o.held.is_empty()
         });
         out
+    }
+
+    /// Take credits (negative amounts: a refund) out of what this replica's blocks consumed and
+    /// has not settled yet, where a block holds at least that much: Redis never saw those units,
+    /// and a credit sent there first would be clamped at zero and then the settlement would add
+    /// them back. Returns, per spec, whether it was taken here.
+    pub fn give_back(&self, org: &OrgId, specs: &[KeySpec]) -> Vec<bool> {
+        let Some(org_leases) = self.orgs.get(org).map(|o| o.clone()) else {
+            return vec![false; specs.len()];
+        };
+        let mut o = lock(&org_leases);
+        specs
+            .iter()
+            .map(|spec| {
+                let credit = spec.amount.unsigned_abs();
+                match o.held.get_mut(&spec.key) {
+                    Some(h) if spec.amount < 0 && h.consumed >= credit => {
+                        h.consumed -= credit;
+                        true
+                    }
+                    _ => false,
+                }
+            })
+            .collect()
     }
 
     /// Units admitted from blocks and not settled yet (tests and shutdown logs).

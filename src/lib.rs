@@ -19,12 +19,15 @@
 //! - `config`: typed settings and the catalog, validated at start-up, every problem at once.
 //! - `domain`: org ids, plans, periods, decisions, modes and their rendering; pure, no I/O.
 //! - `metrics`, `clock`, `singleflight`: small shared parts.
+//! - `demo_upstream`: a stand-in product API for the quick start (`quota-gateway demo-upstream`);
+//!   nothing else imports it.
 
 pub mod api;
 pub mod cache;
 pub mod clock;
 pub mod config;
 pub mod db;
+pub mod demo_upstream;
 pub mod directory;
 pub mod domain;
 pub mod flush;

@@ -78,6 +78,16 @@ enum Command {
         #[command(flatten)]
         config: ConfigArg,
     },
+    /// Run a stand-in product API to proxy to (the quick start's upstream); not for production.
+    DemoUpstream {
+        /// Where to listen.
+        #[arg(
+            long,
+            env = "QG_DEMO_UPSTREAM_LISTEN",
+            default_value = "127.0.0.1:9100"
+        )]
+        listen: std::net::SocketAddr,
+    },
 }
 
 fn main() -> ExitCode {
@@ -98,6 +108,23 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> ExitCode {
     let env = EnvOverrides::from_env();
     match cli.command {
+        Command::DemoUpstream { listen } => {
+            let stop = tokio_util::sync::CancellationToken::new();
+            tokio::spawn({
+                let stop = stop.clone();
+                async move {
+                    shutdown::signal().await;
+                    stop.cancel();
+                }
+            });
+            match quota_gateway::demo_upstream::run(listen, stop).await {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("demo upstream: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::CheckConfig { config } => match config::load(&config.path, &env) {
             Ok((settings, catalog)) => {
                 print_summary(&config.path, &settings.plans_path, &catalog);
@@ -126,15 +153,16 @@ async fn run(cli: Cli) -> ExitCode {
                 eprintln!("--period: expected a month as YYYY-MM, got `{period}`");
                 return ExitCode::from(EX_USAGE);
             };
-            let rows = async {
+            // Rows go to stdout as they are read; notes, progress and the summary to stderr,
+            // so the export on stdout stays machine-readable.
+            let written = async {
                 let pool = db::pool(&settings.database)?;
-                db::usage::export(&pool, month.start).await
+                let rows = db::usage::export(&pool, month.start);
+                write_export(rows, format, &period, std::io::stdout().lock()).await
             }
             .await;
-            match rows {
-                Ok(rows) => {
-                    print!("{}", render_export(&rows, format));
-                    // Notes go to stderr, so the export on stdout stays machine-readable.
+            match written {
+                Ok(summary) => {
                     let lag = chrono::Duration::from_std(settings.flush.interval)
                         .unwrap_or(chrono::Duration::zero());
                     if month.end + lag > chrono::Utc::now() {
@@ -145,22 +173,18 @@ async fn run(cli: Cli) -> ExitCode {
                             settings.flush.interval.as_secs()
                         );
                     }
-                    if rows.is_empty() {
+                    if summary.rows == 0 {
                         eprintln!("{period}: no usage recorded for any org");
                     } else {
-                        let orgs: std::collections::HashSet<&str> =
-                            rows.iter().map(|r| r.org_id.as_str()).collect();
-                        let total: i64 = rows.iter().map(|r| r.quantity).sum();
                         eprintln!(
-                            "{period}: {} rows, {} orgs, {total} units in all",
-                            rows.len(),
-                            orgs.len()
+                            "{period}: {} rows, {} orgs, {} units in all",
+                            summary.rows, summary.orgs, summary.total
                         );
                     }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
-                    eprintln!("export failed: {e}");
+                    eprintln!("export failed: {e:#}");
                     ExitCode::FAILURE
                 }
             }
@@ -181,8 +205,19 @@ async fn run(cli: Cli) -> ExitCode {
             }
             .await;
             match result {
-                Ok(()) => {
-                    tracing::info!("migrations applied");
+                Ok(applied) => {
+                    let total = db::MIGRATOR.iter().count();
+                    if applied.is_empty() {
+                        println!("database up to date: all {total} migrations were applied before");
+                    } else {
+                        for (version, description) in &applied {
+                            println!("applied {version} {description}");
+                        }
+                        println!(
+                            "database up to date: applied {} of {total} migrations",
+                            applied.len()
+                        );
+                    }
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -225,35 +260,77 @@ async fn run(cli: Cli) -> ExitCode {
     }
 }
 
-fn render_export(rows: &[db::usage::ExportRow], format: ExportFormat) -> String {
+/// Progress goes to stderr every this many rows of an export.
+const EXPORT_PROGRESS_EVERY: u64 = 100_000;
+
+#[derive(Default)]
+struct ExportSummary {
+    rows: u64,
+    orgs: u64,
+    /// Wider than a row's quantity: a month's sum over many orgs may pass i64.
+    total: i128,
+}
+
+/// Write the export to `out` as rows arrive (ordered by org, so orgs are counted on change).
+async fn write_export(
+    rows: impl futures_util::Stream<Item = Result<db::usage::ExportRow, db::DbError>>,
+    format: ExportFormat,
+    period: &str,
+    out: impl std::io::Write,
+) -> anyhow::Result<ExportSummary> {
+    use futures_util::StreamExt as _;
+    use std::io::Write as _;
     let stamp =
         |t: &chrono::DateTime<chrono::Utc>| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let mut out = std::io::BufWriter::new(out);
+    let mut summary = ExportSummary::default();
+    let mut last_org = String::new();
     match format {
-        // Org ids and metric ids cannot contain commas or quotes, so no field needs quoting.
-        ExportFormat::Csv => {
-            let mut out = String::from("org_id,metric,period_start,quantity\n");
-            for r in rows {
-                let (org, metric, quantity) = (&r.org_id, &r.metric, r.quantity);
-                out.push_str(&format!(
-                    "{org},{metric},{},{quantity}\n",
-                    stamp(&r.period_start)
-                ));
+        ExportFormat::Csv => out.write_all(b"org_id,metric,period_start,quantity\n")?,
+        ExportFormat::Json => out.write_all(b"[")?,
+    }
+    let mut rows = std::pin::pin!(rows);
+    while let Some(r) = rows.next().await {
+        let r = r?;
+        match format {
+            // Org ids and metric ids cannot contain commas or quotes, so no field needs quoting.
+            ExportFormat::Csv => writeln!(
+                out,
+                "{},{},{},{}",
+                r.org_id,
+                r.metric,
+                stamp(&r.period_start),
+                r.quantity
+            )?,
+            ExportFormat::Json => {
+                if summary.rows > 0 {
+                    out.write_all(b",")?;
+                }
+                let item = serde_json::json!({
+                    "org_id": r.org_id, "metric": r.metric,
+                    "period_start": stamp(&r.period_start), "quantity": r.quantity,
+                });
+                out.write_all(item.to_string().as_bytes())?;
             }
-            out
         }
-        ExportFormat::Json => {
-            let items: Vec<serde_json::Value> = rows
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "org_id": r.org_id, "metric": r.metric,
-                        "period_start": stamp(&r.period_start), "quantity": r.quantity,
-                    })
-                })
-                .collect();
-            format!("{}\n", serde_json::Value::Array(items))
+        summary.rows += 1;
+        summary.total += i128::from(r.quantity);
+        if r.org_id != last_org {
+            summary.orgs += 1;
+            last_org = r.org_id;
+        }
+        if summary.rows % EXPORT_PROGRESS_EVERY == 0 {
+            eprintln!(
+                "{period}: {} rows ({} orgs) written so far…",
+                summary.rows, summary.orgs
+            );
         }
     }
+    if let ExportFormat::Json = format {
+        out.write_all(b"]\n")?;
+    }
+    out.flush()?;
+    Ok(summary)
 }
 
 fn print_summary(config: &Path, plans: &Path, catalog: &Catalog) {

@@ -17,6 +17,8 @@ const LATENCY_BUCKETS: &[f64] = &[
 
 pub struct Metrics {
     registry: Registry,
+    /// Every metric family name registered, sorted; see `names`.
+    names: Vec<String>,
     /// `source`: proxy | check; `outcome`: allowed | quota_exceeded | rate_limited |
     /// unauthorized | error.
     pub decisions: IntCounterVec,
@@ -294,6 +296,7 @@ impl Metrics {
                 client_timeouts.with_label_values(&[listener, phase]);
             }
         }
+        let mut names = Vec::new();
         for c in [
             Box::new(connections_open.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(connections_at_cap.clone()),
@@ -327,17 +330,24 @@ impl Metrics {
             Box::new(lease_swept_units.clone()),
             Box::new(lease_underadmissions.clone()),
         ] {
+            names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
         }
         #[cfg(target_os = "linux")]
         {
             // process_resident_memory_bytes, process_open_fds, process_cpu_seconds_total, ...
-            let _ = registry.register(Box::new(
-                prometheus::process_collector::ProcessCollector::for_self(),
-            ));
+            let process = prometheus::process_collector::ProcessCollector::for_self();
+            use prometheus::core::Collector as _;
+            let process_names: Vec<String> =
+                process.desc().iter().map(|d| d.fq_name.clone()).collect();
+            if registry.register(Box::new(process)).is_ok() {
+                names.extend(process_names);
+            }
         }
+        names.sort();
         Self {
             registry,
+            names,
             decisions,
             api_requests,
             proxy_request_duration,
@@ -385,6 +395,12 @@ impl Metrics {
                 .with_label_values(&[source, outcome, plan, metric])
                 .inc();
         }
+    }
+
+    /// Every metric family this registry exports, including labelled families that appear on
+    /// `/metrics` only after their first use (dashboards and alert rules are checked against it).
+    pub fn names(&self) -> &[String] {
+        &self.names
     }
 
     pub fn registry(&self) -> &Registry {

@@ -230,6 +230,9 @@ impl QuotaService {
         }
         let taken = lease.as_ref().map(|(_, _, t)| t);
         let mut in_doubt = None;
+        // Until the call is answered, dropping this request (its client went away) must not
+        // strand the blocks it took out: see `Unanswered`.
+        let mut unanswered = Unanswered { quota: self, taken };
         if !self.local.serves_locally() {
             let asked = self
                 .restoring(
@@ -248,6 +251,7 @@ impl QuotaService {
                     |r| r.status == Status::NeedsRestore,
                 )
                 .await;
+            unanswered.taken = None;
             let result = match asked {
                 Ok(result) => result,
                 Err(e) => {
@@ -412,11 +416,12 @@ impl QuotaService {
                 .await;
             match asked {
                 Ok(Ok(reply)) => {
+                    leases.abandon(&taken);
                     self.metrics.lease_settlements.inc();
                     let swept: u64 = reply.leases.iter().map(|l| l.swept).sum();
                     self.metrics.lease_swept_units.inc_by(swept);
                 }
-                Ok(Err(StoreError::CounterOverflow)) => {}
+                Ok(Err(StoreError::CounterOverflow)) => leases.abandon(&taken),
                 Ok(Err(StoreError::InDoubt(_, doubt))) => {
                     self.local.trip();
                     let mut decisions = Vec::new();
@@ -691,7 +696,7 @@ impl QuotaService {
         org: &OrgId,
         charge: Charge<'c>,
     ) -> Result<Decision<'c>, QuotaError> {
-        let (plan, eval) = self.record_counters(catalog, org, &[charge]).await?;
+        let (plan, eval) = self.record_counters(catalog, org, &[charge], false).await?;
         Ok(Decision {
             plan,
             eval,
@@ -717,7 +722,7 @@ impl QuotaService {
                 amount: -c.amount,
             })
             .collect();
-        self.record_counters(catalog, org, &credits).await?;
+        self.record_counters(catalog, org, &credits, true).await?;
         Ok(())
     }
 
@@ -726,18 +731,27 @@ impl QuotaService {
     /// Redis only, never degraded mode: credits are negative amounts, and Redis clamps each at
     /// zero in order, which a locally summed replay would not; and an adjustment is committed
     /// in Postgres only once Redis has it. While Redis is unreachable they fail, and say so.
+    /// `from_leases`: credits may be taken from units this replica's blocks have not settled
+    /// (a refund of a request admitted from a block).
     async fn record_counters<'c>(
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
         charges: &[Charge<'c>],
+        from_leases: bool,
     ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
-        let limits: Vec<_> = limits_for(plan, charges, now, record.billing_anchor)
+        let mut limits: Vec<_> = limits_for(plan, charges, now, record.billing_anchor)
             .into_iter()
             .filter(|l| !l.is_rate())
             .collect();
+        if let Some(leases) = self.leases.as_ref().filter(|_| from_leases) {
+            // Credits for units still in this replica's blocks are taken there (see `give_back`).
+            let specs: Vec<KeySpec> = limits.iter().map(|l| self.store.spec(org, l)).collect();
+            let mut taken = leases.give_back(org, &specs).into_iter();
+            limits.retain(|_| !taken.next().unwrap_or(false));
+        }
         if limits.is_empty() {
             return Ok((plan, evaluate(limits, &[], false, now)));
         }
@@ -865,6 +879,26 @@ impl Replayer for QuotaService {
             )
             .await??;
         Ok(status)
+    }
+}
+
+/// A lease call whose request may be dropped before it is answered (a client that goes away
+/// cancels its request's future, and the call with it). Whether Redis settled the blocks the call
+/// carried can then not be learned: they are replayed, like a decision in doubt whose answer never
+/// comes, and counted the same way (`in_doubt_total{outcome="unknown"}`).
+struct Unanswered<'a> {
+    quota: &'a QuotaService,
+    taken: Option<&'a Taken>,
+}
+
+impl Drop for Unanswered<'_> {
+    fn drop(&mut self) {
+        if let Some(taken) = self.taken.take() {
+            if !taken.consumed.is_empty() {
+                self.quota.local.lost_with_connection(1);
+            }
+            self.quota.lease_failed(Some(taken), None);
+        }
     }
 }
 

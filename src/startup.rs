@@ -85,9 +85,13 @@ impl Application {
             db::wait_and_create(&settings.database)
                 .await
                 .context("creating the database")?;
-            db::migrate(&pool)
+            let applied = db::migrate(&pool)
                 .await
                 .context("running database migrations")?;
+            if !applied.is_empty() {
+                let names: Vec<String> = applied.iter().map(|(v, d)| format!("{v} {d}")).collect();
+                tracing::info!(applied = %names.join(", "), "database migrated");
+            }
         }
         let metrics = Arc::new(Metrics::new());
         // Threshold crossings leave the decision path through a bounded channel (see `notify`).

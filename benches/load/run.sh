@@ -37,6 +37,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 
+want() { [[ ",$ROW_SET," == *",$1,"* ]]; }
+
 for tool in wrk nginx; do
   if ! command -v "$tool" >/dev/null 2>&1; then
     echo "installing $tool"; DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$tool" >/dev/null
@@ -183,7 +185,6 @@ NGX_PIDS=$(workers "$WORK/ngx.pid")
 REDIS_PID=$(redis-cli INFO server | tr -d '\r' | sed -n 's/^process_id://p')
 
 ROWS=()
-want() { [[ ",$ROW_SET," == *",$1,"* ]]; }
 # run NAME URL BODY AUTH PROXY_PIDS
 run() {
   local name=$1 url=$2 body=$3 auth=$4 proxy_pids=$5
@@ -261,7 +262,7 @@ if want 5; then
     "$PREFIX:{rb}:restored:$START" "$PREFIX:{rb}:restored:resident" \
     "$PREFIX:{rb}:c:requests:month:$START" "$PREFIX:{rb}:c:requests:month:$START:v" \
     "$PREFIX:{rb}:r:requests:1000" \
-    "$NOW_US" check 0 $((NEXT * 1000)) m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
+    "$NOW_US" check 0 $((NEXT * 1000)) "" 0 m 1 1000000000000 1 $((NEXT * 1000)) r 1 1000000000 1 1000000 | tail -n 1)
   RB_RPS=$(awk -F'","' '{ printf "%.0f", $2 }' <<<"$RB")
   RB_P50=$(awk -F'","' '{ printf "%.0f", $5 * 1000 }' <<<"$RB")
   RB_P99=$(awk -F'","' '{ printf "%.0f", $7 * 1000 }' <<<"$RB")

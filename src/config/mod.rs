@@ -296,6 +296,10 @@ pub struct EnvOverrides {
     pub api_listen: Option<String>,
     pub stripe_webhook_secret: Option<String>,
     pub notifications_secret: Option<String>,
+    /// `QG_PROXY_LISTEN` and `QG_PROXY_UPSTREAM`: where the proxy listens and forwards, which
+    /// differ between a laptop and a container network; only with a `[proxy]` section.
+    pub proxy_listen: Option<String>,
+    pub proxy_upstream: Option<String>,
 }
 
 impl EnvOverrides {
@@ -308,6 +312,8 @@ impl EnvOverrides {
             api_listen: get("QG_API_LISTEN"),
             stripe_webhook_secret: get("QG_STRIPE_WEBHOOK_SECRET"),
             notifications_secret: get("QG_NOTIFICATIONS_SECRET"),
+            proxy_listen: get("QG_PROXY_LISTEN"),
+            proxy_upstream: get("QG_PROXY_UPSTREAM"),
         }
     }
 }

@@ -469,7 +469,7 @@ pub(super) fn settings_from_table(
         );
     }
 
-    let proxy = proxy_settings(&mut r, proxy_v, identity_v, routes_v);
+    let proxy = proxy_settings(&mut r, proxy_v, identity_v, routes_v, env);
     let billing = billing_v.and_then(|v| billing_settings(&mut r, v, env));
     let flush_raw: FlushRaw = flush_v
         .and_then(|v| r.parse("flush", v))
@@ -698,8 +698,20 @@ pub(super) fn proxy_settings(
     proxy_v: Option<toml::Value>,
     identity_v: Option<toml::Value>,
     routes_v: Option<toml::Value>,
+    env: &EnvOverrides,
 ) -> Option<ProxySettings> {
     let Some(proxy_v) = proxy_v else {
+        for (var, set) in [
+            ("QG_PROXY_LISTEN", &env.proxy_listen),
+            ("QG_PROXY_UPSTREAM", &env.proxy_upstream),
+        ] {
+            if set.is_some() {
+                r.add(
+                    "proxy",
+                    format!("{var} is set, but there is no [proxy] section for it to override"),
+                );
+            }
+        }
         if identity_v.is_some() {
             r.add("identity", "only used by the proxy: add a [proxy] section");
         }
@@ -772,7 +784,13 @@ pub(super) fn proxy_settings(
         Some(_) => r.add("routes", "must be an array of tables ([[routes]])"),
     }
 
-    let raw = raw?;
+    let mut raw = raw?;
+    if let Some(listen) = &env.proxy_listen {
+        raw.listen = listen.clone();
+    }
+    if let Some(upstream) = &env.proxy_upstream {
+        raw.upstream = upstream.clone();
+    }
     let default_route = raw
         .default_route
         .map(|a| route_action(r, "proxy.default_route", a));

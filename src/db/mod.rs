@@ -146,9 +146,20 @@ pub async fn create_if_missing(settings: &DatabaseSettings) -> Result<(), DbErro
     Ok(())
 }
 
-pub async fn migrate(pool: &PgPool) -> Result<(), DbError> {
+/// Apply pending migrations; returns those this call applied (version and description), in
+/// order, so `migrate` and start-up can say what changed.
+pub async fn migrate(pool: &PgPool) -> Result<Vec<(i64, String)>, DbError> {
+    // Absent before the first run: everything is pending then.
+    let before: Vec<i64> = sqlx::query_scalar("SELECT version FROM _sqlx_migrations WHERE success")
+        .fetch_all(pool)
+        .await
+        .unwrap_or_default();
     MIGRATOR.run(pool).await?;
-    Ok(())
+    Ok(MIGRATOR
+        .iter()
+        .filter(|m| !m.migration_type.is_down_migration() && !before.contains(&m.version))
+        .map(|m| (m.version, m.description.to_string()))
+        .collect())
 }
 
 pub async fn ping(pool: &PgPool) -> Result<(), DbError> {

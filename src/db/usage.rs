@@ -111,13 +111,18 @@ pub async fn month(
         .collect()
 }
 
-/// Every org's rows for a month, for billing exports.
-pub async fn export(pool: &PgPool, month_start: DateTime<Utc>) -> Result<Vec<ExportRow>, DbError> {
-    Ok(sqlx::query_as(
+/// Every org's rows for a month, for billing exports, ordered by org and metric; streamed, so a
+/// month of millions of rows is written as it is read instead of held in memory.
+pub fn export(
+    pool: &PgPool,
+    month_start: DateTime<Utc>,
+) -> impl futures_util::Stream<Item = Result<ExportRow, DbError>> + '_ {
+    use futures_util::TryStreamExt as _;
+    sqlx::query_as(
         "SELECT org_id, metric, period_start, quantity FROM usage_counters \
          WHERE period_start = $1 ORDER BY org_id, metric",
     )
     .bind(month_start)
-    .fetch_all(pool)
-    .await?)
+    .fetch(pool)
+    .map_err(DbError::from)
 }

@@ -139,20 +139,9 @@ local lease_at, others, holders, swept, leased = {}, {}, {}, {}, {}
 local denied = false
 local overflow = false
 
--- A rate's state: its debt and when it was written, expiring when the bucket is full again.
-local function write_rate(key, debt, limit)
-  if debt < 0 then debt = 0 end
-  local millis = math.ceil(debt / limit / 1000)
-  redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', string.format('%.0f', millis + 1000))
-  return debt, millis
-end
-
--- The version key of a durable counter moves with every change (see the flusher).
-local function bump(version, kind, expiry)
-  if redis.call('INCR', version) == 1 and kind == 'm' then
-    redis.call('PEXPIREAT', version, expiry)
-  end
-end
+-- No local functions: each would be a closure allocated on every call. A rate's state is its
+-- debt and when it was written, expiring when the bucket is full again; the version key of a
+-- durable counter moves with every change (see the flusher).
 
 local i = 0
 local a = 7
@@ -215,7 +204,8 @@ while a <= last do
       -- settled tokens enter the bucket now, and decay from now on
       debt = debt + consumed * param
       if debt > limit * MAX_WAIT_US then debt = limit * MAX_WAIT_US end
-      write_rate(key, debt, limit)
+      redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX',
+        string.format('%.0f', math.ceil(debt / limit / 1000) + 1000))
     end
     local cap = param * limit
     local held = reserved * param
@@ -243,7 +233,9 @@ while a <= last do
       current = redis.call('INCRBY', key, consumed)
       local expiry = ARGV[arg_at[i] + 4]
       if current == consumed then redis.call('PEXPIREAT', key, expiry) end
-      if kind == 'm' then bump(KEYS[key_at[i] + 1], kind, expiry) end
+      if kind == 'm' and redis.call('INCR', KEYS[key_at[i] + 1]) == 1 then
+        redis.call('PEXPIREAT', KEYS[key_at[i] + 1], expiry)
+      end
     end
     if amount > 0 and current + amount > MAX_COUNTER then
       overflow = true
@@ -261,50 +253,100 @@ while a <= last do
   n = n + 3
 end
 
--- The lease part of the reply: per leased limit, the block granted, the units swept and the
--- units others reserve.
-local function leases(grant)
-  for _, j in ipairs(leased) do
-    local granted = 0
-    if grant then
-      local b = arg_at[j]
-      local want = tonumber(ARGV[b + 6])
+if overflow then
+  if idem_key then redis.call('DEL', idem_key) end
+  return { 6 }
+end
+local apply = true
+if denied and mode ~= 'shadow' then
+  out[1] = 1
+  if idem_key then redis.call('DEL', idem_key) end
+  apply = false
+elseif mode == 'dry' then
+  out[1] = 2
+  apply = false
+end
+
+if apply then
+  for j = 1, i do
+    local key = KEYS[key_at[j]]
+    local b = arg_at[j]
+    local kind = string.lower(ARGV[b])
+    if kind == 'r' then
       local limit = tonumber(ARGV[b + 2])
-      if want > 0 and limit > 0 and ARGV[b + 3] == '1' then
-        local avail
-        if ARGV[b] == 'R' then
-          local param = tonumber(ARGV[b + 4])
-          avail = math.floor((param * limit - state[j]) / param) - others[j]
-        else
-          avail = limit - state[j] - tonumber(ARGV[b + 1]) - others[j]
+      local param = tonumber(ARGV[b + 4])
+      local debt = state[j]
+      if debt < 0 then debt = 0 end
+      local millis = math.ceil(debt / limit / 1000)
+      redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', string.format('%.0f', millis + 1000))
+      local o = 1 + (j - 1) * 3
+      local left = math.floor((param * limit - debt) / param) - (others[j] or 0)
+      if left < 0 then left = 0 end
+      out[o + 2] = left
+      out[o + 3] = millis
+    else
+      local amount = tonumber(ARGV[b + 1])
+      local changed = false
+      if amount >= 0 then
+        local v = redis.call('INCRBY', key, ARGV[b + 1])
+        if kind ~= 'g' and v == amount then
+          redis.call('PEXPIREAT', key, ARGV[b + 4])
         end
-        granted = math.floor(avail / (2 * (holders[j] + 1)))
-        if granted > want then granted = want end
-        if granted > 0 then
-          local hkey = KEYS[lease_at[j]]
-          redis.call('HSET', hkey, holder, granted .. ':' .. ARGV[6])
-          redis.call('PEXPIREAT', hkey, math.floor(tonumber(ARGV[6]) / 1000) + 1)
-        else
-          granted = 0
+        changed = amount > 0
+      elseif state[j] > 0 then
+        local lowered = state[j] + amount
+        if lowered < 0 then lowered = 0 end
+        redis.call('SET', key, lowered, 'KEEPTTL')
+        changed = true
+      end
+      if changed and kind ~= 'c' then
+        local version = KEYS[key_at[j] + 1]
+        if redis.call('INCR', version) == 1 and kind == 'm' then
+          redis.call('PEXPIREAT', version, ARGV[b + 4])
         end
       end
     end
-    out[#out + 1] = granted
-    out[#out + 1] = swept[j]
-    out[#out + 1] = others[j]
   end
-  return out
+  if denied then out[1] = 4 end
 end
 
--- Thresholds: a crossing is this call taking a counter or gauge from below a trigger to at or
--- past it (with leases, the units a holder settles count as part of the call). The "fired" hash
--- remembers it for the period (it expires with the counter; a new period has a new key), so a
--- crossing is reported once whatever the concurrency, and a credit that goes back below and a
--- charge that crosses again report nothing. A gauge has no period: its threshold re-arms when
--- the level falls back below the trigger. Appended after the lease values; `applied`: the
--- call's own amounts were applied.
-local function thresholds(applied)
-  if not tail then return out end
+-- The lease part of the reply: per leased limit, the block granted (only by an applied check),
+-- the units swept and the units others reserve.
+for _, j in ipairs(leased) do
+  local granted = 0
+  local b = arg_at[j]
+  local want = tonumber(ARGV[b + 6])
+  local limit = tonumber(ARGV[b + 2])
+  if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1' then
+    local avail
+    if ARGV[b] == 'R' then
+      local param = tonumber(ARGV[b + 4])
+      avail = math.floor((param * limit - state[j]) / param) - others[j]
+    else
+      avail = limit - state[j] - tonumber(ARGV[b + 1]) - others[j]
+    end
+    granted = math.floor(avail / (2 * (holders[j] + 1)))
+    if granted > want then granted = want end
+    if granted > 0 then
+      local hkey = KEYS[lease_at[j]]
+      redis.call('HSET', hkey, holder, granted .. ':' .. ARGV[6])
+      redis.call('PEXPIREAT', hkey, math.floor(tonumber(ARGV[6]) / 1000) + 1)
+    else
+      granted = 0
+    end
+  end
+  out[#out + 1] = granted
+  out[#out + 1] = swept[j]
+  out[#out + 1] = others[j]
+end
+
+-- Thresholds (only with a tail): a crossing is this call taking a counter or gauge from below a
+-- trigger to at or past it (with leases, the units a holder settles count as part of the call).
+-- The "fired" hash remembers it for the period (it expires with the counter; a new period has a
+-- new key), so a crossing is reported once whatever the concurrency, and a credit that goes back
+-- below and a charge that crosses again report nothing. A gauge has no period: its threshold
+-- re-arms when the level falls back below the trigger. Appended after the lease values.
+if tail then
   local t = tail
   while t < #ARGV do
     local j = tonumber(ARGV[t])
@@ -313,7 +355,7 @@ local function thresholds(applied)
     local b = arg_at[j]
     local gauge = ARGV[b] == 'g'
     local amount = 0
-    if applied then amount = tonumber(ARGV[b + 1]) end
+    if apply then amount = tonumber(ARGV[b + 1]) end
     local after = state[j] + amount
     if after < 0 then after = 0 end
     local before = state[j]
@@ -338,58 +380,5 @@ local function thresholds(applied)
       t = t + 2
     end
   end
-  return out
 end
-
-if overflow then
-  if idem_key then redis.call('DEL', idem_key) end
-  return { 6 }
-end
-if denied and mode ~= 'shadow' then
-  out[1] = 1
-  if idem_key then redis.call('DEL', idem_key) end
-  leases(false)
-  return thresholds(false)
-end
-if mode == 'dry' then
-  out[1] = 2
-  leases(false)
-  return thresholds(false)
-end
-
-for j = 1, i do
-  local key = KEYS[key_at[j]]
-  local b = arg_at[j]
-  local kind = string.lower(ARGV[b])
-  if kind == 'r' then
-    local limit = tonumber(ARGV[b + 2])
-    local param = tonumber(ARGV[b + 4])
-    local debt, millis = write_rate(key, state[j], limit)
-    local o = 1 + (j - 1) * 3
-    local left = math.floor((param * limit - debt) / param) - (others[j] or 0)
-    if left < 0 then left = 0 end
-    out[o + 2] = left
-    out[o + 3] = millis
-  else
-    local amount = tonumber(ARGV[b + 1])
-    local changed = false
-    if amount >= 0 then
-      local v = redis.call('INCRBY', key, ARGV[b + 1])
-      if kind ~= 'g' and v == amount then
-        redis.call('PEXPIREAT', key, ARGV[b + 4])
-      end
-      changed = amount > 0
-    elseif state[j] > 0 then
-      local lowered = state[j] + amount
-      if lowered < 0 then lowered = 0 end
-      redis.call('SET', key, lowered, 'KEEPTTL')
-      changed = true
-    end
-    if changed and kind ~= 'c' then
-      bump(KEYS[key_at[j] + 1], kind, ARGV[b + 4])
-    end
-  end
-end
-if denied then out[1] = 4 end
-leases(mode == 'check')
-return thresholds(true)
+return out

@@ -206,6 +206,8 @@ fn environment_overrides_win_over_the_file() {
         api_listen: Some("0.0.0.0:9100".into()),
         stripe_webhook_secret: None,
         notifications_secret: None,
+        proxy_listen: Some("0.0.0.0:8081".into()),
+        proxy_upstream: Some("http://demo-upstream:9100".into()),
     };
     let (settings, _) = config::load(&root.join("config/gateway.toml"), &env).unwrap();
     use secrecy::ExposeSecret;
@@ -219,6 +221,12 @@ fn environment_overrides_win_over_the_file() {
         "postgres://u@db:5432/qg"
     );
     assert_eq!(settings.api.listen.to_string(), "0.0.0.0:9100");
+    let proxy = settings
+        .proxy
+        .as_ref()
+        .expect("the example config runs the proxy");
+    assert_eq!(proxy.listen.to_string(), "0.0.0.0:8081");
+    assert_eq!(proxy.upstream.to_string(), "http://demo-upstream:9100/");
     // Secrets stay out of Debug output.
     let debug = format!("{settings:?}");
     assert!(!debug.contains("from-env"), "{debug}");
@@ -322,4 +330,20 @@ notify_at = [50, 90, 100, 150]
     assert_eq!(c.plan("free").unwrap().notify_at, [80, 100]);
     assert!(c.plan("quiet").unwrap().notify_at.is_empty());
     assert_eq!(c.plan("loud").unwrap().notify_at, [50, 90, 100, 150]);
+}
+
+#[test]
+fn proxy_overrides_without_a_proxy_section_are_named() {
+    // This fixture has no [proxy]: an override with nothing to override is a mistake, not a
+    // silently ignored variable.
+    let env = EnvOverrides {
+        proxy_upstream: Some("http://demo-upstream:9100".into()),
+        ..Default::default()
+    };
+    let err = config::load(&fixture("gateway_billing_problems.toml"), &env).expect_err("invalid");
+    let problems: Vec<String> = err.problems.iter().map(|p| p.to_string()).collect();
+    assert_has(
+        &problems,
+        "proxy: QG_PROXY_UPSTREAM is set, but there is no [proxy] section",
+    );
 }

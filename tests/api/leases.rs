@@ -350,3 +350,44 @@ async fn shadow_mode_and_idempotent_checks_take_no_blocks() {
         0.0
     );
 }
+
+#[tokio::test]
+async fn through_the_proxy_blocks_count_refunds_and_headers_stay_conservative() {
+    let up = crate::helpers::spawn_upstream().await;
+    let a = spawn_app_with(TestOptions {
+        plans: plans(1000, None),
+        leases: leases_on(),
+        proxy: Some(crate::helpers::proxy_settings(up.addr)),
+        ..Default::default()
+    })
+    .await;
+    let (_, key) = a.create_key("acme").await;
+    let mut remaining = Vec::new();
+    for _ in 0..3 {
+        let r = a.proxy_get("/x", &key).await;
+        assert_eq!(r.status(), 200);
+        let header = r.headers()["ratelimit"].to_str().unwrap().to_string();
+        let left: i64 = header
+            .split(";r=")
+            .nth(1)
+            .and_then(|v| v.split(';').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("no remaining in {header}"));
+        remaining.push(left);
+    }
+    // Each answer says what is left to this replica, one less each time, never more than
+    // the quota minus what it admitted.
+    assert!(remaining[0] <= 999, "{remaining:?}");
+    assert_eq!(remaining[1], remaining[0] - 1, "{remaining:?}");
+    assert_eq!(remaining[2], remaining[1] - 1, "{remaining:?}");
+    // Refunded (5xx) requests are taken back from the block, not lost to a clamp at zero.
+    for _ in 0..2 {
+        assert_eq!(a.proxy_get("/status/503", &key).await.status(), 503);
+    }
+    assert_eq!(a.proxy_get("/status/404", &key).await.status(), 404);
+    assert!(metric_value(&a, "quota_gateway_lease_decisions_total{path=\"local\"}").await >= 4.0);
+    settle_all(&[&a]).await;
+    assert_eq!(month_counter(&a, "acme").await, 4, "3 served + one 404");
+    a.flush().await.expect("flush");
+    assert_eq!(a.stored_usage("acme", "requests").await, Some(4));
+}

@@ -4,7 +4,11 @@ mod helpers;
 
 mod admin;
 mod check;
+mod cli;
+mod client;
 mod config_validation;
+mod demo;
+mod deploy;
 mod edges;
 mod eviction;
 mod exactness;

@@ -356,22 +356,54 @@ pub async fn redis_cut(s: Scale, leases: bool) -> Row {
     let b = a.spawn_peer().await;
     let month = month_start(a.clock_now());
     let load = Load::start(checks(&[&a, &b]), s.clients, s.requests, s.load);
+    // What the clients had been admitted, every 10 ms: with leases a replica last heard from
+    // Redis up to 1.25 lease ttl before the cut.
+    let samples = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let sampler = {
+        let (tally, samples) = (load.tally.clone(), samples.clone());
+        tokio::spawn(async move {
+            loop {
+                let now = std::time::Instant::now();
+                samples.lock().unwrap().push((now, tally.books().admitted));
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+    };
     load.until_admitted(s.quota / 2).await;
     let at = load.tally.books().admitted;
     let in_flight = load.tally.in_flight();
+    let cut_at = std::time::Instant::now();
     proxy.cut();
     tokio::time::sleep(s.outage).await;
     proxy.restore();
     let books = load.finish().await;
+    sampler.abort();
     settle(&mut row, &[&a, &b]).await;
     measure(&mut row, &ledger_of(&a), books, month).await;
     // README's bound: each replica admits `local_share` of what *it* last saw left, so it may
-    // over-admit by `local_share` of what the other admitted after that (at most the calls in
-    // flight at the cut), plus units counted twice because their call broke with the
-    // connection (the gateway's unknown-outcome count).
-    let slack = in_flight / 2 + row.in_doubt_metric;
+    // over-admit by `local_share` of what the other admitted after that (without leases at
+    // most the calls in flight at the cut; with leases what was admitted in the 1.25 ttl
+    // before it), plus units counted twice because their call broke with the connection (the
+    // gateway's unknown-outcome count).
+    let stale = if leases {
+        let window = quota_gateway::config::LeaseSettings::default()
+            .ttl
+            .mul_f64(1.25);
+        let since = cut_at.checked_sub(window).unwrap_or(cut_at);
+        let before = samples
+            .lock()
+            .unwrap()
+            .iter()
+            .take_while(|(t, _)| *t <= since)
+            .last()
+            .map_or(0, |(_, admitted)| *admitted);
+        at - before
+    } else {
+        0
+    };
+    let slack = in_flight / 2 + row.in_doubt_metric + stale;
     row.note = format!(
-        "cut at {at} admitted with {in_flight} in flight, for {:?}; local_share 0.5; allowed over the quota: {slack}",
+        "cut at {at} admitted with {in_flight} in flight, {stale} admitted in the lease window before it, for {:?}; local_share 0.5; allowed over the quota: {slack}",
         s.outage
     );
     row.expect_exact();
