@@ -133,24 +133,24 @@ TOML
 # org mixes replicas with and without leases).
 sed -e "s/127.0.0.1:$API/127.0.0.1:$API2/" -e "s/127.0.0.1:$PXY/127.0.0.1:$PXY2/" "$WORK/gateway.toml" >"$WORK/gateway-leases.toml"
 printf '[leases]\nenabled = true\n' >>"$WORK/gateway-leases.toml"
+# ready PORT LOG: wait for a gateway's /readyz, or show its log and stop.
+ready() {
+  for _ in $(seq 1 100); do
+    curl -fs "http://127.0.0.1:$1/readyz" >/dev/null 2>&1 && return 0
+    sleep 0.2
+  done
+  cat "$2"; exit 1
+}
 "$QG_BIN" serve --config "$WORK/gateway.toml" >"$WORK/gateway.log" 2>&1 &
 GW=$!
 PIDS+=("$GW")
-for _ in $(seq 1 100); do
-  curl -fs "http://127.0.0.1:$API/readyz" >/dev/null 2>&1 && break
-  sleep 0.2
-done
-curl -fs "http://127.0.0.1:$API/readyz" >/dev/null || { cat "$WORK/gateway.log"; exit 1; }
+ready "$API" "$WORK/gateway.log"
 GWL=""
 if want 8 || want 9; then
   "$QG_BIN" serve --no-migrate --config "$WORK/gateway-leases.toml" >"$WORK/gateway-leases.log" 2>&1 &
   GWL=$!
   PIDS+=("$GWL")
-  for _ in $(seq 1 100); do
-    curl -fs "http://127.0.0.1:$API2/readyz" >/dev/null 2>&1 && break
-    sleep 0.2
-  done
-  curl -fs "http://127.0.0.1:$API2/readyz" >/dev/null || { cat "$WORK/gateway-leases.log"; exit 1; }
+  ready "$API2" "$WORK/gateway-leases.log"
 fi
 new_key() {
   curl -fs -X POST "http://127.0.0.1:$API/admin/orgs/$1/keys" \

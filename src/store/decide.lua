@@ -330,7 +330,13 @@ for _, j in ipairs(leased) do
     if granted > 0 then
       local hkey = KEYS[lease_at[j]]
       redis.call('HSET', hkey, holder, granted .. ':' .. ARGV[6])
-      redis.call('PEXPIREAT', hkey, math.floor(tonumber(ARGV[6]) / 1000) + 1)
+      -- A counter's hash lives as long as the counter, so a dead holder's lease stays until a
+      -- decision sweeps (and counts) it; a rate's only as long as the lease.
+      if ARGV[b] == 'R' then
+        redis.call('PEXPIREAT', hkey, math.floor(tonumber(ARGV[6]) / 1000) + 1)
+      else
+        redis.call('PEXPIREAT', hkey, ARGV[b + 4])
+      end
     else
       granted = 0
     end

@@ -54,6 +54,25 @@ async fn month_counter(app: &TestApp, org: &str) -> i64 {
         .map_or(0, |v| v.parse().expect("an integer counter"))
 }
 
+/// `n` checks of one `requests` each, every one admitted.
+async fn admit(app: &TestApp, org: &str, n: usize) {
+    for _ in 0..n {
+        let r = app
+            .check(json!({ "org_id": org, "metric": "requests" }))
+            .await;
+        assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
+    }
+}
+
+/// One series summed over replicas.
+async fn sum_over(apps: &[&TestApp], series: &str) -> f64 {
+    let mut total = 0.0;
+    for app in apps {
+        total += metric_value(app, series).await;
+    }
+    total
+}
+
 /// Settle every block of every replica, as graceful shutdown does.
 async fn settle_all(apps: &[&TestApp]) {
     for app in apps {
@@ -129,20 +148,16 @@ async fn three_replicas_never_pass_the_quota_and_count_exactly_what_they_admitte
         admitted <= quota,
         "admitted {admitted} units against a quota of {quota}"
     );
-    let local: f64 = [
-        metric_value(&a, "quota_gateway_lease_decisions_total{path=\"local\"}").await,
-        metric_value(&b, "quota_gateway_lease_decisions_total{path=\"local\"}").await,
-        metric_value(&c, "quota_gateway_lease_decisions_total{path=\"local\"}").await,
-    ]
-    .iter()
-    .sum();
-    let remote: f64 = [
-        metric_value(&a, "quota_gateway_lease_decisions_total{path=\"redis\"}").await,
-        metric_value(&b, "quota_gateway_lease_decisions_total{path=\"redis\"}").await,
-        metric_value(&c, "quota_gateway_lease_decisions_total{path=\"redis\"}").await,
-    ]
-    .iter()
-    .sum();
+    let local = sum_over(
+        &[&a, &b, &c],
+        "quota_gateway_lease_decisions_total{path=\"local\"}",
+    )
+    .await;
+    let remote = sum_over(
+        &[&a, &b, &c],
+        "quota_gateway_lease_decisions_total{path=\"redis\"}",
+    )
+    .await;
     assert!(
         local > remote,
         "leases served {local} decisions locally and sent {remote} to Redis"
@@ -202,12 +217,7 @@ async fn rate_leases_never_pass_the_rate() {
 #[tokio::test]
 async fn usage_shows_consumed_units_not_reserved_ones() {
     let a = spawn(plans(1000, None)).await;
-    for _ in 0..5 {
-        let r = a
-            .check(json!({ "org_id": "acme", "metric": "requests" }))
-            .await;
-        assert_eq!(r.status(), 200);
-    }
+    admit(&a, "acme", 5).await;
     // The first check took a block; the usage view does not count it as usage.
     let seen = a.usage_of("acme", "requests").await;
     assert!(seen <= 5, "usage shows {seen} before the blocks settle");
@@ -219,14 +229,7 @@ async fn usage_shows_consumed_units_not_reserved_ones() {
 #[tokio::test]
 async fn blocks_settle_on_their_own_within_the_lease_ttl() {
     let a = spawn(plans(1000, None)).await;
-    for _ in 0..7 {
-        assert_eq!(
-            a.check(json!({ "org_id": "acme", "metric": "requests" }))
-                .await
-                .status(),
-            200
-        );
-    }
+    admit(&a, "acme", 7).await;
     // No call from the test: the settler returns the block after `ttl`.
     let settled = crate::helpers::eventually(Duration::from_secs(5), || async {
         month_counter(&a, "acme").await == 7
@@ -278,12 +281,7 @@ async fn a_plan_change_ends_the_lease_and_the_new_limit_holds() {
     let a = spawn(plans(1000, None)).await;
     let b = a.spawn_peer().await;
     for app in [&a, &b] {
-        for _ in 0..3 {
-            let r = app
-                .check(json!({ "org_id": "acme", "metric": "requests" }))
-                .await;
-            assert_eq!(r.status(), 200);
-        }
+        admit(app, "acme", 3).await;
     }
     a.set_plan("acme", "small").await;
     // Both replicas hear of it (pub/sub, well within this); their blocks were taken under the
@@ -302,25 +300,11 @@ async fn a_plan_change_ends_the_lease_and_the_new_limit_holds() {
 #[tokio::test]
 async fn a_block_taken_in_one_month_settles_into_that_month() {
     let a = spawn(plans(1000, None)).await;
-    for _ in 0..4 {
-        assert_eq!(
-            a.check(json!({ "org_id": "acme", "metric": "requests" }))
-                .await
-                .status(),
-            200
-        );
-    }
+    admit(&a, "acme", 4).await;
     let first = quota_gateway::domain::period::calendar_month(a.clock_now()).start;
     let next = quota_gateway::domain::period::calendar_month(a.clock_now()).end;
     a.clock.set(next + chrono::Duration::seconds(1));
-    for _ in 0..2 {
-        assert_eq!(
-            a.check(json!({ "org_id": "acme", "metric": "requests" }))
-                .await
-                .status(),
-            200
-        );
-    }
+    admit(&a, "acme", 2).await;
     settle_all(&[&a]).await;
     let key = |t: chrono::DateTime<chrono::Utc>| {
         format!("{}:{{acme}}:c:requests:month:{}", a.prefix, t.timestamp())
@@ -338,12 +322,8 @@ async fn shadow_mode_and_idempotent_checks_take_no_blocks() {
         ..Default::default()
     })
     .await;
-    for _ in 0..8 {
-        let r = a
-            .check(json!({ "org_id": "acme", "metric": "requests" }))
-            .await;
-        assert_eq!(r.status(), 200, "shadow mode never blocks");
-    }
+    // Shadow mode never blocks.
+    admit(&a, "acme", 8).await;
     assert_eq!(month_counter(&a, "acme").await, 8, "counted at once");
     assert_eq!(
         metric_value(&a, "quota_gateway_lease_decisions_total{path=\"local\"}").await,
