@@ -81,16 +81,14 @@ impl Default for NotifySettings {
     }
 }
 
-/// Why a receiver URL is refused (`None`: usable). Plain `http://` only: the gateway carries no
-/// TLS client, so an `https://` receiver needs a TLS-originating proxy (or a private network).
+/// Why a receiver URL is refused (`None`: usable): an absolute `http://` or `https://` URL
+/// (https verified against Mozilla's root certificates, as `webpki-roots` ships them).
 pub fn url_problem(url: &str) -> Option<&'static str> {
     match url.parse::<http::Uri>() {
-        Ok(u) if u.scheme_str() == Some("http") && u.authority().is_some() => None,
-        Ok(u) if u.scheme_str() == Some("https") => Some(
-            "https:// is not supported yet: use http:// on a private network or through a \
-             TLS-originating proxy",
-        ),
-        _ => Some("must be an absolute http:// URL"),
+        Ok(u) if matches!(u.scheme_str(), Some("http" | "https")) && u.authority().is_some() => {
+            None
+        }
+        _ => Some("must be an absolute http:// or https:// URL"),
     }
 }
 
@@ -221,7 +219,7 @@ pub struct Round {
 #[derive(Clone)]
 pub struct Deliverer {
     pool: PgPool,
-    client: Client<HttpConnector, Full<Bytes>>,
+    client: Client<hyper_rustls::HttpsConnector<HttpConnector>, Full<Bytes>>,
     /// The global receiver and its HMAC key.
     global: Option<(String, Arc<Vec<u8>>)>,
     settings: NotifySettings,
@@ -250,9 +248,18 @@ impl Deliverer {
         let mut connector = HttpConnector::new();
         connector.set_connect_timeout(Some(settings.timeout));
         connector.set_nodelay(true);
+        connector.enforce_http(false);
+        let tls = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .expect("ring supports the default TLS versions")
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
         let client = Client::builder(TokioExecutor::new())
             .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
+            .build(tls);
         let global = settings
             .url
             .clone()
@@ -437,7 +444,14 @@ impl Deliverer {
         };
         match tokio::time::timeout(self.settings.timeout, call).await {
             Err(_) => Answer::Error("timed out".into()),
-            Ok(Err(e)) if e.is_connect() => Answer::Error("cannot connect".into()),
+            Ok(Err(e)) if e.is_connect() => {
+                // The innermost cause says which: refused, DNS, or TLS (certificate, protocol).
+                let mut cause: &dyn std::error::Error = &e;
+                while let Some(next) = cause.source() {
+                    cause = next;
+                }
+                Answer::Error(format!("cannot connect: {cause}"))
+            }
             Ok(Err(_)) => Answer::Error("connection failed".into()),
             Ok(Ok(s)) if s.is_success() => Answer::Ok,
             Ok(Ok(s)) if s == http::StatusCode::GONE => Answer::Gone,

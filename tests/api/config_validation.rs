@@ -303,7 +303,7 @@ fn notification_thresholds_are_percentages_ascending_each_once() {
 fn notification_settings_mistakes_are_named() {
     let problems = gateway_problems("gateway_notification_problems.toml");
     for needle in [
-        "notifications.url: https:// is not supported yet",
+        "notifications.url: must be an absolute http:// or https:// URL",
         "notifications.secret: not a usable secret",
         "notifications.max_age: `forever`",
         "notifications.retry_max: must be at least notifications.retry_initial",

@@ -507,9 +507,9 @@ async fn an_org_endpoint_gets_its_own_events_signed_with_its_secret_and_410_disa
 }
 
 #[tokio::test]
-async fn an_https_or_relative_endpoint_is_refused_with_422() {
+async fn a_relative_or_malformed_endpoint_is_refused_with_422() {
     let app = spawn(None).await;
-    for url in ["https://example.com/hook", "/hook", "not a url"] {
+    for url in ["/hook", "not a url", "ftp://example.com/hook"] {
         let r = app
             .admin(
                 Method::PUT,
@@ -519,6 +519,50 @@ async fn an_https_or_relative_endpoint_is_refused_with_422() {
             .await;
         assert_eq!(r.status(), 422, "{url}");
     }
+}
+
+/// An https receiver is spoken to in TLS: here one that answers plain HTTP, so the handshake
+/// fails, the event stays pending with the TLS error, and nothing reaches it in clear text.
+#[tokio::test]
+async fn an_https_endpoint_is_reached_over_tls() {
+    let receiver = Receiver::start(SECRET).await;
+    let app = spawn(None).await;
+    let url = receiver.url().replacen("http://", "https://", 1);
+    let r = app
+        .admin(
+            Method::PUT,
+            "/admin/orgs/acme/notifications",
+            Some(&json!({ "url": url })),
+        )
+        .await;
+    assert_eq!(r.status(), 200, "https is accepted");
+    app.set_plan("acme", "pro").await;
+    let mut last_error = String::new();
+    for _ in 0..100 {
+        let view = json(
+            app.admin(Method::GET, "/admin/orgs/acme/notifications", None)
+                .await,
+        )
+        .await;
+        if let Some(e) = view["events"][0]["last_error"].as_str() {
+            last_error = e.to_string();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        !last_error.is_empty(),
+        "the delivery to an https endpoint that does not speak TLS failed with an error"
+    );
+    // rustls's word for a plain-HTTP answer to its ClientHello: TLS was spoken.
+    assert!(
+        last_error.contains("cannot connect") && last_error.contains("corrupt message"),
+        "a TLS failure, not a refused connection: {last_error}"
+    );
+    assert!(
+        receiver.received().is_empty(),
+        "nothing was delivered in clear text"
+    );
 }
 
 #[tokio::test]
