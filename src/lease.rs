@@ -333,20 +333,6 @@ impl Leases {
             })
             .collect()
     }
-
-    /// Units admitted from blocks and not settled yet (tests and shutdown logs).
-    pub fn unsettled_units(&self) -> u64 {
-        self.orgs
-            .iter()
-            .map(|o| {
-                lock(o.value())
-                    .held
-                    .values()
-                    .map(|h| h.consumed)
-                    .sum::<u64>()
-            })
-            .sum()
-    }
 }
 
 /// The same limit as when it was leased (a plan change or a catalog reload may change it).

@@ -107,10 +107,6 @@ impl QuotaService {
         self
     }
 
-    pub fn leases(&self) -> Option<&Arc<Leases>> {
-        self.leases.as_ref()
-    }
-
     pub fn local(&self) -> &Arc<LocalMode> {
         &self.local
     }
