@@ -94,6 +94,8 @@ struct Doubt {
     idempotency_key: Option<String>,
     /// Whether this replica admitted (and so counted) the request.
     admitted: bool,
+    /// Units a lease settles: an unknown outcome is counted in units, not as one decision.
+    lease: bool,
 }
 
 #[derive(Default)]
@@ -196,9 +198,9 @@ fn replay_spec(
 
 type RateKey = (String, Duration);
 
-/// A decision carried by a call in doubt: its org, specs, idempotency key and whether this
-/// replica admitted it (see `LocalMode::settle`).
-pub type DoubtedDecision = (OrgId, Vec<KeySpec>, Option<String>, bool);
+/// A decision carried by a call in doubt: its org, specs, idempotency key, whether this replica
+/// admitted it, and whether it is units a lease settles (see `LocalMode::settle`).
+pub type DoubtedDecision = (OrgId, Vec<KeySpec>, Option<String>, bool, bool);
 
 pub struct LocalMode {
     on_error: OnRedisError,
@@ -429,7 +431,7 @@ impl LocalMode {
             let mut ledger = self.ledger();
             decisions
                 .into_iter()
-                .map(|(org, specs, idempotency_key, admitted)| {
+                .map(|(org, specs, idempotency_key, admitted, lease)| {
                     let id = self.next_doubt.fetch_add(1, Ordering::Relaxed);
                     ledger.doubts.insert(
                         id,
@@ -438,6 +440,7 @@ impl LocalMode {
                             specs: counted_specs(&specs),
                             idempotency_key,
                             admitted,
+                            lease,
                         },
                     );
                     id
@@ -475,6 +478,11 @@ impl LocalMode {
             Some(_) => "not_applied",
         };
         self.metrics.in_doubt.with_label_values(&[outcome]).inc();
+        if status.is_none() && d.lease {
+            self.metrics
+                .lease_unknown_units
+                .inc_by(max_amount(&d.specs));
+        }
         match (d.admitted, applied || duplicate, status.is_some()) {
             // Redis counted it (or an earlier copy of the report): nothing to replay.
             (true, true, _) => {
@@ -781,6 +789,15 @@ impl LocalMode {
 
 /// The specs of a decision that carry units to count: counters and gauges, not rates (rate state
 /// is not replayed) and not zero amounts.
+/// The units a decision carries: its largest amount (each unit is in every key it charges).
+pub fn max_amount(specs: &[KeySpec]) -> u64 {
+    specs
+        .iter()
+        .map(|s| s.amount.unsigned_abs())
+        .max()
+        .unwrap_or(0)
+}
+
 fn counted_specs(specs: &[KeySpec]) -> Vec<KeySpec> {
     specs
         .iter()

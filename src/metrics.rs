@@ -66,6 +66,9 @@ pub struct Metrics {
     pub lease_swept_units: IntCounter,
     /// Denials that would have been admitted but for units other replicas held in leases.
     pub lease_underadmissions: IntCounter,
+    /// Units a lease settlement carried on a call whose outcome could not be learned (its
+    /// connection broke): replayed, so each may be counted twice.
+    pub lease_unknown_units: IntCounter,
     /// Open client connections by listener (api | proxy).
     pub connections_open: prometheus::IntGaugeVec,
     /// Times a listener reached its `max_connections` and stopped accepting until one closed.
@@ -246,6 +249,12 @@ impl Metrics {
             "Denials that would have been admitted but for units other replicas held in leases.",
         )
         .expect("valid metric");
+        let lease_unknown_units = IntCounter::new(
+            "quota_gateway_lease_unknown_units_total",
+            "Units a lease settlement carried on a call whose outcome could not be learned; \
+             replayed, so each may be counted twice.",
+        )
+        .expect("valid metric");
         let connections_open = prometheus::IntGaugeVec::new(
             Opts::new(
                 "quota_gateway_connections_open",
@@ -329,6 +338,7 @@ impl Metrics {
             Box::new(lease_settlements.clone()),
             Box::new(lease_swept_units.clone()),
             Box::new(lease_underadmissions.clone()),
+            Box::new(lease_unknown_units.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
@@ -374,6 +384,7 @@ impl Metrics {
             lease_settlements,
             lease_swept_units,
             lease_underadmissions,
+            lease_unknown_units,
             connections_open,
             connections_at_cap,
             client_timeouts,

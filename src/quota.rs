@@ -270,6 +270,9 @@ impl QuotaService {
                 }
                 Err(e) if e.is_unavailable() => {
                     self.local.trip();
+                    if e.lost_with_connection() {
+                        self.lease_unknown(taken);
+                    }
                     self.lease_failed(taken, None);
                     if e.lost_with_connection() && mode != Mode::DryRun {
                         self.local.lost_with_connection(1);
@@ -310,7 +313,7 @@ impl QuotaService {
             .is_some_and(|r| matches!(r.status, Status::Applied | Status::AppliedOverLimit));
         let mut decisions = Vec::with_capacity(2);
         if mode != Mode::DryRun {
-            decisions.push((org.clone(), specs, key.map(str::to_owned), admitted));
+            decisions.push((org.clone(), specs, key.map(str::to_owned), admitted, false));
         }
         // Units a lease settled in the same call share its fate.
         self.lease_failed(taken, Some(&mut decisions));
@@ -363,9 +366,19 @@ impl QuotaService {
         match in_doubt {
             Some(decisions) => {
                 self.local.hold(&taken.consumed);
-                decisions.push((taken.org.clone(), taken.consumed.clone(), None, true));
+                decisions.push((taken.org.clone(), taken.consumed.clone(), None, true, true));
             }
             None => self.local.adopt(&taken.org, &taken.consumed),
+        }
+    }
+
+    /// A lease call broke with its connection: Redis may have settled its units, and they are
+    /// replayed anyway; each may be counted twice (`lease_unknown_units_total`).
+    fn lease_unknown(&self, taken: Option<&Taken>) {
+        if let Some(t) = taken {
+            self.metrics
+                .lease_unknown_units
+                .inc_by(crate::local::max_amount(&t.consumed));
         }
     }
 
@@ -429,6 +442,9 @@ impl QuotaService {
                 Ok(Err(e)) => {
                     if e.is_unavailable() {
                         self.local.trip();
+                    }
+                    if e.lost_with_connection() {
+                        self.lease_unknown(Some(&taken));
                     }
                     tracing::warn!(org = %taken.org, error = %e, "cannot settle leases; replaying their usage");
                     self.lease_failed(Some(&taken), None);
@@ -519,7 +535,13 @@ impl QuotaService {
                             let (s, key) = &specs[i];
                             let counted =
                                 outcomes.as_ref().is_some_and(|o| o[j] == Recorded::Counted);
-                            (org.clone(), s.clone(), key.map(str::to_owned), counted)
+                            (
+                                org.clone(),
+                                s.clone(),
+                                key.map(str::to_owned),
+                                counted,
+                                false,
+                            )
                         })
                         .collect();
                     self.local.settle(&self.store, call, decisions);
@@ -890,9 +912,7 @@ struct Unanswered<'a> {
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
         if let Some(taken) = self.taken.take() {
-            if !taken.consumed.is_empty() {
-                self.quota.local.lost_with_connection(1);
-            }
+            self.quota.lease_unknown(Some(taken));
             self.quota.lease_failed(Some(taken), None);
         }
     }

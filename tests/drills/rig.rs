@@ -297,8 +297,13 @@ pub async fn in_doubt_metric(base: &str) -> i64 {
         return 0;
     };
     let text = r.text().await.unwrap_or_default();
+    // Decisions of unknown outcome (a unit each in the drills), and the units lease
+    // settlements carried on calls of unknown outcome.
     text.lines()
-        .filter_map(|l| l.strip_prefix("quota_gateway_in_doubt_total{outcome=\"unknown\"} "))
+        .filter_map(|l| {
+            l.strip_prefix("quota_gateway_in_doubt_total{outcome=\"unknown\"} ")
+                .or_else(|| l.strip_prefix("quota_gateway_lease_unknown_units_total "))
+        })
         .filter_map(|v| v.parse::<f64>().ok())
         .sum::<f64>() as i64
 }
