@@ -81,6 +81,68 @@ pub async fn customer_org(
     .await?)
 }
 
+/// Keep a subscription event whose org is not known yet (see `webhooks::apply`): its normalized
+/// state only, never the payload.
+pub async fn keep_unlinked(
+    tx: Tx<'_, '_>,
+    provider: &str,
+    event_id: &str,
+    ev: &crate::webhooks::event::SubscriptionEvent,
+) -> Result<(), DbError> {
+    let json =
+        serde_json::to_string(ev).map_err(|e| DbError::Sqlx(sqlx::Error::Encode(e.into())))?;
+    sqlx::query(
+        "INSERT INTO unlinked_subscription_events \
+           (provider, event_id, subscription_id, customer_id, occurred_at, event) \
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (provider, event_id) DO NOTHING",
+    )
+    .bind(provider)
+    .bind(event_id)
+    .bind(&ev.subscription_id)
+    .bind(&ev.customer_id)
+    .bind(ev.occurred_at)
+    .bind(json)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// Take (remove and return) the kept events of `customer` or `subscription`, oldest first.
+pub async fn take_unlinked(
+    tx: Tx<'_, '_>,
+    provider: &str,
+    customer: Option<&str>,
+    subscription: Option<&str>,
+) -> Result<Vec<(String, crate::webhooks::event::SubscriptionEvent)>, DbError> {
+    let rows: Vec<(String, String)> = sqlx::query_as(
+        "DELETE FROM unlinked_subscription_events \
+         WHERE provider = $1 AND (customer_id = $2 OR subscription_id = $3) \
+         RETURNING event_id, event::text, occurred_at, received_at",
+    )
+    .bind(provider)
+    .bind(customer)
+    .bind(subscription)
+    .fetch_all(&mut **tx)
+    .await
+    .map(
+        |rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)>| {
+            let mut rows = rows;
+            rows.sort_by_key(|r| (r.2, r.3));
+            rows.into_iter().map(|(id, ev, ..)| (id, ev)).collect()
+        },
+    )?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|(id, ev)| match serde_json::from_str(&ev) {
+            Ok(ev) => Some((id, ev)),
+            Err(e) => {
+                tracing::error!(event_id = %id, error = %e, "kept subscription event unreadable; dropped");
+                None
+            }
+        })
+        .collect())
+}
+
 /// A subscription row as stored, with its org.
 #[derive(Debug, Clone)]
 pub struct SubscriptionRow {

@@ -415,7 +415,7 @@ mod tests {
                 amount: 1,
             }],
             now(),
-            None,
+            &crate::domain::period::BillingCycle::default(),
         );
         let replies = [
             LimitReply {
@@ -472,7 +472,7 @@ mod tests {
                 amount: 1,
             }],
             now(),
-            None,
+            &crate::domain::period::BillingCycle::default(),
         );
         let replies = [
             LimitReply {

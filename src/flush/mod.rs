@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::usage::{self, CounterRow};
-use crate::domain::period;
+use crate::domain::period::{self, Period};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -90,8 +90,8 @@ async fn flush_keys(
     taken: &HashMap<String, Instant>,
     now: DateTime<Utc>,
 ) -> Result<FlushOutcome, FlushError> {
-    // key → (metric, month start) grouped by org.
-    let mut by_org: HashMap<String, Vec<(String, String, Option<i64>)>> = HashMap::new();
+    // key → (metric, period and its start) grouped by org.
+    let mut by_org: HashMap<String, Vec<(String, String, Option<(Period, i64)>)>> = HashMap::new();
     for key in taken.keys() {
         match store.keys().parse_durable(key) {
             Some((org, metric, start)) => by_org
@@ -104,6 +104,7 @@ async fn flush_keys(
     let gauge_month = period::calendar_month(now).start;
     let orgs: Vec<_> = by_org.into_iter().collect();
     let mut rows = Vec::with_capacity(taken.len());
+    let mut billing_rows = Vec::new();
     let mut missing = 0;
     for chunk in orgs.chunks(READ_CONCURRENCY) {
         let reads = join_all(chunk.iter().map(|(_, entries)| {
@@ -118,10 +119,16 @@ async fn flush_keys(
                     continue;
                 };
                 let period_start = match start {
-                    Some(s) => Utc.timestamp_opt(*s, 0).single().unwrap_or(gauge_month),
+                    Some((_, s)) => Utc.timestamp_opt(*s, 0).single().unwrap_or(gauge_month),
                     None => gauge_month,
                 };
-                rows.push(CounterRow {
+                // Billing months have their own table: the calendar meter beside them stays
+                // the one record of usage that billing exports read.
+                let into = match start {
+                    Some((Period::BillingMonth, _)) => &mut billing_rows,
+                    _ => &mut rows,
+                };
+                into.push(CounterRow {
                     org_id: org.clone(),
                     metric: metric.clone(),
                     period_start,
@@ -132,7 +139,8 @@ async fn flush_keys(
             }
         }
     }
-    let rows_written = usage::upsert(pool, &rows).await?;
+    let rows_written =
+        usage::upsert(pool, &rows).await? + usage::upsert_billing(pool, &billing_rows).await?;
     Ok(FlushOutcome {
         keys: taken.len(),
         rows_written,

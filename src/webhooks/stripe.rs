@@ -133,6 +133,13 @@ fn subscription_event(
         current_period_end = Some(cancel_at);
     }
 
+    // The anchor says the billing day; the period start is a fallback for payloads without it.
+    let billing_anchor = opt_unix(sub, "billing_cycle_anchor")?;
+    let current_period_start = match opt_unix(sub, "current_period_start")? {
+        Some(t) => Some(t),
+        None => opt_unix(sub, "items.data.0.current_period_start")?,
+    };
+
     Ok(SubscriptionEvent {
         subscription_id,
         customer_id: expandable_id(sub, "customer"),
@@ -141,6 +148,8 @@ fn subscription_event(
         status,
         terminal: deleted,
         current_period_end,
+        billing_anchor,
+        current_period_start,
         cancel_at_period_end,
         occurred_at,
     })
@@ -189,6 +198,8 @@ fn invoice_event(
         status: Some(status),
         terminal: false,
         current_period_end: None,
+        billing_anchor: None,
+        current_period_start: None,
         cancel_at_period_end: None,
         occurred_at,
     }))
