@@ -19,6 +19,7 @@ mod metrics;
 mod notifications;
 mod openapi;
 mod outage;
+mod periods;
 mod process;
 mod propagation;
 mod proxy;
