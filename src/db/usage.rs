@@ -192,3 +192,21 @@ pub fn export(
     .fetch(pool)
     .map_err(DbError::from)
 }
+
+/// Every org's billing months that start in `[from, to)`, for billing exports, ordered by org,
+/// metric and start; streamed like `export`.
+pub fn export_billing(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> impl futures_util::Stream<Item = Result<ExportRow, DbError>> + '_ {
+    use futures_util::TryStreamExt as _;
+    sqlx::query_as(
+        "SELECT org_id, metric, period_start, quantity FROM billing_usage \
+         WHERE period_start >= $1 AND period_start < $2 ORDER BY org_id, metric, period_start",
+    )
+    .bind(from)
+    .bind(to)
+    .fetch(pool)
+    .map_err(DbError::from)
+}

@@ -91,7 +91,8 @@ async fn flush_keys(
     now: DateTime<Utc>,
 ) -> Result<FlushOutcome, FlushError> {
     // key → (metric, period and its start) grouped by org.
-    let mut by_org: HashMap<String, Vec<(String, String, Option<(Period, i64)>)>> = HashMap::new();
+    type Entry = (String, String, Option<(Period, i64)>);
+    let mut by_org: HashMap<String, Vec<Entry>> = HashMap::new();
     for key in taken.keys() {
         match store.keys().parse_durable(key) {
             Some((org, metric, start)) => by_org

@@ -15,6 +15,10 @@ use crate::domain::period::Period;
 /// period start (Unix seconds).
 pub type ParsedLimit = (OrgId, String, Option<(Period, i64)>);
 
+/// What `Keys::parse_durable` reads from a key: org, metric, and for a counter its period
+/// (`month` or `billing_month`) and period start (Unix seconds).
+pub type ParsedDurable = ParsedLimit;
+
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -150,7 +154,7 @@ impl Keys {
     /// The org, metric and (for counters) period and period start of a durable key built by
     /// `limit`: `{prefix}:{org}:c:<metric>:month:<start>`,
     /// `{prefix}:{org}:c:<metric>:billing_month:<start>` or `{prefix}:{org}:g:<metric>`.
-    pub fn parse_durable(&self, key: &str) -> Option<(OrgId, String, Option<(Period, i64)>)> {
+    pub fn parse_durable(&self, key: &str) -> Option<ParsedDurable> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
         let (org, rest) = rest.split_once("}:")?;
         let org = OrgId::parse(org).ok()?;

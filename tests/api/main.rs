@@ -24,5 +24,6 @@ mod process;
 mod propagation;
 mod proxy;
 mod reload;
+mod unlinked;
 mod usage;
 mod webhooks;

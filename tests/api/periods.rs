@@ -279,3 +279,79 @@ async fn a_bad_anchor_is_refused() {
         assert!(json(r).await["message"].is_string());
     }
 }
+
+#[tokio::test]
+async fn subscription_events_set_the_anchor() {
+    use crate::webhooks::{
+        STANDARD_SECRET, STRIPE_SECRET, base64_key, now_unix, send_standard, send_stripe,
+        stripe_subscription,
+    };
+    let app = crate::webhooks::app(true).await;
+    let t = now_unix(&app);
+    let admin_view = |org: &'static str| {
+        let app = &app;
+        async move {
+            json(
+                app.admin(reqwest::Method::GET, &format!("/admin/orgs/{org}"), None)
+                    .await,
+            )
+            .await
+        }
+    };
+    // Stripe: `billing_cycle_anchor` is taken as given.
+    let mut sub = stripe_subscription(
+        "customer.subscription.created",
+        "evt_anchor",
+        t,
+        "acme",
+        "active",
+        false,
+        t + 86_400 * 30,
+    );
+    sub["data"]["object"]["billing_cycle_anchor"] = json!(1_769_853_600); // 2026-01-31T10:00:00Z
+    assert_eq!(
+        send_stripe(&app, &sub, STRIPE_SECRET, t).await.status(),
+        200
+    );
+    assert_eq!(
+        admin_view("acme").await["billing_anchor"],
+        "2026-01-31T10:00:00Z"
+    );
+
+    // The normalized event's `current_period_start`: a start the cycle already explains (Feb 28
+    // for the 31st) leaves the anchor alone; another one moves it.
+    let send = |id: &'static str, start: &'static str| {
+        let app = &app;
+        async move {
+            let body = json!({"type": "subscription.updated", "data": {
+                "subscription_id": "s1", "org_id": "beta", "status": "active",
+                "product_id": "prod_pro", "current_period_start": start}});
+            let r = send_standard(
+                app,
+                "/webhooks/standard/inhouse",
+                &base64_key(STANDARD_SECRET),
+                id,
+                t,
+                &body,
+            )
+            .await;
+            assert_eq!(json(r).await["outcome"], "processed");
+        }
+    };
+    send("msg_1", "2026-01-31T10:00:00Z").await;
+    assert_eq!(
+        admin_view("beta").await["billing_anchor"],
+        "2026-01-31T10:00:00Z"
+    );
+    send("msg_2", "2026-02-28T10:00:00Z").await;
+    assert_eq!(
+        admin_view("beta").await["billing_anchor"],
+        "2026-01-31T10:00:00Z",
+        "Feb 28 is the 31st's February boundary"
+    );
+    send("msg_3", "2026-03-15T10:00:00Z").await;
+    assert_eq!(
+        admin_view("beta").await["billing_anchor"],
+        "2026-03-15T10:00:00Z"
+    );
+}
