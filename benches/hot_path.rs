@@ -42,7 +42,14 @@ fn bench(c: &mut Criterion) {
     });
 
     c.bench_function("limits for 2 charges", |b| {
-        b.iter(|| limits_for(plan, &merge_charges(black_box(&charges)), now, &Default::default()))
+        b.iter(|| {
+            limits_for(
+                plan,
+                &merge_charges(black_box(&charges)),
+                now,
+                &Default::default(),
+            )
+        })
     });
 
     let limits = limits_for(plan, &merge_charges(&charges), now, &Default::default());
