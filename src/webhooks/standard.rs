@@ -347,6 +347,7 @@ mod tests {
         assert_eq!(s.status, Some(SubscriptionStatus::Active));
         assert!(!s.terminal);
         assert_eq!(s.current_period_end, Some(at("2025-07-08T10:15:02Z")));
+        assert_eq!(s.current_period_start, Some(at("2025-06-08T10:15:02Z")));
         assert_eq!(s.cancel_at_period_end, Some(false));
         assert_eq!(s.occurred_at, at("2025-06-08T10:15:05.123456Z"));
     }
@@ -518,6 +519,7 @@ mod tests {
         );
         assert_eq!(s.status, Some(SubscriptionStatus::Active));
         assert_eq!(s.current_period_end, Some(at("2025-07-08T10:15:02.501Z")));
+        assert_eq!(s.current_period_start, Some(at("2025-06-08T10:15:02.501Z")));
         assert_eq!(s.cancel_at_period_end, Some(false));
         assert_eq!(s.occurred_at, at("2025-06-08T10:15:03.2Z"));
     }

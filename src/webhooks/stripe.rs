@@ -246,6 +246,8 @@ mod tests {
         assert_eq!(s.subscription_id, "sub_1RQmZyQxu7lNeOGtEBsBLdgd");
         assert_eq!(s.customer_id.as_deref(), Some("cus_SLTUXsrP3XAm5X"));
         assert_eq!(s.org_id.as_deref(), Some("org_acme"));
+        assert_eq!(s.billing_anchor, Some(ts(1_747_689_318)));
+        assert_eq!(s.current_period_start, Some(ts(1_747_689_318)));
         assert_eq!(
             s.product_id.as_deref(),
             Some("price_1RQmYdQxu7lNeOGtPro0Mnth")

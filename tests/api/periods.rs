@@ -164,6 +164,42 @@ async fn an_anchor_on_the_31st_sets_resets_at_headers_history_and_ledger() {
     assert_eq!(entry["period_start"], "2027-04-30T10:00:00Z");
     assert_eq!(entry["resets_at"], "2027-05-31T10:00:00Z");
     assert_eq!(entry["current"], 0);
+
+    // The billing export lists the billing months that start in the month asked for.
+    let dir = std::env::temp_dir().join(format!("qg-export-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("plans.toml"), PLANS).unwrap();
+    std::fs::write(
+        dir.join("gateway.toml"),
+        format!(
+            "plans = \"plans.toml\"\n[api]\nlisten = \"127.0.0.1:0\"\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n[database]\nurl = \"{}\"\n",
+            app.db_url
+        ),
+    )
+    .unwrap();
+    let export = |period: &str| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_quota-gateway"))
+            .args(["export", "--period", period, "--billing-months", "--config"])
+            .arg(dir.join("gateway.toml"))
+            .env_remove("DATABASE_URL")
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(
+        export("2027-01"),
+        "org_id,metric,period_start,quantity\nacme,requests,2027-01-31T10:00:00Z,20\n"
+    );
+    assert_eq!(
+        export("2027-02"),
+        "org_id,metric,period_start,quantity\nacme,requests,2027-02-28T10:00:00Z,3\n"
+    );
+    std::fs::remove_dir_all(&dir).ok();
 }
 
 #[tokio::test]
