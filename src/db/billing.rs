@@ -81,6 +81,27 @@ pub async fn customer_org(
     .await?)
 }
 
+/// Serialise, until the transaction ends, every event touching this provider's customer or
+/// subscription `id` (`kind`: "customer" or "subscription"). Without it an event kept as unlinked
+/// and the event linking its customer could commit side by side, each unable to see the other,
+/// and the kept event would wait for a link that already happened. Callers take subscription
+/// before customer locks; should two events still wait on each other (settling kept events of
+/// another subscription), Postgres breaks the deadlock, one answers 500 and its provider retries.
+pub async fn lock_billing_key(
+    tx: Tx<'_, '_>,
+    provider: &str,
+    kind: &str,
+    id: &str,
+) -> Result<(), DbError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2 || ':' || $3, 0))")
+        .bind(provider)
+        .bind(kind)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
 /// Keep a subscription event whose org is not known yet (see `webhooks::apply`): its normalized
 /// state only, never the payload.
 pub async fn keep_unlinked(

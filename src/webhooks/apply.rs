@@ -106,6 +106,10 @@ pub async fn apply(
             ..
         } => match OrgId::parse(org_id) {
             Ok(org) => {
+                if let Some(sub) = subscription_id {
+                    store::lock_billing_key(&mut tx, &pkey, "subscription", sub).await?;
+                }
+                store::lock_billing_key(&mut tx, &pkey, "customer", customer_id).await?;
                 store::link_customer(&mut tx, &pkey, customer_id, org.as_str()).await?;
                 let kept = settle_kept(
                     &mut tx,
@@ -245,6 +249,10 @@ async fn apply_subscription(
     linked_org: Option<&OrgId>,
     now: DateTime<Utc>,
 ) -> Result<Applied, DbError> {
+    store::lock_billing_key(tx, pkey, "subscription", &ev.subscription_id).await?;
+    if let Some(customer) = &ev.customer_id {
+        store::lock_billing_key(tx, pkey, "customer", customer).await?;
+    }
     let stored = store::lock_subscription(tx, pkey, &ev.subscription_id).await?;
     let mut org_raw = ev
         .org_id

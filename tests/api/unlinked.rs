@@ -204,3 +204,37 @@ async fn standard_webhooks_settle_kept_events_when_a_later_event_links_the_custo
     assert_eq!(send(&app, "msg_1", t, unlinked).await, "processed");
     assert_eq!(plan_of(&app, "acme").await, first_order);
 }
+
+#[tokio::test]
+async fn a_subscription_and_its_checkout_delivered_at_the_same_time_end_on_the_plan() {
+    let app = app(true).await;
+    let t = now_unix(&app);
+    let rounds = 12;
+    let sends = (0..rounds).map(|i| {
+        let app = &app;
+        async move {
+            let (customer, sub_id, org) =
+                (format!("cus_{i}"), format!("sub_{i}"), format!("org{i}"));
+            let mut sub = subscription_without_org(
+                &format!("evt_s{i}"),
+                t,
+                crate::webhooks::STRIPE_PRO_PRICE,
+            );
+            sub["data"]["object"]["customer"] = json!(customer);
+            sub["data"]["object"]["id"] = json!(sub_id);
+            let mut co = checkout(&format!("evt_c{i}"), t, &org);
+            co["data"]["object"]["customer"] = json!(customer);
+            co["data"]["object"]["subscription"] = json!(sub_id);
+            let (a, b) = tokio::join!(
+                send_stripe(app, &sub, STRIPE_SECRET, t),
+                send_stripe(app, &co, STRIPE_SECRET, t)
+            );
+            assert_eq!((a.status().as_u16(), b.status().as_u16()), (200, 200));
+            org
+        }
+    });
+    for org in futures_util::future::join_all(sends).await {
+        assert_eq!(plan_of(&app, &org).await, "pro", "{org}");
+    }
+    assert_eq!(kept(&app).await, 0);
+}
