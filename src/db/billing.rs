@@ -104,38 +104,43 @@ pub async fn lock_billing_key(
 
 /// Keep a subscription event whose org is not known yet (see `webhooks::apply`): its normalized
 /// state only, never the payload.
-pub async fn keep_unlinked(
-    tx: Tx<'_, '_>,
-    provider: &str,
-    event_id: &str,
-    ev: &crate::webhooks::event::SubscriptionEvent,
-) -> Result<(), DbError> {
-    let json =
-        serde_json::to_string(ev).map_err(|e| DbError::Sqlx(sqlx::Error::Encode(e.into())))?;
+pub async fn keep_unlinked(tx: Tx<'_, '_>, ev: &KeptEvent<'_>) -> Result<(), DbError> {
     sqlx::query(
         "INSERT INTO unlinked_subscription_events \
            (provider, event_id, subscription_id, customer_id, occurred_at, event) \
          VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (provider, event_id) DO NOTHING",
     )
-    .bind(provider)
-    .bind(event_id)
-    .bind(&ev.subscription_id)
-    .bind(&ev.customer_id)
+    .bind(ev.provider)
+    .bind(ev.event_id)
+    .bind(ev.subscription_id)
+    .bind(ev.customer_id)
     .bind(ev.occurred_at)
-    .bind(json)
+    .bind(ev.state_json)
     .execute(&mut **tx)
     .await?;
     Ok(())
 }
 
-/// Take (remove and return) the kept events of `customer` or `subscription`, oldest first.
+/// A subscription event kept until its org is known.
+pub struct KeptEvent<'a> {
+    pub provider: &'a str,
+    pub event_id: &'a str,
+    pub subscription_id: &'a str,
+    pub customer_id: Option<&'a str>,
+    pub occurred_at: DateTime<Utc>,
+    /// The normalized event as JSON.
+    pub state_json: &'a str,
+}
+
+/// Take (remove and return) the kept events of `customer` or `subscription`, oldest first:
+/// (event id, normalized event as JSON).
 pub async fn take_unlinked(
     tx: Tx<'_, '_>,
     provider: &str,
     customer: Option<&str>,
     subscription: Option<&str>,
-) -> Result<Vec<(String, crate::webhooks::event::SubscriptionEvent)>, DbError> {
-    let rows: Vec<(String, String)> = sqlx::query_as(
+) -> Result<Vec<(String, String)>, DbError> {
+    let mut rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
         "DELETE FROM unlinked_subscription_events \
          WHERE provider = $1 AND (customer_id = $2 OR subscription_id = $3) \
          RETURNING event_id, event::text, occurred_at, received_at",
@@ -144,24 +149,9 @@ pub async fn take_unlinked(
     .bind(customer)
     .bind(subscription)
     .fetch_all(&mut **tx)
-    .await
-    .map(
-        |rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)>| {
-            let mut rows = rows;
-            rows.sort_by_key(|r| (r.2, r.3));
-            rows.into_iter().map(|(id, ev, ..)| (id, ev)).collect()
-        },
-    )?;
-    Ok(rows
-        .into_iter()
-        .filter_map(|(id, ev)| match serde_json::from_str(&ev) {
-            Ok(ev) => Some((id, ev)),
-            Err(e) => {
-                tracing::error!(event_id = %id, error = %e, "kept subscription event unreadable; dropped");
-                None
-            }
-        })
-        .collect())
+    .await?;
+    rows.sort_by_key(|r| (r.2, r.3));
+    Ok(rows.into_iter().map(|(id, ev, ..)| (id, ev)).collect())
 }
 
 /// A subscription row as stored, with its org.

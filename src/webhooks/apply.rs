@@ -144,7 +144,18 @@ pub async fn apply(
             .await?;
             match applied {
                 Applied::Unlinked => {
-                    store::keep_unlinked(&mut tx, &pkey, &event.event_id, ev).await?;
+                    // The normalized state only, never the payload.
+                    let state_json = serde_json::to_string(ev)
+                        .map_err(|e| DbError::Sqlx(sqlx::Error::Encode(e.into())))?;
+                    let kept = store::KeptEvent {
+                        provider: &pkey,
+                        event_id: &event.event_id,
+                        subscription_id: &ev.subscription_id,
+                        customer_id: ev.customer_id.as_deref(),
+                        occurred_at: ev.occurred_at,
+                        state_json: &state_json,
+                    };
+                    store::keep_unlinked(&mut tx, &kept).await?;
                     Applied::Unlinked
                 }
                 Applied::Processed {
@@ -211,7 +222,14 @@ async fn settle_kept(
     if customer.is_none() && subscription.is_none() {
         return Ok(kept);
     }
-    for (event_id, ev) in store::take_unlinked(tx, pkey, customer, subscription).await? {
+    for (event_id, json) in store::take_unlinked(tx, pkey, customer, subscription).await? {
+        let ev: SubscriptionEvent = match serde_json::from_str(&json) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::error!(provider = pkey, event_id = %event_id, error = %e, "kept subscription event unreadable; dropped");
+                continue;
+            }
+        };
         let applied =
             apply_subscription(tx, pkey, provider, policy, &event_id, &ev, Some(org), now).await?;
         if let Applied::Processed {
