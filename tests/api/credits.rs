@@ -219,6 +219,53 @@ async fn quota_plus_credits_are_spent_exactly_across_two_replicas() {
 }
 
 #[tokio::test]
+async fn with_leases_credits_are_spent_on_the_exact_path_and_never_past_the_grants() {
+    // Leases admit from blocks only below the quota; past it every decision reaches Redis,
+    // where the credits are.
+    let a = spawn_app_with(TestOptions {
+        plans: PLANS.into(),
+        leases: quota_gateway::config::LeaseSettings {
+            enabled: true,
+            ttl: std::time::Duration::from_secs(1),
+            max_block: 100,
+        },
+        ..Default::default()
+    })
+    .await;
+    let b = a.spawn_peer().await;
+    let r = grant(
+        &a,
+        "acme",
+        json!({"metric": "tokens", "amount": 30, "grant_id": "g"}),
+    )
+    .await;
+    assert_eq!(r.status(), 201);
+    let calls = (0..200).map(|i| {
+        let app = if i % 2 == 0 { &a } else { &b };
+        async move { tokens(app, "acme", 1).await.status().as_u16() }
+    });
+    let statuses = join_all(calls).await;
+    let allowed = statuses.iter().filter(|s| **s == 200).count();
+    // Blocks other replicas still hold when the quota runs out are paid from the credits too
+    // (so some units may go unused), but never more than quota plus credits is admitted.
+    assert!(allowed <= 130, "{allowed} admitted");
+    assert!(allowed >= 100, "{allowed} admitted");
+    a.state.quota.settle_leases(true).await;
+    b.state.quota.settle_leases(true).await;
+    let usage = json(a.get("/v1/orgs/acme/usage").await).await;
+    assert_eq!(
+        usage_entry(&usage, "metric", "tokens")["current"],
+        allowed as i64,
+        "every admitted unit counted once"
+    );
+    let left = remaining_of(&grants(&a, "acme").await, "g");
+    assert!(
+        allowed as i64 <= 100 + (30 - left),
+        "nothing past the quota without credits: {allowed} admitted, {left} left"
+    );
+}
+
+#[tokio::test]
 async fn grants_are_spent_by_priority_then_expiry_and_expired_ones_not_at_all() {
     let app = app().await;
     let now = app.clock_now();
