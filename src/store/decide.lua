@@ -85,7 +85,10 @@
 -- they do not, the quotas deny as without credits ("record" draws what there is; "shadow"
 -- applies without drawing). A negative amount ("record": refunds, credits) gives back the units
 -- it takes from above the quotas (at most what the grants spent), latest in the order first.
--- The version key moves with every change, for the flusher (see `db::credits`).
+-- The version key moves with every change, for the flusher (see `db::credits`). While the org
+-- has grants of a metric (the hash is not empty), its hard quotas grant no lease blocks: blocks
+-- other replicas hold count as used, so credits drawn while they exist could pay for units the
+-- blocks return unused; without blocks every decision of the metric is exact.
 --
 -- Leases. A replica may reserve a block of a limit and admit from it without Redis. A lease is a
 -- field of the limit's lease hash: holder -> "units:expiry_us". Reserved units count against the
@@ -303,7 +306,7 @@ end
 -- values: the index of its hash in KEYS, the units to draw (negative: to give back), the
 -- unexpired units left before the call, and (false when the hash is empty) the sorted field
 -- names of the unexpired grants and a table name -> value.
-local cdata = nil
+local cdata, nolease = nil, nil
 if credits then
   cdata = {}
   local horizon = math.floor(now / 1000)
@@ -339,6 +342,13 @@ if credits then
         end
       end
       table.sort(names)
+      -- An org with grants of the metric gets no new blocks of its hard quotas: every decision
+      -- is exact, so no credit is drawn for units another replica's block reserves and then
+      -- returns unused (see "Leases").
+      nolease = nolease or {}
+      for x = c + 2, c + 1 + q do
+        nolease[tonumber(ARGV[x])] = true
+      end
     end
     local draw = 0
     if amount > 0 and need > 0 then
@@ -460,7 +470,8 @@ for _, j in ipairs(leased) do
   local b = arg_at[j]
   local want = tonumber(ARGV[b + 6])
   local limit = tonumber(ARGV[b + 2])
-  if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1' then
+  if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1'
+    and not (nolease and nolease[j]) then
     local avail
     if ARGV[b] == 'R' then
       local param = tonumber(ARGV[b + 4])

@@ -219,15 +219,16 @@ async fn quota_plus_credits_are_spent_exactly_across_two_replicas() {
 }
 
 #[tokio::test]
-async fn with_leases_credits_are_spent_on_the_exact_path_and_never_past_the_grants() {
-    // Leases admit from blocks only below the quota; past it every decision reaches Redis,
-    // where the credits are.
+async fn with_leases_an_org_with_credits_is_decided_exactly() {
+    // An org with grants of a metric gets no blocks of its hard quotas: every decision reaches
+    // Redis, where the credits are, and none is drawn for units a block reserves.
     let a = spawn_app_with(TestOptions {
         plans: PLANS.into(),
         leases: quota_gateway::config::LeaseSettings {
             enabled: true,
             ttl: std::time::Duration::from_secs(1),
             max_block: 100,
+            checkpoint: true,
         },
         ..Default::default()
     })
@@ -246,23 +247,28 @@ async fn with_leases_credits_are_spent_on_the_exact_path_and_never_past_the_gran
     });
     let statuses = join_all(calls).await;
     let allowed = statuses.iter().filter(|s| **s == 200).count();
-    // Blocks other replicas still hold when the quota runs out are paid from the credits too
-    // (so some units may go unused), but never more than quota plus credits is admitted.
-    assert!(allowed <= 130, "{allowed} admitted");
-    assert!(allowed >= 100, "{allowed} admitted");
+    assert_eq!(allowed, 130, "quota and credits, exactly");
+    let held: i64 = {
+        let mut c = a.redis.clone();
+        let fields: Vec<String> = redis::cmd("HVALS")
+            .arg(format!(
+                "{}:{{acme}}:c:tokens:month:{}:l",
+                a.prefix,
+                quota_gateway::domain::period::calendar_month(a.clock_now())
+                    .start
+                    .timestamp()
+            ))
+            .query_async(&mut c)
+            .await
+            .unwrap();
+        fields.len() as i64
+    };
+    assert_eq!(held, 0, "no blocks while the org has credits of the metric");
     a.state.quota.settle_leases(true).await;
     b.state.quota.settle_leases(true).await;
     let usage = json(a.get("/v1/orgs/acme/usage").await).await;
-    assert_eq!(
-        usage_entry(&usage, "metric", "tokens")["current"],
-        allowed as i64,
-        "every admitted unit counted once"
-    );
-    let left = remaining_of(&grants(&a, "acme").await, "g");
-    assert!(
-        allowed as i64 <= 100 + (30 - left),
-        "nothing past the quota without credits: {allowed} admitted, {left} left"
-    );
+    assert_eq!(usage_entry(&usage, "metric", "tokens")["current"], 130);
+    assert_eq!(remaining_of(&grants(&a, "acme").await, "g"), 0);
 }
 
 #[tokio::test]
