@@ -141,8 +141,18 @@ pub async fn grant(
     };
     // A repeat also mirrors: the first attempt may have failed after Postgres committed. A voided
     // or expired grant is not put (back) into Redis.
-    if row.voided_at.is_none() && row.expires_at.is_none_or(|e| e > now) {
-        mirror(quota, org, &row, now).await?;
+    if row.voided_at.is_none()
+        && row.expires_at.is_none_or(|e| e > now)
+        && let Err(e) = mirror(quota, org, &row, now).await
+    {
+        // Not spendable: a new grant is taken back, so an error means nothing was granted (a
+        // repeat of an existing one stays, for the next repeat to mirror).
+        if created {
+            if let Err(undo) = credits::delete_new(pool, org.as_str(), &row.id).await {
+                tracing::error!(org = %org, error = %undo, "a grant Redis did not take could not be taken back; repeat it with its grant_id");
+            }
+        }
+        return Err(e);
     }
     if created {
         quota

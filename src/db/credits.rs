@@ -79,6 +79,16 @@ pub async fn insert(
     }
 }
 
+/// Take back a grant just inserted that Redis did not take (nothing was spent from it).
+pub async fn delete_new(pool: &PgPool, org_id: &str, id: &str) -> Result<(), DbError> {
+    sqlx::query("DELETE FROM credit_grants WHERE org_id = $1 AND id = $2 AND version = 0")
+        .bind(org_id)
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
 pub async fn get(pool: &PgPool, org_id: &str, id: &str) -> Result<Option<GrantRow>, DbError> {
     Ok(sqlx::query_as(concat!(
         "SELECT ",
