@@ -147,10 +147,8 @@ pub async fn grant(
     {
         // Not spendable: a new grant is taken back, so an error means nothing was granted (a
         // repeat of an existing one stays, for the next repeat to mirror).
-        if created {
-            if let Err(undo) = credits::delete_new(pool, org.as_str(), &row.id).await {
-                tracing::error!(org = %org, error = %undo, "a grant Redis did not take could not be taken back; repeat it with its grant_id");
-            }
+        if created && let Err(undo) = credits::delete_new(pool, org.as_str(), &row.id).await {
+            tracing::error!(org = %org, error = %undo, "a grant Redis did not take could not be taken back; repeat it with its grant_id");
         }
         return Err(e);
     }
