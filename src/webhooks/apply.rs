@@ -40,6 +40,8 @@ pub enum Applied {
         /// Orgs that lost a subscription to `org` and changed with it.
         left: Vec<OrgId>,
     },
+    /// Granted credits (see `webhooks::credits`, which does it before the event is recorded).
+    Credited,
     /// No org could be found for it (no metadata, no earlier link).
     Unlinked,
     /// Older than what was applied, or after the subscription ended for good.
@@ -60,6 +62,7 @@ impl Applied {
             Applied::Duplicate => "duplicate",
             Applied::Ignored => "ignored",
             Applied::Linked { .. } => "linked",
+            Applied::Credited => "credited",
             Applied::Unlinked => "unlinked",
             Applied::Stale => "stale",
             Applied::Processed { .. } => "processed",
@@ -186,6 +189,7 @@ pub async fn apply(
                 other => other,
             }
         }
+        Normalized::Purchase(_) | Normalized::CreditGrant(_) => Applied::Credited,
     };
     let org = match &applied {
         Applied::Processed { org, .. } | Applied::Linked { org, .. } => Some(org.as_str()),
