@@ -42,6 +42,7 @@ pub mod reload;
 pub mod serve;
 pub mod shutdown;
 pub mod singleflight;
+pub mod slots;
 pub mod startup;
 pub mod store;
 pub mod telemetry;
