@@ -13,7 +13,8 @@
 //!   plan-change events: crossings → outbox → signed deliveries).
 //! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
 //!   owning `local` (deciding while Redis is unreachable and replaying it exactly once),
-//!   `lease` (blocks of a limit this replica admits from without Redis, opt-in) and
+//!   `lease` (blocks of a limit this replica admits from without Redis, opt-in), `slots`
+//!   (concurrency slots: held by a response body, released and renewed in the background) and
 //!   `directory` (the per-replica org cache; `cache` holds its invalidation rules).
 //! - Adapters: `store` (Redis: keys, Lua scripts, the in-doubt machinery), `db` (Postgres).
 //! - `config`: typed settings and the catalog, validated at start-up, every problem at once.

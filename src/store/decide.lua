@@ -9,6 +9,7 @@
 --                              the org's resident key
 --   per limit: its key, and for durable limits (kinds "m", "M" and "g") its version key right
 --                              after; for leased kinds ("C", "M", "R") then its lease hash
+--                              (a concurrency slot, kind "s": the org's "inflight" set)
 --
 -- ARGV[1]  now, integer microseconds since the Unix epoch (the gateway's clock, so tests can
 --          inject it)
