@@ -522,3 +522,35 @@ async fn a_killed_replicas_slots_free_themselves_within_the_ttl() {
     );
     back.abort();
 }
+
+#[tokio::test]
+async fn with_leases_a_request_that_needs_a_slot_still_goes_to_redis() {
+    let upstream = SlowUpstream::start(Duration::from_millis(500)).await;
+    let mut proxy = proxy_settings(upstream.addr);
+    proxy.identity.mode = quota_gateway::config::IdentityMode::Header;
+    proxy.request_timeout = Duration::from_secs(30);
+    let app = spawn_app_with(TestOptions {
+        plans: plans(2),
+        proxy: Some(proxy),
+        leases: quota_gateway::config::LeaseSettings {
+            enabled: true,
+            ttl: Duration::from_secs(5),
+            max_block: 100,
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    // Warm the org's blocks: later requests could be admitted from them without Redis.
+    for _ in 0..3 {
+        assert_eq!(get(&app, "acme").await.status(), 200);
+    }
+    let answers = join_all((0..10).map(|_| get(&app, "acme"))).await;
+    let admitted = answers.iter().filter(|r| r.status() == 200).count();
+    assert_eq!(upstream.max.load(Ordering::SeqCst), 2);
+    assert!(admitted < 10, "the concurrency limit held with leases on");
+    assert_eq!(
+        answers.iter().filter(|r| r.status() == 429).count(),
+        10 - admitted
+    );
+}
