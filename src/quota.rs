@@ -45,6 +45,10 @@ pub enum Recorded {
     Duplicate,
     /// It would have taken a counter past `MAX_COUNTER`: not counted.
     Overflow,
+    /// Keyed, and accepted while Redis could not be asked (unreachable, or its answer in
+    /// doubt): it is counted once, when its replay reaches Redis, unless its key was already
+    /// counted there. Whether it is a duplicate is not known yet.
+    Deferred,
 }
 
 /// A local or stored status, with "would overflow" turned into the store's typed error, as
@@ -616,11 +620,14 @@ impl QuotaService {
             idx.iter()
                 .map(|&i| {
                     let (s, key) = &specs[i];
-                    recorded(
-                        self.local
-                            .decide(org, &limits[i], s, Mode::Record, *key, hold)
-                            .status,
-                    )
+                    let status = self
+                        .local
+                        .decide(org, &limits[i], s, Mode::Record, *key, hold)
+                        .status;
+                    match recorded(status) {
+                        Recorded::Counted if key.is_some() => Recorded::Deferred,
+                        other => other,
+                    }
                 })
                 .collect()
         };
@@ -636,8 +643,9 @@ impl QuotaService {
                         .enumerate()
                         .map(|(j, &i)| {
                             let (s, key) = &specs[i];
-                            let counted =
-                                outcomes.as_ref().is_some_and(|o| o[j] == Recorded::Counted);
+                            let counted = outcomes.as_ref().is_some_and(|o| {
+                                matches!(o[j], Recorded::Counted | Recorded::Deferred)
+                            });
                             (
                                 org.clone(),
                                 s.clone(),
