@@ -244,6 +244,8 @@ pub struct TestOptions {
     pub notifications: Option<quota_gateway::config::NotifySettings>,
     /// `[leases]` (off by default, as in production).
     pub leases: quota_gateway::config::LeaseSettings,
+    /// `[concurrency]` (slot lease TTL).
+    pub concurrency: quota_gateway::config::SlotSettings,
 }
 
 impl Default for TestOptions {
@@ -266,6 +268,7 @@ impl Default for TestOptions {
             api_conn: None,
             notifications: None,
             leases: Default::default(),
+            concurrency: Default::default(),
         }
     }
 }
@@ -339,6 +342,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     settings.redis.require_noeviction = !opts.allow_eviction;
     settings.redis.local_share = opts.local_share;
     settings.leases = opts.leases;
+    settings.concurrency = opts.concurrency;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -597,6 +601,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         flush: Default::default(),
         notifications: Default::default(),
         leases: Default::default(),
+        concurrency: Default::default(),
     }
 }
 
