@@ -697,7 +697,7 @@ mod tests {
         };
         let replies = [LimitReply::default(); 3];
         let eval = evaluate(
-            limits_for(&plan, &charge, now(), None),
+            limits_for(&plan, &charge, now(), &BillingCycle::default()),
             &replies,
             false,
             now(),
@@ -715,7 +715,7 @@ mod tests {
             millis: 0,
         };
         let eval = evaluate(
-            limits_for(&plan, &charge, now(), None),
+            limits_for(&plan, &charge, now(), &BillingCycle::default()),
             &quota,
             false,
             now(),
@@ -729,7 +729,7 @@ mod tests {
             millis: 0,
         };
         let eval = evaluate(
-            limits_for(&plan, &charge, now(), None),
+            limits_for(&plan, &charge, now(), &BillingCycle::default()),
             &replies,
             true,
             now(),
