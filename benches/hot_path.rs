@@ -42,10 +42,17 @@ fn bench(c: &mut Criterion) {
     });
 
     c.bench_function("limits for 2 charges", |b| {
-        b.iter(|| limits_for(plan, &merge_charges(black_box(&charges)), now, None))
+        b.iter(|| {
+            limits_for(
+                plan,
+                &merge_charges(black_box(&charges)),
+                now,
+                &Default::default(),
+            )
+        })
     });
 
-    let limits = limits_for(plan, &merge_charges(&charges), now, None);
+    let limits = limits_for(plan, &merge_charges(&charges), now, &Default::default());
     c.bench_function("redis keys for 3 limits", |b| {
         b.iter(|| {
             limits

@@ -72,6 +72,10 @@ enum Command {
         period: String,
         #[arg(long, value_enum, default_value = "csv")]
         format: ExportFormat,
+        /// Export the orgs' billing months (`period = "billing_month"` quotas) that start in
+        /// that month, instead of the calendar month's meters.
+        #[arg(long)]
+        billing_months: bool,
     },
     /// Write every credit grant (from Postgres) to stdout: what was granted, spent, voided and
     /// is left, as of each replica's last flush.
@@ -149,6 +153,7 @@ async fn run(cli: Cli) -> ExitCode {
             config,
             period,
             format,
+            billing_months,
         } => {
             let (settings, _) = match config::load(&config.path, &env) {
                 Ok(v) => v,
@@ -165,8 +170,14 @@ async fn run(cli: Cli) -> ExitCode {
             // so the export on stdout stays machine-readable.
             let written = async {
                 let pool = db::pool(&settings.database)?;
-                let rows = db::usage::export(&pool, month.start);
-                write_export(rows, format, &period, std::io::stdout().lock()).await
+                let out = std::io::stdout().lock();
+                if billing_months {
+                    let rows = db::usage::export_billing(&pool, month.start, month.end);
+                    write_export(rows, format, &period, out).await
+                } else {
+                    let rows = db::usage::export(&pool, month.start);
+                    write_export(rows, format, &period, out).await
+                }
             }
             .await;
             match written {

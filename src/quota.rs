@@ -182,6 +182,32 @@ impl QuotaService {
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, if gauge { 0 } else { expiry }));
         }
+        // The org's billing months are durable too: the one in progress comes back with the
+        // calendar month's counters, under the same marker.
+        let record = self.directory.get(org).await?;
+        let billing = record.billing_cycle().window(now);
+        let billing_expiry = (billing.end + chrono::Duration::days(40)).timestamp_millis();
+        for (metric_id, quantity, version) in
+            crate::db::usage::billing_state(self.directory.pool(), org.as_str(), billing.start)
+                .await?
+        {
+            let Some(metric) = catalog.metric(&metric_id) else {
+                continue;
+            };
+            let limit = crate::domain::decision::Limit {
+                metric,
+                target: Target::Counter {
+                    period: crate::domain::period::Period::BillingMonth,
+                    window: billing,
+                },
+                amount: 0,
+                limit: None,
+                overage: crate::domain::plan::Overage::Allow,
+                notify_at: &[],
+            };
+            let key = self.store.keys().limit(org, &limit);
+            entries.push((key, quantity, version, billing_expiry));
+        }
         let credits = self.credit_hashes(org, now).await?;
         let restored = self.store.restore(org, now, &entries, &credits).await?;
         if restored && !(entries.is_empty() && credits.is_empty()) {
@@ -605,7 +631,7 @@ impl QuotaService {
                     plan,
                     std::slice::from_ref(charge),
                     now,
-                    record.billing_anchor,
+                    &record.billing_cycle(),
                 )
             })
             .collect();
@@ -814,7 +840,7 @@ impl QuotaService {
         let (plan, record) = self.org(catalog, org).await?;
         let merged = merge_charges(charges);
         let now = self.clock.now();
-        let limits = limits_for(plan, &merged, now, record.billing_anchor);
+        let limits = limits_for(plan, &merged, now, &record.billing_cycle());
         let idem = idempotency_key.map(|k| (k, self.idempotency_ttl));
         let shadow = matches!(mode, Mode::Check | Mode::DryRun)
             && (self.shadow_everything || plan.enforcement == Enforcement::Shadow);
@@ -931,7 +957,7 @@ impl QuotaService {
     ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
-        let mut limits: Vec<_> = limits_for(plan, charges, now, record.billing_anchor)
+        let mut limits: Vec<_> = limits_for(plan, charges, now, &record.billing_cycle())
             .into_iter()
             .filter(|l| !l.is_rate())
             .collect();
@@ -985,7 +1011,7 @@ impl QuotaService {
             .map(|metric| Charge { metric, amount: 0 })
             .collect();
         let now = self.clock.now();
-        let limits: Vec<_> = limits_for(plan, &charges, now, record.billing_anchor)
+        let limits: Vec<_> = limits_for(plan, &charges, now, &record.billing_cycle())
             .into_iter()
             .filter(|l| !matches!(l.target, Target::Rate { .. }))
             .collect();

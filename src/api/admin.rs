@@ -20,7 +20,7 @@ use uuid::Uuid;
 
 use super::v1::{MAX_AMOUNT, parse_org};
 use super::{ApiJson, SharedState};
-use crate::db::orgs::{OrgRecord, PlanFilter};
+use crate::db::orgs::{AnchorSource, OrgRecord, PlanFilter};
 use crate::db::{self, adjustments::NewAdjustment};
 use crate::directory::Change;
 use crate::domain::decision::Charge;
@@ -35,10 +35,16 @@ use crate::quota::QuotaError;
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PutOrg {
-    plan: String,
+    #[serde(default)]
+    plan: Option<String>,
+    /// Absent: unchanged; `null`: removed (billing months follow the calendar again).
+    #[serde(default, deserialize_with = "present")]
+    billing_anchor: Option<Option<DateTime<Utc>>>,
 }
 
-/// `PUT /admin/orgs/{org_id}` `{"plan": "pro"}`.
+/// `PUT /admin/orgs/{org_id}` `{"plan": "pro", "billing_anchor": "2026-01-31T10:00:00Z"}`, either
+/// or both. A new anchor never resets usage: the billing month in progress keeps its start and
+/// runs until the new anchor's next boundary (see `domain::period`).
 pub async fn put_org(
     State(state): State<SharedState>,
     Path(org_id): Path<String>,
@@ -46,12 +52,38 @@ pub async fn put_org(
 ) -> Result<Response, ApiError> {
     let org = parse_org(&org_id, "org_id")?;
     let catalog = state.quota.catalog();
-    if catalog.plan(&req.plan).is_none() {
-        return Err(unknown_plan(&catalog, &req.plan));
+    if req.plan.is_none() && req.billing_anchor.is_none() {
+        return Err(ApiError::invalid(
+            "body: give `plan`, `billing_anchor` or both",
+        ));
     }
-    let previous = db::orgs::set_plan(&state.pool, &org, &req.plan, "admin", None).await?;
+    if let Some(plan) = &req.plan
+        && catalog.plan(plan).is_none()
+    {
+        return Err(unknown_plan(&catalog, plan));
+    }
+    let now = state.quota.now();
+    let mut tx = state.pool.begin().await.map_err(db::DbError::from)?;
+    let previous = db::orgs::lock_plan(&mut tx, &org).await?;
+    if let Some(plan) = &req.plan
+        && previous.as_deref() != Some(plan.as_str())
+    {
+        db::orgs::write_plan(&mut tx, &org, previous.as_deref(), plan, "admin", None).await?;
+    }
+    let anchor_changed = match req.billing_anchor {
+        Some(anchor) => {
+            db::orgs::set_billing_anchor(&mut tx, &org, AnchorSource::Anchor(anchor), now).await?
+        }
+        None => false,
+    };
+    tx.commit().await.map_err(db::DbError::from)?;
     state.quota.announce(Change::Org(&org));
-    tracing::info!(org = %org, from = previous.as_deref().unwrap_or("-"), to = %req.plan, "plan changed by admin");
+    if let Some(plan) = &req.plan {
+        tracing::info!(org = %org, from = previous.as_deref().unwrap_or("-"), to = %plan, "plan changed by admin");
+    }
+    if anchor_changed {
+        tracing::info!(org = %org, "billing anchor changed by admin");
+    }
     org_view(&state, &org, View::AfterWrite).await
 }
 
@@ -311,6 +343,7 @@ async fn org_view(state: &SharedState, org: &OrgId, view: View) -> Result<Respon
         "assigned_plan": record.plan_id,
         "plan_source": plan_source(&catalog, &record),
         "billing_anchor": record.billing_anchor,
+        "billing_period": billing_period(&record, state.quota.now()),
         "created_at": record.created_at,
         "updated_at": record.updated_at,
         "keys": keys,
@@ -319,6 +352,16 @@ async fn org_view(state: &SharedState, org: &OrgId, view: View) -> Result<Respon
         "usage": usage,
     }))
     .into_response())
+}
+
+/// The org's billing month at `now`: what `billing_month` quotas count in.
+fn billing_period(record: &OrgRecord, now: DateTime<Utc>) -> serde_json::Value {
+    let w = record.billing_cycle().window(now);
+    json!({
+        "start": render::rfc3339(w.start),
+        "end": render::rfc3339(w.end),
+        "carried": record.billing_carry == Some(w),
+    })
 }
 
 #[derive(Deserialize)]

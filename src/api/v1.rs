@@ -12,6 +12,7 @@ use super::{ApiJson, SharedState};
 use crate::domain::decision::Mode;
 use crate::domain::decision::{Charge, MAX_COUNTER};
 use crate::domain::org::OrgId;
+use crate::domain::period::Period;
 use crate::domain::plan::{Catalog, MetricKind};
 use crate::domain::render::{self, PlanRef, UsageEntry};
 use crate::domain::text::{Text, present};
@@ -462,19 +463,51 @@ pub async fn org_usage(
         let month = parse_month(&period).ok_or_else(|| {
             ApiError::invalid("period: expected a month as YYYY-MM (month 01 to 12)")
         })?;
-        let (plan, _) = state.quota.org(&catalog, &org).await?;
+        let (plan, record) = state.quota.org(&catalog, &org).await?;
         let rows = crate::db::usage::month(&state.pool, org.as_str(), month.start).await?;
+        // Billing months starting in that month, and the one after (it ends the last of them).
+        let billing = crate::db::usage::billing_periods(
+            &state.pool,
+            org.as_str(),
+            month.start,
+            month.end + chrono::Duration::days(62),
+        )
+        .await?;
+        let cycle = record.billing_cycle();
         let usage: Vec<serde_json::Value> = catalog
             .metrics
             .values()
             .map(|m| {
+                if let Some(q) = plan
+                    .quotas_for(&m.id)
+                    .find(|q| q.period == Some(Period::BillingMonth))
+                {
+                    let w = billing_month_in(&cycle, &billing, &m.id, month);
+                    let current = billing
+                        .iter()
+                        .find(|(metric, start, _)| metric == &m.id && *start == w.start)
+                        .map_or(0, |(.., q)| *q);
+                    return json!({
+                        "metric": m.id,
+                        "unit": m.unit,
+                        "kind": m.kind.as_str(),
+                        "current": current,
+                        "limit": q.limit,
+                        "remaining": q.limit.saturating_sub(current.max(0) as u64),
+                        "percentage": current as f64 * 100.0 / q.limit as f64,
+                        "unlimited": false,
+                        "period": Period::BillingMonth.as_str(),
+                        "period_start": render::rfc3339(w.start),
+                        "resets_at": render::rfc3339(w.end),
+                    });
+                }
                 let current = rows
                     .iter()
                     .find(|(metric, _)| metric == &m.id)
                     .map_or(0, |(_, q)| *q);
-                let quota = plan.quotas_for(&m.id).find(|q| {
-                    q.period.is_none() || q.period == Some(crate::domain::period::Period::Month)
-                });
+                let quota = plan
+                    .quotas_for(&m.id)
+                    .find(|q| q.period.is_none() || q.period == Some(Period::Month));
                 let limit = quota.map(|q| q.limit);
                 json!({
                     "metric": m.id,
@@ -514,6 +547,44 @@ pub async fn org_usage(
         "usage": usage,
     }))
     .into_response())
+}
+
+/// The org's billing month of `metric` that starts in `month` (the last one, when an anchor
+/// change made two start there), as the ledger recorded it, else as the org's cycle has it now.
+/// Its end is the next recorded start of that metric when the cycle has changed since.
+fn billing_month_in(
+    cycle: &crate::domain::period::BillingCycle,
+    recorded: &[(String, chrono::DateTime<chrono::Utc>, i64)],
+    metric: &str,
+    month: crate::domain::period::Window,
+) -> crate::domain::period::Window {
+    use crate::domain::period::{BillingCycle, Window};
+    let starts: Vec<_> = recorded
+        .iter()
+        .filter(|(m, ..)| m == metric)
+        .map(|(_, start, _)| *start)
+        .collect();
+    let start = match starts.iter().rev().find(|s| **s < month.end) {
+        Some(s) => *s,
+        None => {
+            let w = cycle.window(month.start);
+            if w.start < month.start {
+                w.end
+            } else {
+                w.start
+            }
+        }
+    };
+    let end = if cycle.starts_at(start) {
+        cycle.window(start).end
+    } else {
+        starts
+            .iter()
+            .find(|s| **s > start)
+            .copied()
+            .unwrap_or_else(|| BillingCycle::new(Some(start), None).window(start).end)
+    };
+    Window { start, end }
 }
 
 /// `YYYY-MM` → that calendar month (UTC). Accepts exactly what the OpenAPI pattern

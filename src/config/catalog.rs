@@ -288,7 +288,7 @@ pub(super) fn catalog_from_table(
                     (MetricKind::Counter, None) => {
                         r.add(
                             format!("{qkey}.period"),
-                            "missing: a counter quota needs a period (minute, hour, day or month)",
+                            "missing: a counter quota needs a period (minute, hour, day, month or billing_month)",
                         );
                         continue;
                     }

@@ -81,6 +81,79 @@ pub async fn customer_org(
     .await?)
 }
 
+/// Serialise, until the transaction ends, every event touching this provider's customer or
+/// subscription `id` (`kind`: "customer" or "subscription"). Without it an event kept as unlinked
+/// and the event linking its customer could commit side by side, each unable to see the other,
+/// and the kept event would wait for a link that already happened. Callers take subscription
+/// before customer locks; should two events still wait on each other (settling kept events of
+/// another subscription), Postgres breaks the deadlock, one answers 500 and its provider retries.
+pub async fn lock_billing_key(
+    tx: Tx<'_, '_>,
+    provider: &str,
+    kind: &str,
+    id: &str,
+) -> Result<(), DbError> {
+    sqlx::query("SELECT pg_advisory_xact_lock(hashtextextended($1 || ':' || $2 || ':' || $3, 0))")
+        .bind(provider)
+        .bind(kind)
+        .bind(id)
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Keep a subscription event whose org is not known yet (see `webhooks::apply`): its normalized
+/// state only, never the payload.
+pub async fn keep_unlinked(tx: Tx<'_, '_>, ev: &KeptEvent<'_>) -> Result<(), DbError> {
+    sqlx::query(
+        "INSERT INTO unlinked_subscription_events \
+           (provider, event_id, subscription_id, customer_id, occurred_at, event) \
+         VALUES ($1, $2, $3, $4, $5, $6::jsonb) ON CONFLICT (provider, event_id) DO NOTHING",
+    )
+    .bind(ev.provider)
+    .bind(ev.event_id)
+    .bind(ev.subscription_id)
+    .bind(ev.customer_id)
+    .bind(ev.occurred_at)
+    .bind(ev.state_json)
+    .execute(&mut **tx)
+    .await?;
+    Ok(())
+}
+
+/// A subscription event kept until its org is known.
+pub struct KeptEvent<'a> {
+    pub provider: &'a str,
+    pub event_id: &'a str,
+    pub subscription_id: &'a str,
+    pub customer_id: Option<&'a str>,
+    pub occurred_at: DateTime<Utc>,
+    /// The normalized event as JSON.
+    pub state_json: &'a str,
+}
+
+/// Take (remove and return) the kept events of `customer` or `subscription`, oldest first:
+/// (event id, normalized event as JSON).
+pub async fn take_unlinked(
+    tx: Tx<'_, '_>,
+    provider: &str,
+    customer: Option<&str>,
+    subscription: Option<&str>,
+) -> Result<Vec<(String, String)>, DbError> {
+    let mut rows: Vec<(String, String, DateTime<Utc>, DateTime<Utc>)> = sqlx::query_as(
+        "DELETE FROM unlinked_subscription_events \
+         WHERE provider = $1 AND (customer_id = $2 OR subscription_id = $3) \
+         RETURNING event_id, event::text, occurred_at, received_at",
+    )
+    .bind(provider)
+    .bind(customer)
+    .bind(subscription)
+    .fetch_all(&mut **tx)
+    .await?;
+    rows.sort_by_key(|r| (r.2, r.3));
+    Ok(rows.into_iter().map(|(id, ev, ..)| (id, ev)).collect())
+}
+
 /// A subscription row as stored, with its org.
 #[derive(Debug, Clone)]
 pub struct SubscriptionRow {

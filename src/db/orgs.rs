@@ -6,12 +6,28 @@ use sqlx::{PgPool, Postgres, Row, Transaction};
 use super::DbError;
 use crate::domain::notify::EventType;
 use crate::domain::org::OrgId;
+use crate::domain::period::{BillingAnchor, BillingCycle, Window};
+
+impl OrgRecord {
+    /// The org's billing cycle, which `billing_month` quotas follow.
+    pub fn billing_cycle(&self) -> BillingCycle {
+        BillingCycle::new(self.billing_anchor, self.billing_carry)
+    }
+}
+
+fn carry(r: &sqlx::postgres::PgRow) -> Result<Option<Window>, sqlx::Error> {
+    let start: Option<DateTime<Utc>> = r.try_get("billing_carry_start")?;
+    let end: Option<DateTime<Utc>> = r.try_get("billing_carry_end")?;
+    Ok(start.zip(end).map(|(start, end)| Window { start, end }))
+}
 
 /// What Postgres knows of an org. `plan_id: None` means the catalog's default plan.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct OrgRecord {
     pub plan_id: Option<String>,
     pub billing_anchor: Option<DateTime<Utc>>,
+    /// The billing month carried over the last anchor change (see `domain::period`).
+    pub billing_carry: Option<Window>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
 }
@@ -28,7 +44,8 @@ pub struct PlanChange {
 /// The org's row, or a default record when it has none.
 pub async fn get(pool: &PgPool, org: &OrgId) -> Result<OrgRecord, DbError> {
     let row = sqlx::query(
-        "SELECT plan_id, billing_anchor, created_at, updated_at FROM orgs WHERE org_id = $1",
+        "SELECT plan_id, billing_anchor, billing_carry_start, billing_carry_end, created_at, \
+         updated_at FROM orgs WHERE org_id = $1",
     )
     .bind(org.as_str())
     .fetch_optional(pool)
@@ -37,6 +54,7 @@ pub async fn get(pool: &PgPool, org: &OrgId) -> Result<OrgRecord, DbError> {
         Some(r) => OrgRecord {
             plan_id: r.try_get("plan_id")?,
             billing_anchor: r.try_get("billing_anchor")?,
+            billing_carry: carry(&r)?,
             created_at: Some(r.try_get("created_at")?),
             updated_at: Some(r.try_get("updated_at")?),
         },
@@ -131,6 +149,57 @@ pub async fn write_plan(
     Ok(())
 }
 
+/// Where a new billing anchor comes from, which decides how it is taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AnchorSource {
+    /// An operator, or a provider's own anchor (Stripe `billing_cycle_anchor`): taken as given.
+    Anchor(Option<BillingAnchor>),
+    /// A provider that only tells the current period's start: taken unless the org's cycle
+    /// already starts a period there (Feb 28 for an anchor on the 31st must not move it).
+    PeriodStart(DateTime<Utc>),
+}
+
+/// Set the org's billing anchor at `now` inside the caller's transaction (after `lock_plan`,
+/// which creates and locks the row), carrying the period in progress (see
+/// `BillingCycle::with_anchor`). Returns whether the org's cycle changed.
+pub async fn set_billing_anchor(
+    tx: &mut Transaction<'_, Postgres>,
+    org: &OrgId,
+    source: AnchorSource,
+    now: DateTime<Utc>,
+) -> Result<bool, DbError> {
+    let row = sqlx::query(
+        "SELECT billing_anchor, billing_carry_start, billing_carry_end FROM orgs \
+         WHERE org_id = $1 FOR UPDATE",
+    )
+    .bind(org.as_str())
+    .fetch_one(&mut **tx)
+    .await?;
+    let old = BillingCycle::new(row.try_get("billing_anchor")?, carry(&row)?);
+    let anchor = match source {
+        AnchorSource::Anchor(a) => a,
+        AnchorSource::PeriodStart(start) if old.anchor.is_some() && old.starts_at(start) => {
+            return Ok(false);
+        }
+        AnchorSource::PeriodStart(start) => Some(start),
+    };
+    if anchor == old.anchor {
+        return Ok(false);
+    }
+    let new = old.with_anchor(anchor, now);
+    sqlx::query(
+        "UPDATE orgs SET billing_anchor = $2, billing_carry_start = $3, billing_carry_end = $4, \
+         updated_at = now() WHERE org_id = $1",
+    )
+    .bind(org.as_str())
+    .bind(new.anchor)
+    .bind(new.carry.map(|w| w.start))
+    .bind(new.carry.map(|w| w.end))
+    .execute(&mut **tx)
+    .await?;
+    Ok(true)
+}
+
 pub async fn recent_plan_changes(
     pool: &PgPool,
     org: &OrgId,
@@ -194,7 +263,8 @@ pub async fn list(
         PlanFilter::Default { id, known } => (2, Some(id), known),
     };
     let rows = sqlx::query(
-        "SELECT org_id, plan_id, billing_anchor, created_at, updated_at FROM orgs \
+        "SELECT org_id, plan_id, billing_anchor, billing_carry_start, billing_carry_end, \
+                created_at, updated_at FROM orgs \
          WHERE ($1::text IS NULL OR org_id > $1) \
            AND ($3 = 0 \
                 OR ($3 = 1 AND plan_id = $4) \
@@ -215,6 +285,7 @@ pub async fn list(
                 record: OrgRecord {
                     plan_id: r.try_get("plan_id")?,
                     billing_anchor: r.try_get("billing_anchor")?,
+                    billing_carry: carry(&r)?,
                     created_at: Some(r.try_get("created_at")?),
                     updated_at: Some(r.try_get("updated_at")?),
                 },

@@ -54,6 +54,72 @@ pub async fn upsert(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, DbError> 
     Ok(written)
 }
 
+/// Write billing-month rows (`billing_usage`) with the same version rule as `upsert`.
+pub async fn upsert_billing(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, DbError> {
+    let mut written = 0;
+    for chunk in rows.chunks(BATCH) {
+        let orgs: Vec<&str> = chunk.iter().map(|r| r.org_id.as_str()).collect();
+        let metrics: Vec<&str> = chunk.iter().map(|r| r.metric.as_str()).collect();
+        let starts: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.period_start).collect();
+        let quantities: Vec<i64> = chunk.iter().map(|r| r.quantity).collect();
+        let versions: Vec<i64> = chunk.iter().map(|r| r.version).collect();
+        written += sqlx::query(
+            "INSERT INTO billing_usage (org_id, metric, period_start, quantity, version) \
+             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], \
+                                  $5::bigint[]) \
+             ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
+               quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
+             WHERE billing_usage.version < EXCLUDED.version",
+        )
+        .bind(&orgs)
+        .bind(&metrics)
+        .bind(&starts)
+        .bind(&quantities)
+        .bind(&versions)
+        .execute(pool)
+        .await?
+        .rows_affected();
+    }
+    Ok(written)
+}
+
+/// The org's billing-month counters of the period starting at `start`: (metric, quantity,
+/// version), for putting back into Redis.
+pub async fn billing_state(
+    pool: &PgPool,
+    org_id: &str,
+    start: DateTime<Utc>,
+) -> Result<Vec<(String, i64, i64)>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT metric, quantity, version FROM billing_usage \
+         WHERE org_id = $1 AND period_start = $2",
+    )
+    .bind(org_id)
+    .bind(start)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// The org's billing months that start in `[from, to)`, oldest first: (metric, period start,
+/// quantity).
+pub async fn billing_periods(
+    pool: &PgPool,
+    org_id: &str,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> Result<Vec<(String, DateTime<Utc>, i64)>, DbError> {
+    Ok(sqlx::query_as(
+        "SELECT metric, period_start, quantity FROM billing_usage \
+         WHERE org_id = $1 AND period_start >= $2 AND period_start < $3 \
+         ORDER BY period_start, metric",
+    )
+    .bind(org_id)
+    .bind(from)
+    .bind(to)
+    .fetch_all(pool)
+    .await?)
+}
+
 /// What Postgres knows of an org's durable counters: the counters of the month starting at
 /// `month_start`, and the latest level of each gauge. (metric, quantity, version, gauge)
 pub async fn durable_state(
@@ -123,6 +189,24 @@ pub fn export(
          WHERE period_start = $1 ORDER BY org_id, metric",
     )
     .bind(month_start)
+    .fetch(pool)
+    .map_err(DbError::from)
+}
+
+/// Every org's billing months that start in `[from, to)`, for billing exports, ordered by org,
+/// metric and start; streamed like `export`.
+pub fn export_billing(
+    pool: &PgPool,
+    from: DateTime<Utc>,
+    to: DateTime<Utc>,
+) -> impl futures_util::Stream<Item = Result<ExportRow, DbError>> + '_ {
+    use futures_util::TryStreamExt as _;
+    sqlx::query_as(
+        "SELECT org_id, metric, period_start, quantity FROM billing_usage \
+         WHERE period_start >= $1 AND period_start < $2 ORDER BY org_id, metric, period_start",
+    )
+    .bind(from)
+    .bind(to)
     .fetch(pool)
     .map_err(DbError::from)
 }

@@ -8,7 +8,7 @@
 
 use chrono::{DateTime, Utc};
 
-use super::period::{self, BillingAnchor, Period, Window};
+use super::period::{self, BillingCycle, Period, Window};
 use super::plan::{Metric, MetricKind, Overage, Plan};
 
 /// How a decision treats its limits: policy (dry runs, shadow enforcement), which the store
@@ -89,9 +89,18 @@ impl Limit<'_> {
     }
 
     /// Kept durably (flushed to Postgres, restored after a Redis loss): the monthly meter of a
-    /// counter and the level of a gauge. Other periods and rates are short-lived by nature.
+    /// counter, a billing-month counter (a month of usage, like the meter) and the level of a
+    /// gauge. Other periods and rates are short-lived by nature.
     pub fn is_durable(&self) -> bool {
-        self.is_meter() || matches!(self.target, Target::Gauge)
+        self.is_meter()
+            || matches!(
+                self.target,
+                Target::Gauge
+                    | Target::Counter {
+                        period: Period::BillingMonth,
+                        ..
+                    }
+            )
     }
 
     /// The name used in `RateLimit-Policy` and `RateLimit` headers, appended to `out` (header
@@ -132,7 +141,7 @@ pub fn limits_for<'a>(
     plan: &'a Plan,
     charges: &[Charge<'a>],
     now: DateTime<Utc>,
-    anchor: Option<BillingAnchor>,
+    cycle: &BillingCycle,
 ) -> Vec<Limit<'a>> {
     let mut limits: Vec<Limit<'a>> = Vec::with_capacity(charges.len() * 3);
     for charge in charges {
@@ -170,10 +179,12 @@ pub fn limits_for<'a>(
                     let Some(p) = quota.period else { continue };
                     let target = Target::Counter {
                         period: p,
-                        window: period::window(p, now, anchor),
+                        window: period::window(p, now, cycle),
                     };
-                    // A monthly quota on a calendar-month cycle is the meter itself: check that
-                    // key rather than counting the same usage twice.
+                    // A monthly quota is the meter itself: check that key rather than counting
+                    // the same usage twice. A billing month is always a counter of its own, even
+                    // while it equals the calendar month (no anchor): when an anchor is set, the
+                    // period in progress carries on with the usage that counter holds.
                     if limits[meter_index].target == target {
                         limits[meter_index].limit = Some(quota.limit);
                         limits[meter_index].overage = quota.overage;
@@ -523,7 +534,7 @@ mod tests {
                 amount: 1,
             }],
             now(),
-            None,
+            &BillingCycle::default(),
         );
         let names: Vec<_> = limits
             .iter()
@@ -540,23 +551,45 @@ mod tests {
     }
 
     #[test]
-    fn anchored_month_is_a_separate_counter_from_the_meter() {
-        let plan = plan();
+    fn billing_month_is_a_separate_durable_counter_from_the_meter() {
+        let mut plan = plan();
+        plan.quotas[0].period = Some(Period::BillingMonth);
         let requests = metric("requests", MetricKind::Counter);
+        let charge = [Charge {
+            metric: &requests,
+            amount: 1,
+        }];
+        // Without an anchor: the calendar month, but its own counter all the same.
+        let limits = limits_for(&plan, &charge, now(), &BillingCycle::default());
+        assert_eq!(limits.len(), 4);
+        assert_eq!(limits[0].limit, None, "the meter stays unlimited");
+        assert!(limits[0].is_meter() && limits[0].is_durable());
+        assert_eq!(limits[1].limit, Some(1000));
+        assert!(!limits[1].is_meter() && limits[1].is_durable());
+        assert_eq!(
+            limits[1].target,
+            Target::Counter {
+                period: Period::BillingMonth,
+                window: period::calendar_month(now()),
+            }
+        );
         let anchor = DateTime::parse_from_rfc3339("2026-01-15T00:00:00Z")
             .unwrap()
             .with_timezone(&Utc);
-        let limits = limits_for(
-            &plan,
-            &[Charge {
-                metric: &requests,
-                amount: 1,
-            }],
-            now(),
-            Some(anchor),
+        let cycle = BillingCycle::new(Some(anchor), None);
+        let limits = limits_for(&plan, &charge, now(), &cycle);
+        assert_eq!(
+            limits[1].target,
+            Target::Counter {
+                period: Period::BillingMonth,
+                window: cycle.window(now()),
+            }
         );
-        assert_eq!(limits.len(), 4);
-        assert_eq!(limits[0].limit, None, "the meter stays unlimited");
+        // `month` ignores the anchor: it stays the meter.
+        let calendar = self::plan();
+        let limits = limits_for(&calendar, &charge, now(), &cycle);
+        assert_eq!(limits.len(), 3);
+        assert_eq!(limits[0].limit, Some(1000));
     }
 
     #[test]
@@ -570,7 +603,7 @@ mod tests {
                 amount: 5,
             }],
             now(),
-            None,
+            &BillingCycle::default(),
         );
         assert_eq!(limits.len(), 1);
         assert_eq!(limits[0].limit, None);
@@ -587,7 +620,7 @@ mod tests {
                 amount: 1,
             }],
             now(),
-            None,
+            &BillingCycle::default(),
         );
         let replies = [
             LimitReply {
@@ -619,7 +652,7 @@ mod tests {
                 amount: 2,
             }],
             now(),
-            None,
+            &BillingCycle::default(),
         );
         let replies = [
             LimitReply {
@@ -664,7 +697,7 @@ mod tests {
         };
         let replies = [LimitReply::default(); 3];
         let eval = evaluate(
-            limits_for(&plan, &charge, now(), None),
+            limits_for(&plan, &charge, now(), &BillingCycle::default()),
             &replies,
             false,
             now(),
@@ -682,7 +715,7 @@ mod tests {
             millis: 0,
         };
         let eval = evaluate(
-            limits_for(&plan, &charge, now(), None),
+            limits_for(&plan, &charge, now(), &BillingCycle::default()),
             &quota,
             false,
             now(),
@@ -696,7 +729,7 @@ mod tests {
             millis: 0,
         };
         let eval = evaluate(
-            limits_for(&plan, &charge, now(), None),
+            limits_for(&plan, &charge, now(), &BillingCycle::default()),
             &replies,
             true,
             now(),

@@ -522,7 +522,7 @@ mod tests {
                 amount: 1,
             }],
             now(),
-            None,
+            &crate::domain::period::BillingCycle::default(),
         );
         let replies = [
             LimitReply {
@@ -579,7 +579,7 @@ mod tests {
                 amount: 1,
             }],
             now(),
-            None,
+            &crate::domain::period::BillingCycle::default(),
         );
         let replies = [
             LimitReply {

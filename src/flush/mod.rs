@@ -19,7 +19,7 @@ use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::credits;
 use crate::db::usage::{self, CounterRow};
-use crate::domain::period;
+use crate::domain::period::{self, Period};
 use crate::metrics::Metrics;
 use crate::store::{Store, StoreError};
 
@@ -91,8 +91,9 @@ async fn flush_keys(
     taken: &HashMap<String, Instant>,
     now: DateTime<Utc>,
 ) -> Result<FlushOutcome, FlushError> {
-    // key → (metric, month start) grouped by org; credit hashes apart.
-    let mut by_org: HashMap<String, Vec<(String, String, Option<i64>)>> = HashMap::new();
+    // key → (metric, period and its start) grouped by org; credit hashes apart.
+    type Entry = (String, String, Option<(Period, i64)>);
+    let mut by_org: HashMap<String, Vec<Entry>> = HashMap::new();
     let mut credits: HashMap<String, Vec<String>> = HashMap::new();
     for key in taken.keys() {
         if let Some((org, _)) = store.keys().parse_credits(key) {
@@ -113,6 +114,7 @@ async fn flush_keys(
     let gauge_month = period::calendar_month(now).start;
     let orgs: Vec<_> = by_org.into_iter().collect();
     let mut rows = Vec::with_capacity(taken.len());
+    let mut billing_rows = Vec::new();
     let mut missing = 0;
     for chunk in orgs.chunks(READ_CONCURRENCY) {
         let reads = join_all(chunk.iter().map(|(_, entries)| {
@@ -127,10 +129,16 @@ async fn flush_keys(
                     continue;
                 };
                 let period_start = match start {
-                    Some(s) => Utc.timestamp_opt(*s, 0).single().unwrap_or(gauge_month),
+                    Some((_, s)) => Utc.timestamp_opt(*s, 0).single().unwrap_or(gauge_month),
                     None => gauge_month,
                 };
-                rows.push(CounterRow {
+                // Billing months have their own table: the calendar meter beside them stays
+                // the one record of usage that billing exports read.
+                let into = match start {
+                    Some((Period::BillingMonth, _)) => &mut billing_rows,
+                    _ => &mut rows,
+                };
+                into.push(CounterRow {
                     org_id: org.clone(),
                     metric: metric.clone(),
                     period_start,
@@ -142,6 +150,7 @@ async fn flush_keys(
         }
     }
     let mut rows_written = usage::upsert(pool, &rows).await?;
+    rows_written += usage::upsert_billing(pool, &billing_rows).await?;
     rows_written += flush_credits(store, pool, credits).await?;
     Ok(FlushOutcome {
         keys: taken.len(),

@@ -15,6 +15,10 @@ use crate::domain::period::Period;
 /// period start (Unix seconds).
 pub type ParsedLimit = (OrgId, String, Option<(Period, i64)>);
 
+/// What `Keys::parse_durable` reads from a key: org, metric, and for a counter its period
+/// (`month` or `billing_month`) and period start (Unix seconds).
+pub type ParsedDurable = ParsedLimit;
+
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
@@ -120,13 +124,7 @@ impl Keys {
         let parts: Vec<&str> = rest.split(':').collect();
         match parts.as_slice() {
             ["c", metric, period, start] => {
-                let period = match *period {
-                    "minute" => Period::Minute,
-                    "hour" => Period::Hour,
-                    "day" => Period::Day,
-                    "month" => Period::Month,
-                    _ => return None,
-                };
+                let period = Period::parse(period)?;
                 Some((org, metric.to_string(), Some((period, start.parse().ok()?))))
             }
             ["g", metric] => Some((org, metric.to_string(), None)),
@@ -161,9 +159,10 @@ impl Keys {
         s
     }
 
-    /// The org, metric and (for counters) month start of a durable key built by `limit`:
-    /// `{prefix}:{org}:c:<metric>:month:<start>` or `{prefix}:{org}:g:<metric>`.
-    pub fn parse_durable(&self, key: &str) -> Option<(OrgId, String, Option<i64>)> {
+    /// The org, metric and (for counters) period and period start of a durable key built by
+    /// `limit`: `{prefix}:{org}:c:<metric>:month:<start>`,
+    /// `{prefix}:{org}:c:<metric>:billing_month:<start>` or `{prefix}:{org}:g:<metric>`.
+    pub fn parse_durable(&self, key: &str) -> Option<ParsedDurable> {
         let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
         let (org, rest) = rest.split_once("}:")?;
         let org = OrgId::parse(org).ok()?;
@@ -175,9 +174,11 @@ impl Keys {
             parts.next(),
             parts.next(),
         ) {
-            ("c", metric, Some("month"), Some(start), None) => {
-                Some((org, metric.to_string(), Some(start.parse().ok()?)))
-            }
+            ("c", metric, Some(p @ ("month" | "billing_month")), Some(start), None) => Some((
+                org,
+                metric.to_string(),
+                Some((Period::parse(p)?, start.parse().ok()?)),
+            )),
             ("g", metric, None, None, None) => Some((org, metric.to_string(), None)),
             _ => None,
         }
@@ -273,7 +274,19 @@ mod tests {
         let meter = keys.limit(&org, &limit);
         assert_eq!(
             keys.parse_durable(&meter),
-            Some((org.clone(), "requests".to_string(), Some(1793491200)))
+            Some((
+                org.clone(),
+                "requests".to_string(),
+                Some((Period::Month, 1793491200))
+            ))
+        );
+        assert_eq!(
+            keys.parse_durable("qg:{acme}:c:requests:billing_month:1793491200"),
+            Some((
+                org.clone(),
+                "requests".to_string(),
+                Some((Period::BillingMonth, 1793491200))
+            ))
         );
         assert_eq!(
             keys.parse_durable("qg:{a:b.c}:g:seats"),

@@ -200,7 +200,8 @@ pub struct Crossing {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum SpecKind {
     Counter,
-    /// The calendar-month meter of a counter: durable.
+    /// A durable counter (versioned, flushed, restored): the calendar-month meter, or a
+    /// billing-month counter.
     Meter,
     Gauge,
     Rate,
@@ -341,6 +342,10 @@ fn expiry_grace(period: crate::domain::period::Period) -> chrono::Duration {
         Period::Minute | Period::Hour => chrono::Duration::minutes(10),
         Period::Day => chrono::Duration::hours(6),
         Period::Month => chrono::Duration::days(7),
+        // An anchor change can carry a billing month up to a month past the end it had when its
+        // counter was created (decide.lua sets a counter's expiry once, at creation): the grace
+        // covers that month plus the usual week.
+        Period::BillingMonth => chrono::Duration::days(40),
     }
 }
 
@@ -569,7 +574,7 @@ impl Store {
     pub fn spec(&self, org: &OrgId, limit: &Limit<'_>) -> KeySpec {
         let (kind, param) = match &limit.target {
             Target::Counter { period, window } => (
-                if limit.is_meter() {
+                if limit.is_durable() {
                     SpecKind::Meter
                 } else {
                     SpecKind::Counter

@@ -2,11 +2,20 @@
 //! (a redelivery stops here), lock the subscription, apply the ordering rule, store the new
 //! state, and move the org to the best plan its subscriptions grant now. The caller announces a
 //! plan change to the replicas only after the commit.
+//!
+//! A subscription event whose org cannot be found yet (no org id in its metadata, no customer
+//! link) is kept with its normalized state. Providers do not promise an order: Stripe may send
+//! `customer.subscription.created` before the `checkout.session.completed` that names the org.
+//! When a later event links the customer (or names the subscription's org), the kept events of
+//! that customer or subscription are applied for the org in the same transaction, oldest first
+//! and through the same staleness rule, so no delivery order loses a plan change and an older
+//! kept event never overwrites a newer applied state.
 
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Transaction};
 
 use crate::db::billing::{self as store, SubscriptionRow};
+use crate::db::orgs::AnchorSource;
 use crate::db::{DbError, orgs};
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
@@ -23,8 +32,14 @@ pub enum Applied {
     Duplicate,
     /// Authentic but not about subscriptions.
     Ignored,
-    /// Linked a provider customer to an org.
-    Linked,
+    /// Linked a provider customer to an org (and applied the events kept for it).
+    Linked {
+        org: OrgId,
+        /// The org's plan or billing cycle changed (through kept events).
+        changed: bool,
+        /// Orgs that lost a subscription to `org` and changed with it.
+        left: Vec<OrgId>,
+    },
     /// Granted credits (see `webhooks::credits`, which does it before the event is recorded).
     Credited,
     /// No org could be found for it (no metadata, no earlier link).
@@ -33,10 +48,11 @@ pub enum Applied {
     Stale,
     Processed {
         org: OrgId,
+        /// The org's plan or billing cycle changed.
         plan_changed: bool,
-        /// The org the subscription moved away from (its metadata now names `org`), when losing
-        /// it changed that org's plan.
-        left: Option<OrgId>,
+        /// Orgs a subscription moved away from (its metadata now names `org`), when losing it
+        /// changed their plan.
+        left: Vec<OrgId>,
     },
 }
 
@@ -45,7 +61,7 @@ impl Applied {
         match self {
             Applied::Duplicate => "duplicate",
             Applied::Ignored => "ignored",
-            Applied::Linked => "linked",
+            Applied::Linked { .. } => "linked",
             Applied::Credited => "credited",
             Applied::Unlinked => "unlinked",
             Applied::Stale => "stale",
@@ -89,21 +105,94 @@ pub async fn apply(
         Normalized::CustomerLink {
             customer_id,
             org_id,
+            subscription_id,
             ..
         } => match OrgId::parse(org_id) {
             Ok(org) => {
+                if let Some(sub) = subscription_id {
+                    store::lock_billing_key(&mut tx, &pkey, "subscription", sub).await?;
+                }
+                store::lock_billing_key(&mut tx, &pkey, "customer", customer_id).await?;
                 store::link_customer(&mut tx, &pkey, customer_id, org.as_str()).await?;
-                Applied::Linked
+                let kept = settle_kept(
+                    &mut tx,
+                    &pkey,
+                    provider,
+                    policy,
+                    Some(customer_id),
+                    subscription_id.as_deref(),
+                    &org,
+                    now,
+                )
+                .await?;
+                Applied::Linked {
+                    org,
+                    changed: kept.changed,
+                    left: kept.left,
+                }
             }
             Err(_) => Applied::Unlinked,
         },
         Normalized::Subscription(ev) => {
-            apply_subscription(&mut tx, &pkey, provider, policy, event, ev, now).await?
+            let applied = apply_subscription(
+                &mut tx,
+                &pkey,
+                provider,
+                policy,
+                &event.event_id,
+                ev,
+                None,
+                now,
+            )
+            .await?;
+            match applied {
+                Applied::Unlinked => {
+                    // The normalized state only, never the payload.
+                    let state_json = serde_json::to_string(ev)
+                        .map_err(|e| DbError::Sqlx(sqlx::Error::Encode(e.into())))?;
+                    let kept = store::KeptEvent {
+                        provider: &pkey,
+                        event_id: &event.event_id,
+                        subscription_id: &ev.subscription_id,
+                        customer_id: ev.customer_id.as_deref(),
+                        occurred_at: ev.occurred_at,
+                        state_json: &state_json,
+                    };
+                    store::keep_unlinked(&mut tx, &kept).await?;
+                    Applied::Unlinked
+                }
+                Applied::Processed {
+                    org,
+                    plan_changed,
+                    mut left,
+                } => {
+                    // This event may have linked its customer, or named the org of a
+                    // subscription whose earlier events were kept.
+                    let kept = settle_kept(
+                        &mut tx,
+                        &pkey,
+                        provider,
+                        policy,
+                        ev.customer_id.as_deref(),
+                        Some(&ev.subscription_id),
+                        &org,
+                        now,
+                    )
+                    .await?;
+                    left.extend(kept.left);
+                    Applied::Processed {
+                        org,
+                        plan_changed: plan_changed || kept.changed,
+                        left,
+                    }
+                }
+                other => other,
+            }
         }
         Normalized::Purchase(_) | Normalized::CreditGrant(_) => Applied::Credited,
     };
     let org = match &applied {
-        Applied::Processed { org, .. } => Some(org.as_str()),
+        Applied::Processed { org, .. } | Applied::Linked { org, .. } => Some(org.as_str()),
         _ => None,
     };
     store::set_event_status(&mut tx, &pkey, &event.event_id, applied.label(), org).await?;
@@ -111,15 +200,81 @@ pub async fn apply(
     Ok(applied)
 }
 
+/// What applying the kept events of a customer or subscription did.
+struct Kept {
+    changed: bool,
+    left: Vec<OrgId>,
+}
+
+/// Apply, for `org`, the events kept unlinked for `customer` or `subscription` (oldest first,
+/// each through the staleness rule), remove them, and record each one's outcome on its delivery.
+#[allow(clippy::too_many_arguments)]
+async fn settle_kept(
+    tx: &mut Transaction<'_, Postgres>,
+    pkey: &str,
+    provider: &BillingProvider,
+    policy: &Policy<'_>,
+    customer: Option<&str>,
+    subscription: Option<&str>,
+    org: &OrgId,
+    now: DateTime<Utc>,
+) -> Result<Kept, DbError> {
+    let mut kept = Kept {
+        changed: false,
+        left: Vec::new(),
+    };
+    if customer.is_none() && subscription.is_none() {
+        return Ok(kept);
+    }
+    for (event_id, json) in store::take_unlinked(tx, pkey, customer, subscription).await? {
+        let ev: SubscriptionEvent = match serde_json::from_str(&json) {
+            Ok(ev) => ev,
+            Err(e) => {
+                tracing::error!(provider = pkey, event_id = %event_id, error = %e, "kept subscription event unreadable; dropped");
+                continue;
+            }
+        };
+        let applied =
+            apply_subscription(tx, pkey, provider, policy, &event_id, &ev, Some(org), now).await?;
+        if let Applied::Processed {
+            org: applied_to,
+            plan_changed,
+            left,
+        } = &applied
+        {
+            kept.changed |= *plan_changed && applied_to == org;
+            if *plan_changed && applied_to != org {
+                kept.left.push(applied_to.clone());
+            }
+            kept.left.extend(left.iter().cloned());
+        }
+        let applied_org = match &applied {
+            Applied::Processed { org, .. } => Some(org.as_str()),
+            _ => None,
+        };
+        store::set_event_status(tx, pkey, &event_id, applied.label(), applied_org).await?;
+        tracing::info!(provider = pkey, event_id = %event_id, outcome = applied.label(), "kept subscription event applied after its customer was linked");
+    }
+    Ok(kept)
+}
+
+/// Apply one subscription event. `linked_org`: the org a linking event found for it, used when
+/// the event itself cannot name one.
+#[allow(clippy::too_many_arguments)]
 async fn apply_subscription(
     tx: &mut Transaction<'_, Postgres>,
     pkey: &str,
     provider: &BillingProvider,
     policy: &Policy<'_>,
-    event: &ParsedEvent,
+    event_id: &str,
     ev: &SubscriptionEvent,
+    linked_org: Option<&OrgId>,
     now: DateTime<Utc>,
 ) -> Result<Applied, DbError> {
+    store::lock_billing_key(tx, pkey, "subscription", &ev.subscription_id).await?;
+    if let Some(customer) = &ev.customer_id {
+        store::lock_billing_key(tx, pkey, "customer", customer).await?;
+    }
     let stored = store::lock_subscription(tx, pkey, &ev.subscription_id).await?;
     let mut org_raw = ev
         .org_id
@@ -130,7 +285,10 @@ async fn apply_subscription(
     {
         org_raw = store::customer_org(tx, pkey, customer).await?;
     }
-    let Some(org) = org_raw.and_then(|o| OrgId::parse(&o).ok()) else {
+    let Some(org) = org_raw
+        .and_then(|o| OrgId::parse(&o).ok())
+        .or_else(|| linked_org.cloned())
+    else {
         return Ok(Applied::Unlinked);
     };
     if let (Some(_), Some(customer)) = (&ev.org_id, &ev.customer_id) {
@@ -183,21 +341,32 @@ async fn apply_subscription(
         state,
     };
     store::upsert_subscription(tx, &row).await?;
-    let plan_changed = settle_org(tx, &org, policy, now, "webhook", Some(&event.event_id)).await?;
+    let plan_changed = settle_org(tx, &org, policy, now, "webhook", Some(event_id)).await?;
+    // The org's billing months follow its subscription's cycle (see `domain::period`).
+    let anchor = match (ev.terminal, ev.billing_anchor, ev.current_period_start) {
+        (true, ..) => None,
+        (false, Some(a), _) => Some(AnchorSource::Anchor(Some(a))),
+        (false, None, Some(start)) => Some(AnchorSource::PeriodStart(start)),
+        (false, None, None) => None,
+    };
+    let anchor_changed = match anchor {
+        Some(source) => orgs::set_billing_anchor(tx, &org, source, now).await?,
+        None => false,
+    };
     // A subscription that moved to another org no longer counts for the one it left.
     let moved_from = stored
         .as_ref()
         .filter(|s| s.org_id != org.as_str())
         .and_then(|s| OrgId::parse(&s.org_id).ok());
-    let mut left = None;
+    let mut left = Vec::new();
     if let Some(old) = moved_from
-        && settle_org(tx, &old, policy, now, "webhook", Some(&event.event_id)).await?
+        && settle_org(tx, &old, policy, now, "webhook", Some(event_id)).await?
     {
-        left = Some(old);
+        left.push(old);
     }
     Ok(Applied::Processed {
         org,
-        plan_changed,
+        plan_changed: plan_changed || anchor_changed,
         left,
     })
 }

@@ -28,6 +28,16 @@ pub struct SubscriptionEvent {
     /// Deleted / expired / revoked: nothing later may undo it.
     pub terminal: bool,
     pub current_period_end: Option<DateTime<Utc>>,
+    /// The provider's own billing anchor (Stripe `billing_cycle_anchor`): the org's billing
+    /// months follow it as given.
+    #[serde(default)]
+    pub billing_anchor: Option<DateTime<Utc>>,
+    /// The start of the current billing period (Stripe `current_period_start`, Polar
+    /// `current_period_start`, Dodo `previous_billing_date`, the normalized
+    /// `current_period_start`): taken as the anchor unless the org's cycle already starts a
+    /// period there (see `db::orgs::AnchorSource`).
+    #[serde(default)]
+    pub current_period_start: Option<DateTime<Utc>>,
     /// `None` when the event does not carry the flag (invoice events), so a stored
     /// "cancel at period end" is not silently cleared.
     pub cancel_at_period_end: Option<bool>,

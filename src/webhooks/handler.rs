@@ -201,18 +201,22 @@ async fn receive(
                 outcome = applied.label(),
                 "webhook"
             );
-            if let Applied::Processed {
-                org,
-                plan_changed,
-                left,
-            } = &applied
+            let (org, changed, left) = match &applied {
+                Applied::Processed {
+                    org,
+                    plan_changed,
+                    left,
+                } => (Some(org), *plan_changed, left.as_slice()),
+                Applied::Linked { org, changed, left } => (Some(org), *changed, left.as_slice()),
+                _ => (None, false, &[][..]),
+            };
+            if let Some(org) = org
+                && changed
             {
-                if *plan_changed {
-                    state.quota.announce(Change::Org(org));
-                }
-                if let Some(left) = left {
-                    state.quota.announce(Change::Org(left));
-                }
+                state.quota.announce(Change::Org(org));
+            }
+            for left in left {
+                state.quota.announce(Change::Org(left));
             }
             Json(json!({"received": true, "outcome": applied.label()})).into_response()
         }

@@ -162,6 +162,9 @@ pub fn parse_dodo(
         terminal,
         current_period_end: opt_rfc3339(data, "next_billing_date")
             .map_err(|_| PayloadError::InvalidField("data.next_billing_date"))?,
+        billing_anchor: None,
+        current_period_start: opt_rfc3339(data, "previous_billing_date")
+            .map_err(|_| PayloadError::InvalidField("data.previous_billing_date"))?,
         cancel_at_period_end,
         occurred_at: env.occurred_at,
     };
@@ -228,6 +231,9 @@ pub fn parse_polar(
         terminal,
         current_period_end: opt_rfc3339(data, "current_period_end")
             .map_err(|_| PayloadError::InvalidField("data.current_period_end"))?,
+        billing_anchor: None,
+        current_period_start: opt_rfc3339(data, "current_period_start")
+            .map_err(|_| PayloadError::InvalidField("data.current_period_start"))?,
         cancel_at_period_end,
         occurred_at: env.occurred_at,
     };
@@ -249,6 +255,7 @@ pub fn parse_polar(
 ///     "product_id": "pro_monthly",           // optional; mapped to a plan by config
 ///     "status": "active",                    // active | trialing | past_due | canceled;
 ///                                            // required except for subscription.deleted
+///     "current_period_start": "2025-05-01T00:00:00Z", // optional; the org's billing anchor
 ///     "current_period_end": "2025-06-01T00:00:00Z", // RFC 3339 or null
 ///     "cancel_at_period_end": false          // optional
 ///   }
@@ -297,6 +304,9 @@ pub fn parse_normalized(
         terminal: deleted,
         current_period_end: opt_rfc3339(data, "current_period_end")
             .map_err(|_| PayloadError::InvalidField("data.current_period_end"))?,
+        billing_anchor: None,
+        current_period_start: opt_rfc3339(data, "current_period_start")
+            .map_err(|_| PayloadError::InvalidField("data.current_period_start"))?,
         cancel_at_period_end: opt_bool(data, "cancel_at_period_end")
             .map_err(|_| PayloadError::InvalidField("data.cancel_at_period_end"))?,
         occurred_at: env.occurred_at,
@@ -362,6 +372,7 @@ mod tests {
         assert_eq!(s.status, Some(SubscriptionStatus::Active));
         assert!(!s.terminal);
         assert_eq!(s.current_period_end, Some(at("2025-07-08T10:15:02Z")));
+        assert_eq!(s.current_period_start, Some(at("2025-06-08T10:15:02Z")));
         assert_eq!(s.cancel_at_period_end, Some(false));
         assert_eq!(s.occurred_at, at("2025-06-08T10:15:05.123456Z"));
     }
@@ -533,6 +544,7 @@ mod tests {
         );
         assert_eq!(s.status, Some(SubscriptionStatus::Active));
         assert_eq!(s.current_period_end, Some(at("2025-07-08T10:15:02.501Z")));
+        assert_eq!(s.current_period_start, Some(at("2025-06-08T10:15:02.501Z")));
         assert_eq!(s.cancel_at_period_end, Some(false));
         assert_eq!(s.occurred_at, at("2025-06-08T10:15:03.2Z"));
     }
@@ -654,6 +666,8 @@ mod tests {
                 status: Some(SubscriptionStatus::PastDue),
                 terminal: false,
                 current_period_end: Some(at("2025-06-01T00:00:00Z")),
+                billing_anchor: None,
+                current_period_start: None,
                 cancel_at_period_end: Some(true),
                 occurred_at: at("2025-05-01T12:00:00Z"),
             }

@@ -142,6 +142,13 @@ fn subscription_event(
         current_period_end = Some(cancel_at);
     }
 
+    // The anchor says the billing day; the period start is a fallback for payloads without it.
+    let billing_anchor = opt_unix(sub, "billing_cycle_anchor")?;
+    let current_period_start = match opt_unix(sub, "current_period_start")? {
+        Some(t) => Some(t),
+        None => opt_unix(sub, "items.data.0.current_period_start")?,
+    };
+
     Ok(SubscriptionEvent {
         subscription_id,
         customer_id: expandable_id(sub, "customer"),
@@ -150,6 +157,8 @@ fn subscription_event(
         status,
         terminal: deleted,
         current_period_end,
+        billing_anchor,
+        current_period_start,
         cancel_at_period_end,
         occurred_at,
     })
@@ -198,6 +207,8 @@ fn invoice_event(
         status: Some(status),
         terminal: false,
         current_period_end: None,
+        billing_anchor: None,
+        current_period_start: None,
         cancel_at_period_end: None,
         occurred_at,
     }))
@@ -244,6 +255,8 @@ mod tests {
         assert_eq!(s.subscription_id, "sub_1RQmZyQxu7lNeOGtEBsBLdgd");
         assert_eq!(s.customer_id.as_deref(), Some("cus_SLTUXsrP3XAm5X"));
         assert_eq!(s.org_id.as_deref(), Some("org_acme"));
+        assert_eq!(s.billing_anchor, Some(ts(1_747_689_318)));
+        assert_eq!(s.current_period_start, Some(ts(1_747_689_318)));
         assert_eq!(
             s.product_id.as_deref(),
             Some("price_1RQmYdQxu7lNeOGtPro0Mnth")

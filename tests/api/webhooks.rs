@@ -14,14 +14,14 @@ use sqlx::Row;
 
 use crate::helpers::{TestApp, TestOptions, eventually, json, spawn_app_with};
 
-const STRIPE_SECRET: &str = "whsec_stripe_test_secret_0001";
+pub(crate) const STRIPE_SECRET: &str = "whsec_stripe_test_secret_0001";
 const STRIPE_ROTATED: &str = "whsec_stripe_test_secret_0002";
 /// The Standard Webhooks spec's published test secret.
-const STANDARD_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
+pub(crate) const STANDARD_SECRET: &str = "whsec_C2FVsBQIhrscChlQIMV+b5sSYspob7oD";
 const DODO_SECRET: &str = "whsec_ZG9kby10ZXN0LXNlY3JldC1rZXktMDAwMQ==";
 const POLAR_SECRET: &str = "polar_whs_test_secret_string";
 
-const STRIPE_PRO_PRICE: &str = "price_1RQmYdQxu7lNeOGtPro0Mnth";
+pub(crate) const STRIPE_PRO_PRICE: &str = "price_1RQmYdQxu7lNeOGtPro0Mnth";
 const DODO_PRO_PRODUCT: &str = "pdt_3Bq9QdVsz1lC8yYq0vE8m";
 const POLAR_PRO_PRODUCT: &str = "d8dd2de1-21b7-4a41-8bc3-ce909c0cfe23";
 
@@ -67,7 +67,7 @@ fn billing(auto_downgrade: bool) -> BillingSettings {
     }
 }
 
-async fn app(auto_downgrade: bool) -> TestApp {
+pub(crate) async fn app(auto_downgrade: bool) -> TestApp {
     spawn_app_with(TestOptions {
         billing: Some(billing(auto_downgrade)),
         ..Default::default()
@@ -75,12 +75,12 @@ async fn app(auto_downgrade: bool) -> TestApp {
     .await
 }
 
-fn now_unix(app: &TestApp) -> i64 {
+pub(crate) fn now_unix(app: &TestApp) -> i64 {
     app.clock_now().timestamp()
 }
 
 /// A Stripe subscription event from the documented example, for `org` at `created`.
-fn stripe_subscription(
+pub(crate) fn stripe_subscription(
     event_type: &str,
     event_id: &str,
     created: i64,
@@ -105,7 +105,12 @@ fn stripe_subscription(
     e
 }
 
-async fn send_stripe(app: &TestApp, body: &Value, secret: &str, t: i64) -> reqwest::Response {
+pub(crate) async fn send_stripe(
+    app: &TestApp,
+    body: &Value,
+    secret: &str,
+    t: i64,
+) -> reqwest::Response {
     let raw = serde_json::to_vec(body).unwrap();
     app.client
         .post(app.url("/webhooks/stripe"))
@@ -117,7 +122,7 @@ async fn send_stripe(app: &TestApp, body: &Value, secret: &str, t: i64) -> reqwe
         .unwrap()
 }
 
-async fn send_standard(
+pub(crate) async fn send_standard(
     app: &TestApp,
     path: &str,
     key: &[u8],
@@ -138,13 +143,13 @@ async fn send_standard(
         .unwrap()
 }
 
-fn base64_key(secret: &str) -> Vec<u8> {
+pub(crate) fn base64_key(secret: &str) -> Vec<u8> {
     base64::engine::general_purpose::STANDARD
         .decode(secret.trim_start_matches("whsec_"))
         .unwrap()
 }
 
-async fn plan_of(app: &TestApp, org: &str) -> String {
+pub(crate) async fn plan_of(app: &TestApp, org: &str) -> String {
     let body = json(
         app.admin(reqwest::Method::GET, &format!("/admin/orgs/{org}"), None)
             .await,
