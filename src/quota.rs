@@ -15,8 +15,8 @@ use crate::db::orgs::OrgRecord;
 use crate::directory::{Change, OrgDirectory};
 use crate::domain::decision::Mode;
 use crate::domain::decision::{
-    Charge, Evaluation, LimitReply, LimitState, Outcome, Target, evaluate, limits_for,
-    merge_charges,
+    Charge, Evaluation, LimitReply, LimitState, Outcome, Target, add_headroom_charges, evaluate,
+    limits_for, mark_headroom, merge_charges,
 };
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
@@ -150,6 +150,7 @@ impl QuotaService {
                 limit: None,
                 overage: crate::domain::plan::Overage::Allow,
                 notify_at: &[],
+                headroom: false,
             };
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, if gauge { 0 } else { expiry }));
@@ -669,10 +670,28 @@ impl QuotaService {
         mode: Mode,
         idempotency_key: Option<&str>,
     ) -> Result<Decision<'c>, QuotaError> {
+        self.decide_needing(catalog, org, charges, &[], mode, idempotency_key)
+            .await
+    }
+
+    /// `decide`, where the hard quotas of the metrics in `needs` must also have room left even
+    /// if `charges` charge them nothing (their cost is recorded after the response): checked in
+    /// the same round trip (`Limit::headroom`).
+    pub async fn decide_needing<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+        needs: &[&'c crate::domain::plan::Metric],
+        mode: Mode,
+        idempotency_key: Option<&str>,
+    ) -> Result<Decision<'c>, QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
-        let merged = merge_charges(charges);
+        let mut merged = merge_charges(charges);
+        add_headroom_charges(&mut merged, needs);
         let now = self.clock.now();
-        let limits = limits_for(plan, &merged, now, record.billing_anchor);
+        let mut limits = limits_for(plan, &merged, now, record.billing_anchor);
+        mark_headroom(&mut limits, needs);
         let idem = idempotency_key.map(|k| (k, self.idempotency_ttl));
         let shadow = matches!(mode, Mode::Check | Mode::DryRun)
             && (self.shadow_everything || plan.enforcement == Enforcement::Shadow);

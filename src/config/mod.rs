@@ -20,7 +20,10 @@ use serde::de::DeserializeOwned;
 
 use crate::domain::period::Period;
 use crate::domain::plan::{Catalog, Enforcement, Metric, MetricKind, Overage, Plan, Quota, Rate};
-use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteAction, RouteTable};
+use crate::proxy::routes::{
+    ChargeSpec, Estimate, OnMissing, PathPattern, ReportSpec, ReserveSpec, Route, RouteAction,
+    RouteTable,
+};
 
 // Settings types live with the parts that use them; this module parses and validates them.
 pub use crate::db::DatabaseSettings;

@@ -30,7 +30,9 @@
 --           "g" gauge level (durable), "r" GCRA rate; "C", "M", "R" the same with leases
 --   amount  integer; negative only in "record" mode (counters and gauges never go below 0)
 --   limit   integer > 0, or 0 for a metered-only counter that never denies
---   block   "1" when exceeding the limit denies, "0" for a soft limit (still reported)
+--   block   "1" when exceeding the limit denies, "0" for a soft limit (still reported), "h"
+--           (counters and gauges, amount 0) when the limit must have room left: see
+--           "Headroom" below
 --   param   c, m: absolute expiry in Unix milliseconds (end of the period plus a grace)
 --           g: unused
 --           r: the window in microseconds
@@ -75,6 +77,12 @@
 -- Settlement happens before the checks and stays applied whatever the status (except 3 and 5,
 -- which return before it): it records units already admitted.
 --
+-- Headroom. A request whose cost is only known after the response (the proxy records it from a
+-- response header, a trailer or the stream) charges such a metric nothing up front, yet must not
+-- start once the metric's hard quota is used up: its limit comes with amount 0 and block "h", and
+-- denies when used + reserved >= limit (in "check", "dry" and "shadow" modes, like a charge that
+-- does not fit). It is never leased and never charges anything.
+
 -- Rates use GCRA (burst = limit, emission interval T = window / limit). The state is kept as a
 -- "debt" D = max(0, TAT - now) in microseconds *scaled by the limit*, plus the time it was
 -- written. Scaling makes every step an exact integer in a Lua double: a charge adds
@@ -241,6 +249,11 @@ while a <= last do
       overflow = true
     end
     if block and limit > 0 and amount > 0 and current + reserved + amount > limit then
+      d = 1
+      denied = true
+    end
+    -- Headroom (see above): no room left at all denies a charge of nothing.
+    if not record and limit > 0 and ARGV[arg_at[i] + 3] == 'h' and current + reserved >= limit then
       d = 1
       denied = true
     end

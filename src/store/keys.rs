@@ -214,6 +214,7 @@ mod tests {
             limit: None,
             overage: Overage::Allow,
             notify_at: &[],
+            headroom: false,
         };
         assert_eq!(
             keys.limit(&org, &limit),

@@ -247,6 +247,10 @@ pub struct KeySpec {
     /// Notification thresholds (percent of `limit`), ascending; empty for most limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<u16>,
+    /// A zero-amount check that the (blocking) limit has room left (`Limit::headroom`): sent
+    /// to the script as block `h`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headroom: bool,
 }
 
 impl KeySpec {
@@ -532,6 +536,7 @@ impl Store {
             block: limit.blocks(),
             param,
             notify,
+            headroom: limit.headroom,
         }
     }
 
@@ -822,7 +827,11 @@ impl Store {
             cmd.arg(spec.kind.as_arg(leased(spec)))
                 .arg(spec.amount)
                 .arg(spec.limit)
-                .arg(if spec.block { "1" } else { "0" })
+                .arg(match (spec.block, spec.headroom) {
+                    (true, true) => "h",
+                    (true, false) => "1",
+                    (false, _) => "0",
+                })
                 .arg(spec.param);
             if leased(spec) {
                 let arg = lease
@@ -1064,6 +1073,7 @@ mod tests {
             block: true,
             param: 0,
             notify: vec![80, 100],
+            headroom: false,
         };
         assert_eq!(spec(20).trigger(80), 16);
         assert_eq!(spec(3).trigger(80), 3, "2.4 rounds up");

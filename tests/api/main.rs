@@ -23,5 +23,6 @@ mod process;
 mod propagation;
 mod proxy;
 mod reload;
+mod settle;
 mod usage;
 mod webhooks;
