@@ -14,7 +14,9 @@
 //! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
 //!   owning `local` (deciding while Redis is unreachable and replaying it exactly once),
 //!   `lease` (blocks of a limit this replica admits from without Redis, opt-in) and
-//!   `directory` (the per-replica org cache; `cache` holds its invalidation rules).
+//!   `directory` (the per-replica org cache; `cache` holds its invalidation rules);
+//!   `reservations` (`/v1/reservations`: reserve now, settle or release once, expiry swept on
+//!   every replica).
 //! - Adapters: `store` (Redis: keys, Lua scripts, the in-doubt machinery), `db` (Postgres).
 //! - `config`: typed settings and the catalog, validated at start-up, every problem at once.
 //! - `domain`: org ids, plans, periods, decisions, modes and their rendering; pure, no I/O.
@@ -39,6 +41,7 @@ pub mod notify;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
+pub mod reservations;
 pub mod serve;
 pub mod shutdown;
 pub mod singleflight;

@@ -733,7 +733,9 @@ impl QuotaService {
         org: &OrgId,
         charge: Charge<'c>,
     ) -> Result<Decision<'c>, QuotaError> {
-        let (plan, eval) = self.record_counters(catalog, org, &[charge], false).await?;
+        let (plan, eval) = self
+            .record_counters(catalog, org, &[charge], false, None)
+            .await?;
         Ok(Decision {
             plan,
             eval,
@@ -752,6 +754,18 @@ impl QuotaService {
         org: &OrgId,
         charges: &[Charge<'c>],
     ) -> Result<(), QuotaError> {
+        self.refund_once(catalog, org, charges, None).await
+    }
+
+    /// `refund` under an idempotency key: given back once however often it is retried (a
+    /// reservation's settlement that a crash interrupted is finished by a sweeper).
+    pub async fn refund_once<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+        key: Option<&str>,
+    ) -> Result<(), QuotaError> {
         let credits: Vec<Charge<'c>> = merge_charges(charges)
             .into_iter()
             .map(|c| Charge {
@@ -759,7 +773,9 @@ impl QuotaService {
                 amount: -c.amount,
             })
             .collect();
-        self.record_counters(catalog, org, &credits, true).await?;
+        let idem = key.map(|k| (k, self.idempotency_ttl));
+        self.record_counters(catalog, org, &credits, true, idem)
+            .await?;
         Ok(())
     }
 
@@ -776,6 +792,7 @@ impl QuotaService {
         org: &OrgId,
         charges: &[Charge<'c>],
         from_leases: bool,
+        idem: Option<(&str, Duration)>,
     ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
@@ -797,7 +814,7 @@ impl QuotaService {
                 catalog,
                 org,
                 now,
-                |_| self.store.run(org, &limits, Mode::Record, now, None),
+                |_| self.store.run(org, &limits, Mode::Record, now, idem),
                 |r| r.status == Status::NeedsRestore,
             )
             .await??;

@@ -173,6 +173,8 @@ pub struct ApiSettings {
 pub struct UsageSettings {
     /// How long an idempotency key of `POST /v1/usage` is remembered.
     pub idempotency_ttl: Duration,
+    /// What becomes of a `/v1/reservations` reservation that expires unsettled.
+    pub reservation_expiry: crate::domain::reservation::OnExpiry,
 }
 
 pub(super) struct Report<'a> {

@@ -139,6 +139,8 @@ pub(super) struct EnforcementRaw {
 pub(super) struct UsageRaw {
     #[serde(default)]
     idempotency_ttl: Option<String>,
+    #[serde(default)]
+    reservation_expiry: Option<crate::domain::reservation::OnExpiry>,
 }
 
 #[derive(Deserialize)]
@@ -500,6 +502,7 @@ pub(super) fn settings_from_table(
             usage.idempotency_ttl,
             Duration::from_secs(48 * 3600),
         ),
+        reservation_expiry: usage.reservation_expiry.unwrap_or_default(),
     };
     if usage.idempotency_ttl < Duration::from_secs(24 * 3600) {
         r.add(

@@ -8,6 +8,7 @@ pub mod connection;
 pub mod dirty;
 pub mod eviction;
 pub mod keys;
+pub mod reservations;
 
 use std::time::Duration;
 
@@ -319,6 +320,8 @@ pub struct Store {
     /// False after a connection failure, until a call succeeds again (counts reconnects).
     healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     restore: std::sync::Arc<redis::Script>,
+    /// `reservation.lua`: ends a `/v1/reservations` reservation once.
+    reservation: std::sync::Arc<redis::Script>,
     dirty: std::sync::Arc<dirty::DirtySet>,
     eviction: std::sync::Arc<eviction::EvictionWatch>,
     /// Where crossed notification thresholds go (the notifier's writer); `None`: nowhere.
@@ -356,6 +359,7 @@ impl Store {
             metrics,
             healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             restore: std::sync::Arc::new(redis::Script::new(include_str!("restore.lua"))),
+            reservation: std::sync::Arc::new(redis::Script::new(include_str!("reservation.lua"))),
             dirty: std::sync::Arc::new(dirty::DirtySet::default()),
             eviction: std::sync::Arc::new(eviction::EvictionWatch::new(
                 settings.require_noeviction,

@@ -244,6 +244,8 @@ pub struct TestOptions {
     pub notifications: Option<quota_gateway::config::NotifySettings>,
     /// `[leases]` (off by default, as in production).
     pub leases: quota_gateway::config::LeaseSettings,
+    /// `[usage] reservation_expiry`.
+    pub reservation_expiry: quota_gateway::domain::reservation::OnExpiry,
 }
 
 impl Default for TestOptions {
@@ -266,6 +268,7 @@ impl Default for TestOptions {
             api_conn: None,
             notifications: None,
             leases: Default::default(),
+            reservation_expiry: Default::default(),
         }
     }
 }
@@ -339,6 +342,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     settings.redis.require_noeviction = !opts.allow_eviction;
     settings.redis.local_share = opts.local_share;
     settings.leases = opts.leases;
+    settings.usage.reservation_expiry = opts.reservation_expiry;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -590,6 +594,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         },
         usage: UsageSettings {
             idempotency_ttl: Duration::from_secs(48 * 3600),
+            reservation_expiry: Default::default(),
         },
         enforcement: Default::default(),
         proxy: None,

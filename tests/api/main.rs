@@ -23,6 +23,7 @@ mod process;
 mod propagation;
 mod proxy;
 mod reload;
+mod reservations;
 mod settle;
 mod usage;
 mod webhooks;
