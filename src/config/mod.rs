@@ -146,6 +146,8 @@ struct LeasesRaw {
     ttl: Option<String>,
     #[serde(default)]
     max_block: Option<u64>,
+    #[serde(default)]
+    checkpoint: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]

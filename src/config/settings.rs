@@ -534,6 +534,7 @@ pub(super) fn settings_from_table(
         enabled: leases_raw.enabled,
         ttl: duration_or(&mut r, "leases.ttl", leases_raw.ttl, lease_defaults.ttl),
         max_block: leases_raw.max_block.unwrap_or(lease_defaults.max_block),
+        checkpoint: leases_raw.checkpoint.unwrap_or(lease_defaults.checkpoint),
     };
     if leases.ttl < Duration::from_millis(100) || leases.ttl > Duration::from_secs(60) {
         r.add(

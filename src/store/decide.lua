@@ -39,7 +39,8 @@
 --   consumed  leased kinds: units this holder admitted from its lease since it last settled;
 --             they are added to the counter (rates: to the debt), and the holder's lease on the
 --             limit is released. -1: settle nothing and keep the holder's lease
---   want      leased kinds: the largest block to grant the holder (0: none)
+--   want      leased kinds: the largest block to grant the holder (0: none); -1: a checkpoint,
+--             which settles `consumed` and keeps the rest of the holder's lease (no new block)
 -- Durable keys carry a version (incremented on every change) so the flusher can write them to
 -- Postgres monotonically: a value read later never loses to one read earlier.
 -- then, only when some limit has notification thresholds (otherwise nothing at all), a tail:
@@ -73,6 +74,11 @@
 -- expires unsettled (its replica died) is swept here and its units return to the limit. The
 -- block granted shrinks with the headroom: half of what is left, shared among the holders, so
 -- near the limit there is no block and every decision is exact.
+--
+-- Checkpoints. A holder may settle what it consumed without giving its block back (want -1):
+-- the units go to the counter (or the rate's debt) and the holder's lease shrinks by as many,
+-- keeping its expiry. A replica that dies between checkpoints loses only what it admitted since
+-- the last one, and no more than that can pass the limit when its lease is swept.
 --
 -- Settlement happens before the checks and stays applied whatever the status (except 3 and 5,
 -- which return before it): it records units already admitted.
@@ -176,7 +182,17 @@ while a <= last do
       local sep = string.find(v, ':', 1, true)
       local units = tonumber(string.sub(v, 1, sep - 1))
       if fields[f] == holder and consumed >= 0 then
-        redis.call('HDEL', hkey, holder)
+        -- want -1: a checkpoint. The consumed units leave the block for the counter and the
+        -- rest of the block stays this holder's, so a replica that dies later loses only what
+        -- it admitted since (see "Checkpoints" above).
+        local left = units - consumed
+        if ARGV[a + 6] == '-1' and left > 0 then
+          redis.call('HSET', hkey, holder, left .. string.sub(v, sep))
+          reserved = reserved + left
+          h = h + 1
+        else
+          redis.call('HDEL', hkey, holder)
+        end
       elseif tonumber(string.sub(v, sep + 1)) <= now then
         sw = sw + units
         redis.call('HDEL', hkey, fields[f])

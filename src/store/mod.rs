@@ -213,6 +213,8 @@ pub struct LeaseArg {
     pub consumed: Option<u64>,
     /// The largest block to take (0: none).
     pub want: u64,
+    /// Settle `consumed` but keep the rest of the lease (a checkpoint; takes no block).
+    pub checkpoint: bool,
 }
 
 impl LeaseArg {
@@ -220,6 +222,7 @@ impl LeaseArg {
     pub const LOOK: LeaseArg = LeaseArg {
         consumed: None,
         want: 0,
+        checkpoint: false,
     };
 }
 
@@ -845,7 +848,11 @@ impl Store {
                     Some(c) => cmd.arg(c),
                     None => cmd.arg(-1),
                 };
-                cmd.arg(arg.want);
+                if arg.checkpoint {
+                    cmd.arg(-1);
+                } else {
+                    cmd.arg(arg.want);
+                }
             }
         }
         if notified > 0 {

@@ -17,7 +17,26 @@ fn leases_on() -> quota_gateway::config::LeaseSettings {
         enabled: true,
         ttl: Duration::from_secs(1),
         max_block: 100,
+        checkpoint: true,
     }
+}
+
+/// The units the lease hash of the org's month counter holds for all holders.
+async fn reserved_in_redis(app: &TestApp, org: &str) -> i64 {
+    let start = quota_gateway::domain::period::calendar_month(app.clock_now())
+        .start
+        .timestamp();
+    let hash = format!("{}:{{{org}}}:c:requests:month:{start}:l", app.prefix);
+    let mut conn = app.redis.clone();
+    let values: Vec<String> = redis::cmd("HVALS")
+        .arg(&hash)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    values
+        .iter()
+        .map(|v| v.split(':').next().unwrap().parse::<i64>().unwrap())
+        .sum()
 }
 
 fn plans(quota: i64, rate: Option<(i64, &str)>) -> String {
@@ -237,6 +256,63 @@ async fn blocks_settle_on_their_own_within_the_lease_ttl() {
     .await;
     assert!(settled.is_some(), "the counter reached 7 within 5 s");
     assert!(metric_value(&a, "quota_gateway_lease_settlements_total").await >= 1.0);
+}
+
+/// A checkpoint settles what a block consumed while the replica keeps the rest of it: a replica
+/// killed later loses only what it admitted since. The lease ttl is long here, so nothing but
+/// a checkpoint can move the counter within the test.
+#[tokio::test]
+async fn checkpoints_settle_consumed_units_and_keep_the_block() {
+    let long = |checkpoint| quota_gateway::config::LeaseSettings {
+        ttl: Duration::from_secs(30),
+        checkpoint,
+        ..leases_on()
+    };
+    let a = spawn_app_with(TestOptions {
+        plans: plans(1000, None),
+        leases: long(true),
+        ..Default::default()
+    })
+    .await;
+    admit(&a, "acme", 7).await;
+    let block = reserved_in_redis(&a, "acme").await;
+    assert!(block > 7, "a block of {block} units was taken");
+    // The settler checkpoints within a quarter ttl (7.5 s).
+    let settled = crate::helpers::eventually(Duration::from_secs(10), || async {
+        month_counter(&a, "acme").await == 7
+    })
+    .await;
+    assert!(settled.is_some(), "the counter reached 7 within 10 s");
+    assert_eq!(
+        reserved_in_redis(&a, "acme").await,
+        block - 6,
+        "the block keeps its unconsumed units (the first check was decided in Redis, 6 from the block)"
+    );
+    // ...and is still used: the next checks are admitted here without Redis.
+    let local = "quota_gateway_lease_decisions_total{path=\"local\"}";
+    let before = metric_value(&a, local).await;
+    admit(&a, "acme", 3).await;
+    assert_eq!(metric_value(&a, local).await, before + 3.0);
+    settle_all(&[&a]).await;
+    assert_eq!(month_counter(&a, "acme").await, 10);
+    assert_eq!(reserved_in_redis(&a, "acme").await, 0);
+
+    // Without checkpoints the block's usage waits for its expiry (or a refill).
+    let b = spawn_app_with(TestOptions {
+        plans: plans(1000, None),
+        leases: long(false),
+        ..Default::default()
+    })
+    .await;
+    admit(&b, "acme", 7).await;
+    tokio::time::sleep(Duration::from_secs(9)).await;
+    assert_eq!(
+        month_counter(&b, "acme").await,
+        1,
+        "only the check that took the block is counted"
+    );
+    settle_all(&[&b]).await;
+    assert_eq!(month_counter(&b, "acme").await, 7);
 }
 
 #[tokio::test]

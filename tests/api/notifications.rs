@@ -628,6 +628,7 @@ quotas = { requests = { limit = 1000, period = "month" } }
             enabled: true,
             ttl: Duration::from_secs(1),
             max_block: 100,
+            ..Default::default()
         },
         ..Default::default()
     })
