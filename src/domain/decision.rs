@@ -232,14 +232,20 @@ pub fn add_headroom_charges<'a>(charges: &mut Vec<Charge<'a>>, needs: &[&'a Metr
 }
 
 /// Mark the blocking quotas of `needs` that this decision charges nothing as needing room left
-/// (`Limit::headroom`). Rates are left alone: a rate refills, a used-up quota does not.
-pub fn mark_headroom(limits: &mut [Limit<'_>], needs: &[&Metric]) {
-    for l in limits.iter_mut() {
-        if l.amount == 0 && !l.is_rate() && l.blocks() && needs.iter().any(|m| m.id == l.metric.id)
-        {
-            l.headroom = true;
-        }
+/// (`Limit::headroom`), and drop the other limits it charges nothing (rates, soft and unlimited
+/// counters): they could not deny, and each would cost the script work on every request. Rates
+/// are not checked: a rate refills, a used-up quota does not.
+pub fn mark_headroom(limits: &mut Vec<Limit<'_>>, needs: &[&Metric]) {
+    if needs.is_empty() {
+        return;
     }
+    limits.retain_mut(|l| {
+        if l.amount != 0 || !needs.iter().any(|m| m.id == l.metric.id) {
+            return true;
+        }
+        l.headroom = !l.is_rate() && l.blocks();
+        l.headroom
+    });
 }
 
 /// The store's answer for one limit.
@@ -502,6 +508,38 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn metrics_charged_after_the_response_need_headroom_on_their_hard_quotas_only() {
+        let plan = plan();
+        let requests = metric("requests", MetricKind::Counter);
+        let tokens = metric("tokens", MetricKind::Counter);
+        let mut charges = vec![Charge {
+            metric: &tokens,
+            amount: 5,
+        }];
+        add_headroom_charges(&mut charges, &[&requests, &tokens]);
+        assert_eq!(charges.len(), 2, "tokens is charged already");
+        let mut limits = limits_for(&plan, &charges, now(), None);
+        mark_headroom(&mut limits, &[&requests, &tokens]);
+        let kept: Vec<_> = limits
+            .iter()
+            .map(|l| {
+                let mut name = String::new();
+                l.push_policy_name(&mut name);
+                (name, l.amount, l.headroom)
+            })
+            .collect();
+        // requests: the hard monthly quota needs room; the soft daily one and the rate are
+        // dropped (they cannot deny a charge of nothing); tokens is charged as usual.
+        assert_eq!(
+            kept,
+            vec![
+                ("tokens-month".to_string(), 5, false),
+                ("requests-month".to_string(), 0, true),
+            ]
+        );
     }
 
     #[test]
