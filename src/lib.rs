@@ -14,7 +14,8 @@
 //! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
 //!   owning `local` (deciding while Redis is unreachable and replaying it exactly once),
 //!   `lease` (blocks of a limit this replica admits from without Redis, opt-in) and
-//!   `directory` (the per-replica org cache; `cache` holds its invalidation rules);
+//!   `directory` (the per-replica org cache; `cache` holds its invalidation rules); `credits`
+//!   (grant, list and void prepaid credits; spending them is the decision's own);
 //!   `reservations` (`/v1/reservations`: reserve now, settle or release once, expiry swept on
 //!   every replica).
 //! - Adapters: `store` (Redis: keys, Lua scripts, the in-doubt machinery), `db` (Postgres).
@@ -28,6 +29,7 @@ pub mod api;
 pub mod cache;
 pub mod clock;
 pub mod config;
+pub mod credits;
 pub mod db;
 pub mod demo_upstream;
 pub mod directory;

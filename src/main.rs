@@ -73,6 +73,14 @@ enum Command {
         #[arg(long, value_enum, default_value = "csv")]
         format: ExportFormat,
     },
+    /// Write every credit grant (from Postgres) to stdout: what was granted, spent, voided and
+    /// is left, as of each replica's last flush.
+    ExportCredits {
+        #[command(flatten)]
+        config: ConfigArg,
+        #[arg(long, value_enum, default_value = "csv")]
+        format: ExportFormat,
+    },
     /// Apply pending database migrations and exit.
     Migrate {
         #[command(flatten)]
@@ -181,6 +189,31 @@ async fn run(cli: Cli) -> ExitCode {
                             summary.rows, summary.orgs, summary.total
                         );
                     }
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("export failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::ExportCredits { config, format } => {
+            let (settings, _) = match config::load(&config.path, &env) {
+                Ok(v) => v,
+                Err(e) => {
+                    eprint!("{e}");
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
+            let written = async {
+                let pool = db::pool(&settings.database)?;
+                let rows = db::credits::export(&pool);
+                write_credits(rows, format, std::io::stdout().lock()).await
+            }
+            .await;
+            match written {
+                Ok(n) => {
+                    eprintln!("{n} grants");
                     ExitCode::SUCCESS
                 }
                 Err(e) => {
@@ -331,6 +364,71 @@ async fn write_export(
     }
     out.flush()?;
     Ok(summary)
+}
+
+/// Write the credits export to `out` as rows arrive; returns the number of grants.
+async fn write_credits(
+    rows: impl futures_util::Stream<Item = Result<db::credits::GrantRow, db::DbError>>,
+    format: ExportFormat,
+    out: impl std::io::Write,
+) -> anyhow::Result<u64> {
+    use futures_util::StreamExt as _;
+    use std::io::Write as _;
+    let stamp = |t: Option<chrono::DateTime<chrono::Utc>>| {
+        t.map(|t| t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true))
+    };
+    let mut out = std::io::BufWriter::new(out);
+    let mut n = 0u64;
+    match format {
+        ExportFormat::Csv => out.write_all(
+            b"org_id,grant_id,metric,amount,spent,voided,remaining,priority,expires_at,created_at,voided_at,source\n",
+        )?,
+        ExportFormat::Json => out.write_all(b"[")?,
+    }
+    let mut rows = std::pin::pin!(rows);
+    while let Some(r) = rows.next().await {
+        let r = r?;
+        let voided = r.voided.unwrap_or(0);
+        let spent = (r.amount - r.remaining - voided).max(0);
+        match format {
+            // Ids and metrics cannot contain commas or quotes; the source is ours.
+            ExportFormat::Csv => writeln!(
+                out,
+                "{},{},{},{},{},{},{},{},{},{},{},{}",
+                r.org_id,
+                r.id,
+                r.metric,
+                r.amount,
+                spent,
+                voided,
+                r.remaining,
+                r.priority,
+                stamp(r.expires_at).unwrap_or_default(),
+                stamp(Some(r.created_at)).unwrap_or_default(),
+                stamp(r.voided_at).unwrap_or_default(),
+                r.source
+            )?,
+            ExportFormat::Json => {
+                if n > 0 {
+                    out.write_all(b",")?;
+                }
+                let item = serde_json::json!({
+                    "org_id": r.org_id, "grant_id": r.id, "metric": r.metric,
+                    "amount": r.amount, "spent": spent, "voided": voided,
+                    "remaining": r.remaining, "priority": r.priority,
+                    "expires_at": stamp(r.expires_at), "created_at": stamp(Some(r.created_at)),
+                    "voided_at": stamp(r.voided_at), "source": r.source,
+                });
+                out.write_all(item.to_string().as_bytes())?;
+            }
+        }
+        n += 1;
+    }
+    if let ExportFormat::Json = format {
+        out.write_all(b"]\n")?;
+    }
+    out.flush()?;
+    Ok(n)
 }
 
 fn print_summary(config: &Path, plans: &Path, catalog: &Catalog) {

@@ -59,6 +59,10 @@ pub struct Metrics {
     /// Leased decisions by path: local (from a block this replica holds, no Redis call) |
     /// redis (a lease call: settle, decide exactly, take a new block).
     pub lease_decisions: IntCounterVec,
+    /// Credit units by direction: drawn (spent past a hard quota) | returned (refunds).
+    pub credit_units: IntCounterVec,
+    /// Grants made, by source: admin | webhook.
+    pub credit_grants: IntCounterVec,
     /// Lease calls that only settled and returned blocks (expiry, shutdown).
     pub lease_settlements: IntCounter,
     /// Units of expired, unsettled leases (a replica died or lost Redis) returned to their
@@ -231,6 +235,28 @@ impl Metrics {
              keys (an evicted counter silently resets a budget), or before the first check.",
         )
         .expect("valid metric");
+        let credit_units = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_credit_units_total",
+                "Prepaid credit units drawn past hard quotas, or returned by refunds.",
+            ),
+            &["direction"],
+        )
+        .expect("valid metric");
+        for direction in ["drawn", "returned"] {
+            credit_units.with_label_values(&[direction]);
+        }
+        let credit_grants = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_credit_grants_total",
+                "Credit grants made, by source (admin API or billing webhook); repeats excluded.",
+            ),
+            &["source"],
+        )
+        .expect("valid metric");
+        for source in ["admin", "webhook"] {
+            credit_grants.with_label_values(&[source]);
+        }
         let lease_decisions = IntCounterVec::new(
             Opts::new(
                 "quota_gateway_lease_decisions_total",
@@ -362,6 +388,8 @@ impl Metrics {
             Box::new(notifications.clone()),
             Box::new(notifications_oldest_pending.clone()),
             Box::new(lease_decisions.clone()),
+            Box::new(credit_units.clone()),
+            Box::new(credit_grants.clone()),
             Box::new(lease_settlements.clone()),
             Box::new(lease_swept_units.clone()),
             Box::new(lease_underadmissions.clone()),
@@ -411,6 +439,8 @@ impl Metrics {
             replay_overflow,
             redis_eviction_policy_ok,
             lease_decisions,
+            credit_units,
+            credit_grants,
             lease_settlements,
             lease_swept_units,
             lease_underadmissions,

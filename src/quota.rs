@@ -13,6 +13,7 @@ use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::orgs::OrgRecord;
 use crate::directory::{Change, OrgDirectory};
+use crate::domain::credit::CreditState;
 use crate::domain::decision::Mode;
 use crate::domain::decision::{
     Charge, Evaluation, LimitReply, LimitState, Outcome, Target, add_headroom_charges, evaluate,
@@ -23,7 +24,7 @@ use crate::domain::plan::{Catalog, Enforcement, Plan};
 use crate::lease::{LeaseSettings, Leases, Taken};
 use crate::local::{DoubtedDecision, LocalMode, ReplayError, Replayer};
 use crate::metrics::Metrics;
-use crate::store::{Batch, KeySpec, LeaseCall, Reply, Status, Store, StoreError};
+use crate::store::{Batch, CreditReply, KeySpec, LeaseCall, Reply, Status, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -155,11 +156,40 @@ impl QuotaService {
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, if gauge { 0 } else { expiry }));
         }
-        let restored = self.store.restore(org, now, &entries).await?;
-        if restored && !entries.is_empty() {
-            tracing::warn!(org = %org, counters = entries.len(), "restored usage from Postgres into Redis");
+        let credits = self.credit_hashes(org, now).await?;
+        let restored = self.store.restore(org, now, &entries, &credits).await?;
+        if restored && !(entries.is_empty() && credits.is_empty()) {
+            tracing::warn!(org = %org, counters = entries.len(), credit_metrics = credits.len(), "restored usage and credits from Postgres into Redis");
         }
         Ok(restored)
+    }
+
+    /// The org's live grants as Postgres holds them, one credit hash per metric, to restore.
+    async fn credit_hashes(
+        &self,
+        org: &OrgId,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Vec<crate::store::CreditHash>, QuotaError> {
+        use crate::domain::credit;
+        let rows = crate::db::credits::live(self.directory.pool(), org.as_str(), now).await?;
+        let mut hashes: Vec<crate::store::CreditHash> = Vec::new();
+        for row in rows {
+            let key = self.store.keys().credits(org, &row.metric);
+            let field = credit::field(row.priority.max(0) as u32, row.expires_at, &row.id);
+            let value = credit::value(row.remaining, row.amount);
+            match hashes.last_mut().filter(|h| h.key == key) {
+                Some(h) => {
+                    h.fields.push((field, value));
+                    h.version = h.version.max(row.version);
+                }
+                None => hashes.push(crate::store::CreditHash {
+                    key,
+                    fields: vec![(field, value)],
+                    version: row.version,
+                }),
+            }
+        }
+        Ok(hashes)
     }
 
     /// Ask Redis; when it answers that the org's counters are missing (Redis lost them, or a new
@@ -203,7 +233,7 @@ impl QuotaService {
         mode: Mode,
         now: chrono::DateTime<chrono::Utc>,
         idem: Option<(&str, Duration)>,
-    ) -> Result<(Status, Vec<LimitReply>), QuotaError> {
+    ) -> Result<(Status, Vec<LimitReply>, Vec<CreditReply>), QuotaError> {
         let leases = self
             .leases
             .as_ref()
@@ -218,7 +248,7 @@ impl QuotaService {
                     .lease_decisions
                     .with_label_values(&["local"])
                     .inc();
-                return Ok((Status::Applied, replies));
+                return Ok((Status::Applied, replies, Vec::new()));
             }
             if !self.local.serves_locally() {
                 let (call, taken) = leases.call(org, &specs, refill, now);
@@ -263,7 +293,7 @@ impl QuotaService {
                         self.lease_answered(leases, taken, specs, &reply);
                     }
                     self.local.remember(limits, &reply);
-                    return Ok((reply.status, reply.limits));
+                    return Ok((reply.status, reply.limits, reply.credits));
                 }
                 Err(StoreError::InDoubt(after, call)) => {
                     self.local.trip();
@@ -302,7 +332,7 @@ impl QuotaService {
         };
         let Some((after, call)) = in_doubt else {
             let reply = self.local.decide(org, limits, &specs, mode, key, false);
-            return Ok((refuse_overflow(reply.status)?, reply.limits));
+            return Ok((refuse_overflow(reply.status)?, reply.limits, Vec::new()));
         };
         // Redis may have applied this call: decide here (or refuse, in `closed` mode) without
         // queueing the units, and let the call's own answer say whether they must be replayed.
@@ -322,7 +352,7 @@ impl QuotaService {
             self.local.settle(&self.store, call, decisions);
         }
         match reply {
-            Some(reply) => Ok((refuse_overflow(reply.status)?, reply.limits)),
+            Some(reply) => Ok((refuse_overflow(reply.status)?, reply.limits, Vec::new())),
             None => Err(StoreError::Timeout(after).into()),
         }
     }
@@ -624,6 +654,10 @@ impl QuotaService {
         &self.store
     }
 
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn directory(&self) -> &Arc<OrgDirectory> {
         &self.directory
     }
@@ -700,7 +734,7 @@ impl QuotaService {
         } else {
             mode
         };
-        let (status, replies) = self
+        let (status, replies, credits) = self
             .run_limits(catalog, org, &limits, mode, now, idem)
             .await?;
         if status == Status::Duplicate {
@@ -710,13 +744,16 @@ impl QuotaService {
                     outcome: Outcome::Allowed,
                     states: Vec::new(),
                     applied: false,
+                    credits: Vec::new(),
                 },
                 duplicate: true,
                 shadow,
             });
         }
         let applied = matches!(status, Status::Applied | Status::AppliedOverLimit);
-        let eval = evaluate(limits, &replies, applied, now);
+        let credits = credit_states(&limits, &credits);
+        let mut eval = evaluate(limits, &replies, applied, now);
+        eval.credits = credits;
         Ok(Decision {
             plan,
             eval,
@@ -818,10 +855,10 @@ impl QuotaService {
                 |r| r.status == Status::NeedsRestore,
             )
             .await??;
-        Ok((
-            plan,
-            evaluate(limits, &reply.limits, reply.status == Status::Applied, now),
-        ))
+        let credits = credit_states(&limits, &reply.credits);
+        let mut eval = evaluate(limits, &reply.limits, reply.status == Status::Applied, now);
+        eval.credits = credits;
+        Ok((plan, eval))
     }
 
     /// The org's current usage: one state per declared metric (the limit nearest exhaustion when a
@@ -952,6 +989,23 @@ impl Drop for Unanswered<'_> {
             self.quota.lease_failed(Some(taken), None);
         }
     }
+}
+
+/// The store's credit replies, named by metric.
+fn credit_states<'c>(
+    limits: &[crate::domain::decision::Limit<'c>],
+    replies: &[CreditReply],
+) -> Vec<CreditState<'c>> {
+    replies
+        .iter()
+        .filter_map(|c| {
+            Some(CreditState {
+                metric: &limits.get(c.index)?.metric.id,
+                drawn: c.drawn,
+                remaining: c.remaining,
+            })
+        })
+        .collect()
 }
 
 fn recorded(status: Status) -> Recorded {

@@ -6,6 +6,7 @@
 
 mod admin;
 mod auth;
+mod credits;
 mod extract;
 mod guard;
 mod health;
@@ -131,6 +132,21 @@ pub fn routes() -> Routes {
             Method::POST,
             "/admin/orgs/{org_id}/adjustments",
             post(admin::adjust),
+        )
+        .add(
+            Method::POST,
+            "/admin/orgs/{org_id}/grants",
+            post(credits::create),
+        )
+        .add(
+            Method::GET,
+            "/admin/orgs/{org_id}/grants",
+            get(credits::list),
+        )
+        .add(
+            Method::DELETE,
+            "/admin/orgs/{org_id}/grants/{id}",
+            delete(credits::void),
         )
         .add(
             Method::PUT,

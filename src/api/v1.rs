@@ -496,7 +496,15 @@ pub async fn org_usage(
         .into_response());
     }
     let (plan, states) = state.quota.usage(&catalog, &org).await?;
-    let usage: Vec<UsageEntry<'_>> = states.iter().map(UsageEntry::from_state).collect();
+    let credits = crate::credits::remaining(&state.quota, &catalog, &org).await?;
+    let usage: Vec<UsageEntry<'_>> = states
+        .iter()
+        .map(|s| {
+            let metric = &s.limit.metric.id;
+            UsageEntry::from_state(s)
+                .with_credits(credits.iter().find(|(m, _)| m == metric).map(|(_, r)| *r))
+        })
+        .collect();
     Ok(Json(json!({
         "org_id": org.as_str(),
         "plan": PlanRef::from(plan),

@@ -639,6 +639,85 @@ pub(super) struct ProviderRaw {
     org_id_from: Option<String>,
     #[serde(default)]
     plans: BTreeMap<String, String>,
+    /// One-time purchases (Stripe price, Polar / Dodo product id) → the credits they grant.
+    #[serde(default)]
+    grants: BTreeMap<String, GrantRaw>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct GrantRaw {
+    metric: String,
+    amount: i64,
+    #[serde(default)]
+    expires_in: Option<String>,
+    #[serde(default)]
+    priority: Option<u32>,
+}
+
+/// `[billing.<provider>] grants`: every problem of every entry, named by key.
+fn grant_templates(
+    r: &mut Report<'_>,
+    key: &str,
+    raw: BTreeMap<String, GrantRaw>,
+) -> BTreeMap<String, crate::webhooks::GrantTemplate> {
+    use crate::domain::credit::MAX_PRIORITY;
+    use crate::domain::decision::MAX_COUNTER;
+    let mut out = BTreeMap::new();
+    for (product, g) in raw {
+        let at = format!("{key}.grants.{product}");
+        if let Some(catalog) = r.catalog {
+            match catalog.metric(&g.metric) {
+                None => r.add(
+                    format!("{at}.metric"),
+                    format!("unknown metric `{}`", g.metric),
+                ),
+                Some(m) if m.kind != crate::domain::plan::MetricKind::Counter => r.add(
+                    format!("{at}.metric"),
+                    format!(
+                        "`{}` is a gauge; credits pay for counter metrics only",
+                        g.metric
+                    ),
+                ),
+                Some(_) => {}
+            }
+        }
+        if g.amount < 1 || g.amount > MAX_COUNTER {
+            r.add(
+                format!("{at}.amount"),
+                format!("must be a whole number from 1 to {MAX_COUNTER}"),
+            );
+        }
+        if g.priority.is_some_and(|p| p > MAX_PRIORITY) {
+            r.add(
+                format!("{at}.priority"),
+                format!("must be a whole number from 0 to {MAX_PRIORITY}"),
+            );
+        }
+        let expires_in = g.expires_in.and_then(|s| match super::parse_duration(&s) {
+            Ok(d) if !d.is_zero() => Some(d),
+            Ok(_) => {
+                r.add(format!("{at}.expires_in"), "must be longer than zero");
+                None
+            }
+            Err(e) => {
+                r.add(format!("{at}.expires_in"), e);
+                None
+            }
+        });
+        out.insert(
+            product,
+            crate::webhooks::GrantTemplate {
+                metric: g.metric,
+                amount: g.amount,
+                expires_in,
+                priority: g
+                    .priority
+                    .unwrap_or(crate::domain::credit::DEFAULT_PRIORITY),
+            },
+        );
+    }
+    out
 }
 
 pub(super) fn billing_settings(
@@ -685,11 +764,13 @@ pub(super) fn billing_settings(
                 }
             }
         }
+        let grants = grant_templates(r, &key, p.grants);
         providers.push(BillingProvider {
             kind,
             secrets: secrets.into_iter().map(SecretString::from).collect(),
             org_id_from: p.org_id_from.unwrap_or_else(|| "metadata.org_id".into()),
             plans: p.plans,
+            grants,
         });
     };
     if let Some(p) = raw.stripe {
@@ -704,6 +785,7 @@ pub(super) fn billing_settings(
                 secrets: Vec::new(),
                 org_id_from: None,
                 plans: BTreeMap::new(),
+                grants: BTreeMap::new(),
             },
         );
     }

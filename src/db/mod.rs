@@ -6,6 +6,7 @@
 pub mod adjustments;
 pub mod api_keys;
 pub mod billing;
+pub mod credits;
 pub mod notifications;
 pub mod orgs;
 pub mod outbox;

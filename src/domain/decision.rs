@@ -349,9 +349,20 @@ pub struct Evaluation<'a> {
     pub states: Vec<LimitState<'a>>,
     /// Whether the charges were actually added (allowed and not a dry run).
     pub applied: bool,
+    /// Per charged counter metric, what the decision did with the org's credits (empty when
+    /// the store did not say: local mode, a leased admission).
+    pub credits: Vec<super::credit::CreditState<'a>>,
 }
 
 impl<'a> Evaluation<'a> {
+    /// The org's credits left for `metric`; `None` when it has no grant of it (or unknown).
+    pub fn credits_remaining(&self, metric: &str) -> Option<u64> {
+        self.credits
+            .iter()
+            .find(|c| c.metric == metric)
+            .and_then(|c| c.remaining)
+    }
+
     pub fn denied_state(&self) -> Option<&LimitState<'a>> {
         match self.outcome {
             Outcome::Allowed => None,
@@ -403,6 +414,7 @@ pub fn evaluate<'a>(
         outcome,
         states,
         applied,
+        credits: Vec::new(),
     }
 }
 

@@ -44,6 +44,9 @@ pub struct UsageEntry<'a> {
     pub overage: Option<&'static str>,
     pub period: Option<&'static str>,
     pub resets_at: Option<String>,
+    /// Units left in the org's unexpired credit grants of this metric; absent without grants.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits_remaining: Option<u64>,
 }
 
 pub fn rfc3339(t: DateTime<Utc>) -> String {
@@ -74,7 +77,14 @@ impl<'a> UsageEntry<'a> {
             }),
             period,
             resets_at,
+            credits_remaining: None,
         }
+    }
+
+    /// The same entry showing the org's credits of its metric.
+    pub fn with_credits(mut self, remaining: Option<u64>) -> Self {
+        self.credits_remaining = remaining;
+        self
     }
 }
 
@@ -83,7 +93,7 @@ pub fn usage_entries<'a>(eval: &Evaluation<'a>) -> Vec<UsageEntry<'a>> {
     eval.states
         .iter()
         .filter(|s| !s.limit.is_rate())
-        .map(UsageEntry::from_state)
+        .map(|s| UsageEntry::from_state(s).with_credits(eval.credits_remaining(&s.limit.metric.id)))
         .collect()
 }
 
@@ -132,6 +142,15 @@ pub struct DenialBody<'a> {
     pub rate: Option<RateInfo<'a>>,
     pub plan: PlanRef<'a>,
     pub upgrade: Option<Upgrade<'a>>,
+    /// A quota denial of a metric the org has credits of: what they still hold (less than the
+    /// part of the charge above the quota, or the charge would have been allowed).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub credits: Option<CreditsInfo>,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct CreditsInfo {
+    pub remaining: u64,
 }
 
 pub const QUOTA_EXCEEDED_TYPE: &str = "urn:quota-gateway:problem:quota-exceeded";
@@ -222,6 +241,9 @@ pub fn denial_body<'a>(
                 rate: None,
                 plan: plan.into(),
                 upgrade,
+                credits: eval
+                    .credits_remaining(metric)
+                    .map(|remaining| CreditsInfo { remaining }),
             }
         }
         Outcome::RateLimited(_) => {
@@ -252,6 +274,7 @@ pub fn denial_body<'a>(
                 }),
                 plan: plan.into(),
                 upgrade,
+                credits: None,
             }
         }
         Outcome::ExceedsBurst(_) => {
@@ -284,6 +307,7 @@ pub fn denial_body<'a>(
                     limit: limit.limit,
                     window,
                 }),
+                credits: None,
                 plan: plan.into(),
                 upgrade: upgrade.filter(|u| u.limit.is_none_or(|l| l >= limit.amount as u64)),
             }

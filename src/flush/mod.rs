@@ -17,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::clock::Clock;
 use crate::db::DbError;
+use crate::db::credits;
 use crate::db::usage::{self, CounterRow};
 use crate::domain::period;
 use crate::metrics::Metrics;
@@ -90,9 +91,17 @@ async fn flush_keys(
     taken: &HashMap<String, Instant>,
     now: DateTime<Utc>,
 ) -> Result<FlushOutcome, FlushError> {
-    // key → (metric, month start) grouped by org.
+    // key → (metric, month start) grouped by org; credit hashes apart.
     let mut by_org: HashMap<String, Vec<(String, String, Option<i64>)>> = HashMap::new();
+    let mut credits: HashMap<String, Vec<String>> = HashMap::new();
     for key in taken.keys() {
+        if let Some((org, _)) = store.keys().parse_credits(key) {
+            credits
+                .entry(org.as_str().to_owned())
+                .or_default()
+                .push(key.clone());
+            continue;
+        }
         match store.keys().parse_durable(key) {
             Some((org, metric, start)) => by_org
                 .entry(org.as_str().to_owned())
@@ -132,12 +141,47 @@ async fn flush_keys(
             }
         }
     }
-    let rows_written = usage::upsert(pool, &rows).await?;
+    let mut rows_written = usage::upsert(pool, &rows).await?;
+    rows_written += flush_credits(store, pool, credits).await?;
     Ok(FlushOutcome {
         keys: taken.len(),
         rows_written,
         missing,
     })
+}
+
+/// Write the balances of the grants in `by_org`'s credit hashes (org → keys) to Postgres: each
+/// grant's remaining units with its hash's version (see `db::credits`).
+async fn flush_credits(
+    store: &Store,
+    pool: &sqlx::PgPool,
+    by_org: HashMap<String, Vec<String>>,
+) -> Result<u64, FlushError> {
+    if by_org.is_empty() {
+        return Ok(0);
+    }
+    let orgs: Vec<_> = by_org.into_iter().collect();
+    let mut rows = Vec::new();
+    for chunk in orgs.chunks(READ_CONCURRENCY) {
+        let reads = join_all(chunk.iter().map(|(_, keys)| store.read_credits(keys))).await;
+        for ((org, _), hashes) in chunk.iter().zip(reads) {
+            for hash in hashes? {
+                for (field, value) in &hash.fields {
+                    let Some(b) = crate::domain::credit::Balance::parse(field, value) else {
+                        tracing::warn!(org, "unreadable credit grant field; skipped");
+                        continue;
+                    };
+                    rows.push(credits::BalanceRow {
+                        org_id: org.clone(),
+                        id: b.id,
+                        remaining: b.remaining,
+                        version: hash.version,
+                    });
+                }
+            }
+        }
+    }
+    Ok(credits::upsert_balances(pool, &rows).await?)
 }
 
 /// How often every replica looks through Redis for durable keys nobody marked (see
@@ -164,7 +208,9 @@ pub async fn reconcile(store: &Store, nodes: &[String]) -> Result<usize, StoreEr
                 .query_async(&mut conn)
                 .await?;
             for key in keys {
-                if store.keys().parse_durable(&key).is_some() {
+                if store.keys().parse_durable(&key).is_some()
+                    || store.keys().parse_credits(&key).is_some()
+                {
                     store.dirty().mark(&key);
                     marked += 1;
                 }

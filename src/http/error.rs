@@ -29,6 +29,9 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("{0}")]
     NotFound(String),
+    /// The request conflicts with what exists (a grant id reused with other terms): 409.
+    #[error("{message}")]
+    Conflict { code: &'static str, message: String },
     #[error("method not allowed")]
     MethodNotAllowed,
     #[error("request body too large")]
@@ -125,6 +128,23 @@ impl From<QuotaError> for ApiError {
     }
 }
 
+impl From<crate::credits::CreditError> for ApiError {
+    fn from(e: crate::credits::CreditError) -> Self {
+        use crate::credits::CreditError;
+        match e {
+            CreditError::Invalid(_)
+            | CreditError::UnknownMetric(_)
+            | CreditError::GaugeMetric(_) => ApiError::invalid(e.to_string()),
+            CreditError::Conflict(_) => ApiError::Conflict {
+                code: "grant_conflict",
+                message: e.to_string(),
+            },
+            CreditError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            CreditError::Quota(e) => e.into(),
+        }
+    }
+}
+
 /// The JSON shape of every non-decision error: `{"error": "...", "message": "..."}`.
 #[derive(Serialize)]
 pub struct ErrorBody<'a> {
@@ -178,6 +198,9 @@ impl IntoResponse for ApiError {
                     }
                 },
             ),
+            ApiError::Conflict { code, message } => {
+                error_response(StatusCode::CONFLICT, code, message)
+            }
             ApiError::MethodNotAllowed => error_response(
                 StatusCode::METHOD_NOT_ALLOWED,
                 "method_not_allowed",

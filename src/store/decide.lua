@@ -9,6 +9,8 @@
 --                              the org's resident key
 --   per limit: its key, and for durable limits (kinds "m", "M" and "g") its version key right
 --                              after; for leased kinds ("C", "M", "R") then its lease hash
+--   per credit group (only with a credit section, see "Credits" below): the metric's credit
+--                              hash and its version key
 --
 -- ARGV[1]  now, integer microseconds since the Unix epoch (the gateway's clock, so tests can
 --          inject it)
@@ -48,6 +50,11 @@
 --     then n pairs: percent, trigger (the smallest value at or past that percent of the limit)
 --   and last an argument "T<length of the tail before it>", which marks that a tail is there
 --   KEYS then end with one "fired" hash per such limit, in the tail's order (field = percent)
+-- before that tail (last when there is none), only when some counter metric is charged, a
+-- credit section:
+--   per credit group (one per counter metric of the call): the index m of the metric's first
+--     limit (its amount is the group's), the count q of its hard quotas, then their q indices
+--   and last an argument "K<length of the section before it>"
 --
 -- Returns { status, then 3 integers per limit: denied, value, millis, then 3 per leased limit
 -- (in the order of the limits): granted, swept, reserved }
@@ -65,6 +72,25 @@
 --   the limit's index i, the percent, and the counter or level after the call (none when
 --   nothing was crossed: the reply is as it would be without thresholds). Units a lease call
 --   settles count towards a crossing whatever the status (see "Leases")
+--   Between the lease values and the crossings, only with a credit section, 2 integers per
+--   credit group: drawn (units taken from grants by this call, negative when given back; 0
+--   unless applied), and the unexpired units left in the metric's grants after the call (-1:
+--   the org has no grant of the metric at all)
+--
+-- Credits. A group's hash holds the org's grants of one metric: field
+-- "<priority, 5 digits>:<expiry, Unix ms, 15 digits>:<grant id>" -> "<remaining>:<amount>", so
+-- the plain string order of the fields is the spending order (lowest priority first, then the
+-- earliest expiry; no expiry is 999999999999999). A charge that would pass hard quotas needs
+-- `need` = the most any of them would be passed by (at most the amount: the same units are
+-- above every quota they pass, and are paid once). When the unexpired grants hold `need`, those
+-- quotas do not deny and, if the call applies, `need` is drawn from the grants in order. When
+-- they do not, the quotas deny as without credits ("record" draws what there is; "shadow"
+-- applies without drawing). A negative amount ("record": refunds, credits) gives back the units
+-- it takes from above the quotas (at most what the grants spent), latest in the order first.
+-- The version key moves with every change, for the flusher (see `db::credits`). While the org
+-- has grants of a metric (the hash is not empty), its hard quotas grant no lease blocks: blocks
+-- other replicas hold count as used, so credits drawn while they exist could pay for units the
+-- blocks return unused; without blocks every decision of the metric is exact.
 --
 -- Leases. A replica may reserve a block of a limit and admit from it without Redis. A lease is a
 -- field of the limit's lease hash: holder -> "units:expiry_us". Reserved units count against the
@@ -117,6 +143,13 @@ local last, tail = #ARGV, nil
 if string.byte(ARGV[last]) == 84 then
   tail = last - tonumber(string.sub(ARGV[last], 2))
   last = tail - 1
+end
+-- the credit section (see above): `credits` is its first argument, `cend` its marker
+local credits, cend = nil, nil
+if string.byte(ARGV[last]) == 75 then
+  cend = last
+  credits = last - tonumber(string.sub(ARGV[last], 2))
+  last = credits - 1
 end
 if idem_ttl > 0 then
   idem_key = KEYS[k]
@@ -282,6 +315,89 @@ while a <= last do
   n = n + 3
 end
 
+-- Credits (only with a credit section; see "Credits" above). Per group, `cdata` keeps five
+-- values: the index of its hash in KEYS, the units to draw (negative: to give back), the
+-- unexpired units left before the call, and (false when the hash is empty) the sorted field
+-- names of the unexpired grants and a table name -> value.
+local cdata, nolease = nil, nil
+if credits then
+  cdata = {}
+  local horizon = math.floor(now / 1000)
+  local c = credits
+  while c < cend do
+    local m = tonumber(ARGV[c])
+    local q = tonumber(ARGV[c + 1])
+    local amount = tonumber(ARGV[arg_at[m] + 1])
+    local size = amount
+    if size < 0 then size = -size end
+    local need = 0
+    for x = c + 2, c + 1 + q do
+      local j = tonumber(ARGV[x])
+      local over = state[j] - tonumber(ARGV[arg_at[j] + 2])
+      if amount > 0 then over = over + (others[j] or 0) + amount end
+      if over > size then over = size end
+      if over > need then need = over end
+    end
+    local fields = redis.call('HGETALL', KEYS[k])
+    local names, vals, avail, spent = false, false, 0, 0
+    if #fields > 0 then
+      names, vals = {}, {}
+      for f = 1, #fields, 2 do
+        local name = fields[f]
+        if tonumber(string.sub(name, 7, 21)) > horizon then
+          local v = fields[f + 1]
+          local sep = string.find(v, ':', 1, true)
+          local rem = tonumber(string.sub(v, 1, sep - 1))
+          avail = avail + rem
+          spent = spent + tonumber(string.sub(v, sep + 1)) - rem
+          names[#names + 1] = name
+          vals[name] = v
+        end
+      end
+      table.sort(names)
+      -- An org with grants of the metric gets no new blocks of its hard quotas: every decision
+      -- is exact, so no credit is drawn for units another replica's block reserves and then
+      -- returns unused (see "Leases").
+      nolease = nolease or {}
+      for x = c + 2, c + 1 + q do
+        nolease[tonumber(ARGV[x])] = true
+      end
+    end
+    local draw = 0
+    if amount > 0 and need > 0 then
+      if need <= avail then
+        draw = need
+        -- the grants cover what passes the quotas: they do not deny
+        for x = c + 2, c + 1 + q do
+          out[2 + 3 * (tonumber(ARGV[x]) - 1)] = 0
+        end
+      elseif record then
+        draw = avail
+      end
+    elseif amount < 0 and need > 0 then
+      if need > spent then need = spent end
+      draw = -need
+    elseif amount == 0 and avail > 0 then
+      -- Headroom (block "h", amount 0): unexpired grants are room left, so a used-up quota
+      -- does not deny; the charge made after the response draws from them.
+      for x = c + 2, c + 1 + q do
+        out[2 + 3 * (tonumber(ARGV[x]) - 1)] = 0
+      end
+    end
+    cdata[#cdata + 1] = k
+    cdata[#cdata + 1] = draw
+    cdata[#cdata + 1] = avail
+    cdata[#cdata + 1] = names
+    cdata[#cdata + 1] = vals
+    k = k + 2
+    c = c + 2 + q
+  end
+  denied = false
+  for j = 1, i do
+    if out[2 + 3 * (j - 1)] == 1 then denied = true end
+  end
+end
+
 if overflow then
   if idem_key then redis.call('DEL', idem_key) end
   return { 6 }
@@ -337,6 +453,33 @@ if apply then
     end
   end
   if denied then out[1] = 4 end
+  -- Draw from (or give back to) the grants, in their order (backwards to give back).
+  if cdata then
+    for g = 1, #cdata, 5 do
+      local draw = cdata[g + 1]
+      if draw ~= 0 then
+        local names, vals, hkey = cdata[g + 3], cdata[g + 4], KEYS[cdata[g]]
+        local left, from, to, step = draw, 1, #names, 1
+        if draw < 0 then left, from, to, step = -draw, #names, 1, -1 end
+        for x = from, to, step do
+          if left == 0 then break end
+          local v = vals[names[x]]
+          local sep = string.find(v, ':', 1, true)
+          local rem = tonumber(string.sub(v, 1, sep - 1))
+          local amt = string.sub(v, sep + 1)
+          local t = rem
+          if draw < 0 then t = tonumber(amt) - rem end
+          if t > left then t = left end
+          if t > 0 then
+            if draw < 0 then rem = rem + t else rem = rem - t end
+            redis.call('HSET', hkey, names[x], string.format('%.0f:', rem) .. amt)
+            left = left - t
+          end
+        end
+        redis.call('INCR', KEYS[cdata[g] + 1])
+      end
+    end
+  end
 end
 
 -- The lease part of the reply: per leased limit, the block granted (only by an applied check),
@@ -346,7 +489,8 @@ for _, j in ipairs(leased) do
   local b = arg_at[j]
   local want = tonumber(ARGV[b + 6])
   local limit = tonumber(ARGV[b + 2])
-  if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1' then
+  if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1'
+    and not (nolease and nolease[j]) then
     local avail
     if ARGV[b] == 'R' then
       local param = tonumber(ARGV[b + 4])
@@ -373,6 +517,20 @@ for _, j in ipairs(leased) do
   out[#out + 1] = granted
   out[#out + 1] = swept[j]
   out[#out + 1] = others[j]
+end
+
+-- The credit part of the reply: per group, what was drawn and what is left.
+if cdata then
+  for g = 1, #cdata, 5 do
+    local draw = 0
+    if apply then draw = cdata[g + 1] end
+    out[#out + 1] = draw
+    if cdata[g + 3] then
+      out[#out + 1] = cdata[g + 2] - draw
+    else
+      out[#out + 1] = -1
+    end
+  end
 end
 
 -- Thresholds (only with a tail): a crossing is this call taking a counter or gauge from below a

@@ -189,6 +189,49 @@ impl Keys {
         }
     }
 
+    /// The credit hash of an org's grants of one metric (see "Credits" in `decide.lua`):
+    /// `{prefix}:{org}:k:<metric>`, with a version key beside it like durable counters.
+    pub fn credits(&self, org: &OrgId, metric: &str) -> String {
+        let mut s = self.org_base(org, 2 + metric.len());
+        s.push_str("k:");
+        s.push_str(metric);
+        s
+    }
+
+    /// The credit hash that goes with a counter key built by `limit`, into a reused buffer
+    /// (the hot path builds one per charged counter metric); false for other keys.
+    pub fn credits_for_into(buf: &mut String, value_key: &str) -> bool {
+        let Some(metric) = Self::counter_metric(value_key) else {
+            return false;
+        };
+        let Some(tag_end) = value_key.find("}:") else {
+            return false;
+        };
+        buf.clear();
+        buf.push_str(&value_key[..tag_end + 2]);
+        buf.push_str("k:");
+        buf.push_str(metric);
+        true
+    }
+
+    /// The metric of a counter key built by `limit` (`...}:c:<metric>:...`), without copying.
+    pub fn counter_metric(value_key: &str) -> Option<&str> {
+        let rest = &value_key[value_key.find("}:")? + 2..];
+        let rest = rest.strip_prefix("c:")?;
+        rest.split(':').next()
+    }
+
+    /// The org and metric of a credit hash built by `credits`.
+    pub fn parse_credits(&self, key: &str) -> Option<(OrgId, String)> {
+        let rest = key.strip_prefix(&self.prefix)?.strip_prefix(":{")?;
+        let (org, rest) = rest.split_once("}:")?;
+        let metric = rest.strip_prefix("k:")?;
+        if metric.is_empty() || metric.contains(':') {
+            return None;
+        }
+        Some((OrgId::parse(org).ok()?, metric.to_string()))
+    }
+
     /// Pub/sub channel on which plan (and key) changes are announced to every replica.
     pub fn org_changes_channel(&self) -> String {
         format!("{}:events:org-changes", self.prefix)
@@ -257,6 +300,18 @@ mod tests {
         Keys::fired_into(&mut fired, &meter);
         assert_eq!(keys.parse_durable(&fired), None, "not flushed");
         assert_eq!(keys.parse_durable("other:{acme}:g:seats"), None);
+        let credits = keys.credits(&org, "requests");
+        assert_eq!(credits, "qg:{acme}:k:requests");
+        let mut buf = String::new();
+        assert!(Keys::credits_for_into(&mut buf, &meter));
+        assert_eq!(buf, credits);
+        assert!(!Keys::credits_for_into(&mut buf, "qg:{acme}:g:seats"));
+        assert_eq!(
+            keys.parse_credits(&credits),
+            Some((org.clone(), "requests".to_string()))
+        );
+        assert_eq!(keys.parse_credits(&Keys::version(&credits)), None);
+        assert_eq!(keys.parse_durable(&credits), None);
         let idem = keys.idempotency(&org, "abc");
         assert!(idem.starts_with("qg:{acme}:idem:"));
         assert_eq!(idem.len(), "qg:{acme}:idem:".len() + 64);

@@ -148,6 +148,37 @@ pub struct Reply {
     /// Notification thresholds this call crossed: (index of the limit, percent, the counter or
     /// level after the call).
     pub crossings: Vec<(usize, u16, i64)>,
+    /// One per counter metric of the call (see "Credits" in `decide.lua`).
+    pub credits: Vec<CreditReply>,
+}
+
+/// What a call did with the credits of one metric.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CreditReply {
+    /// The index of the metric's first limit in the call.
+    pub index: usize,
+    /// Units drawn from grants (negative: given back); 0 unless applied.
+    pub drawn: i64,
+    /// Units left in unexpired grants; `None` when the org has no grant of the metric.
+    pub remaining: Option<u64>,
+}
+
+/// The credit groups of a call (see "Credits" in `decide.lua`): the index of the first limit of
+/// each counter metric. Limits of one metric come from one charge, so they share its amount.
+fn credit_heads(specs: &[KeySpec]) -> impl Iterator<Item = usize> + '_ {
+    specs.iter().enumerate().filter_map(|(i, spec)| {
+        let metric = spec_metric(spec)?;
+        let first = specs[..i].iter().all(|s| spec_metric(s) != Some(metric));
+        first.then_some(i)
+    })
+}
+
+/// The metric of a counter limit (the meter or a period quota).
+fn spec_metric(spec: &KeySpec) -> Option<&str> {
+    match spec.kind {
+        SpecKind::Counter | SpecKind::Meter => Keys::counter_metric(&spec.key),
+        SpecKind::Gauge | SpecKind::Rate => None,
+    }
 }
 
 /// A notification threshold crossed by a call (see `decide.lua`): reported once per
@@ -279,6 +310,15 @@ struct MonthMarker {
     expiry: i64,
 }
 
+/// An org's credit hash of one metric, as read from Redis or to restore into it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditHash {
+    pub key: String,
+    /// (field, value), see `domain::credit`.
+    pub fields: Vec<(String, String)>,
+    pub version: i64,
+}
+
 /// How long a replayed batch's id is remembered.
 pub const REPLAY_IDEMPOTENCY_TTL: Duration = Duration::from_secs(48 * 3600);
 
@@ -325,6 +365,7 @@ pub struct Store {
     restore: std::sync::Arc<redis::Script>,
     /// `reservation.lua`: ends a `/v1/reservations` reservation once.
     reservation: std::sync::Arc<redis::Script>,
+    grant: std::sync::Arc<redis::Script>,
     dirty: std::sync::Arc<dirty::DirtySet>,
     eviction: std::sync::Arc<eviction::EvictionWatch>,
     /// Where crossed notification thresholds go (the notifier's writer); `None`: nowhere.
@@ -363,6 +404,7 @@ impl Store {
             healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             restore: std::sync::Arc::new(redis::Script::new(include_str!("restore.lua"))),
             reservation: std::sync::Arc::new(redis::Script::new(include_str!("reservation.lua"))),
+            grant: std::sync::Arc::new(redis::Script::new(include_str!("grant.lua"))),
             dirty: std::sync::Arc::new(dirty::DirtySet::default()),
             eviction: std::sync::Arc::new(eviction::EvictionWatch::new(
                 settings.require_noeviction,
@@ -609,8 +651,9 @@ impl Store {
         raw.iter()
             .zip(items)
             .map(|(r, (specs, _))| {
-                let reply = parse_reply(r, specs.len(), None)?;
+                let reply = parse_reply(r, specs, None)?;
                 self.mark_if_applied(specs, reply.status);
+                self.mark_credits(specs, &reply);
                 self.report_crossings(specs, &reply);
                 Ok(reply)
             })
@@ -634,13 +677,10 @@ impl Store {
         let marker = self.marker(org, now);
         let cmd = self.decide_cmd(specs, Mode::Record, now, idem, Some(&marker), None);
         let raw = self.bounded(self.decide_call(Call::One(cmd))).await?;
-        let reply = parse_reply(
-            raw.first().map_or(&[][..], Vec::as_slice),
-            specs.len(),
-            None,
-        )?;
+        let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs, None)?;
         // A replay detects crossings when it reaches Redis, not when the units were admitted.
         self.report_crossings(specs, &reply);
+        self.mark_credits(specs, &reply);
         let status = reply.status;
         if matches!(
             status,
@@ -655,6 +695,23 @@ impl Store {
     fn mark_if_applied(&self, specs: &[KeySpec], status: Status) {
         if matches!(status, Status::Applied | Status::AppliedOverLimit) {
             self.mark(specs);
+        }
+    }
+
+    /// Mark the credit hashes a call drew from or gave back to for the flusher.
+    fn mark_credits(&self, specs: &[KeySpec], reply: &Reply) {
+        let mut key = String::new();
+        for c in reply.credits.iter().filter(|c| c.drawn != 0) {
+            let direction = if c.drawn > 0 { "drawn" } else { "returned" };
+            self.metrics
+                .credit_units
+                .with_label_values(&[direction])
+                .inc_by(c.drawn.unsigned_abs());
+            if let Some(spec) = specs.get(c.index)
+                && Keys::credits_for_into(&mut key, &spec.key)
+            {
+                self.dirty.mark(&key);
+            }
         }
     }
 
@@ -683,38 +740,153 @@ impl Store {
     /// Put an org's durable counters for the month of `now` back from Postgres (see
     /// `restore.lua`); `entries` are (value key, value, version, expiry ms or 0). Returns whether
     /// this call restored (false: another replica already had).
+    /// `credits`: per metric with live grants, its credit hash, the fields and values of its
+    /// grants and the version they were flushed at (see "Credits" in `decide.lua`).
     pub async fn restore(
         &self,
         org: &OrgId,
         now: DateTime<Utc>,
         entries: &[(String, i64, i64, i64)],
+        credits: &[CreditHash],
     ) -> Result<bool, StoreError> {
         let marker = self.marker(org, now);
         let mut cmd = redis::cmd("EVALSHA");
         cmd.arg(self.restore.get_hash())
-            .arg(2 + 2 * entries.len())
+            .arg(2 + 2 * entries.len() + 2 * credits.len())
             .arg(&marker.key)
             .arg(&marker.resident);
         for (key, ..) in entries {
             cmd.arg(key).arg(Keys::version(key));
         }
+        for c in credits {
+            cmd.arg(&c.key).arg(Keys::version(&c.key));
+        }
         cmd.arg(marker.expiry);
         for (_, value, version, expiry) in entries {
             cmd.arg(value).arg(version).arg(expiry);
         }
+        if !credits.is_empty() {
+            let mut len = 0;
+            for c in credits {
+                cmd.arg(c.fields.len());
+                for (field, value) in &c.fields {
+                    cmd.arg(field).arg(value);
+                }
+                cmd.arg(c.version);
+                len += 2 + 2 * c.fields.len();
+            }
+            cmd.arg(format!("K{len}"));
+        }
+        let restored = self.eval_script(&self.restore, &cmd).await?;
+        Ok(restored == 1)
+    }
+
+    /// An `EVALSHA` of a small script, loading it once on `NOSCRIPT`.
+    async fn eval_script(
+        &self,
+        script: &redis::Script,
+        cmd: &redis::Cmd,
+    ) -> Result<i64, StoreError> {
         let mut conn = self.conn.clone();
         let first: Result<i64, StoreError> = self.bounded(cmd.query_async(&mut conn)).await;
-        let restored = match first {
+        match first {
             Err(StoreError::Redis(e))
                 if e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
             {
                 self.metrics.redis_script_reloads.inc();
-                self.bounded(self.restore.load_async(&mut conn)).await?;
-                self.bounded(cmd.query_async(&mut conn)).await?
+                self.bounded(script.load_async(&mut conn)).await?;
+                self.bounded(cmd.query_async(&mut conn)).await
             }
-            other => other?,
-        };
-        Ok(restored == 1)
+            other => other,
+        }
+    }
+
+    /// Mirror a grant Postgres holds into the org's credit hash (see `grant.lua`): `Some(true)`
+    /// when added, `Some(false)` when it was there already, `None` when the org's data is not in
+    /// Redis (restore it, which brings the grant, then ask again).
+    pub async fn add_grant(
+        &self,
+        org: &OrgId,
+        metric: &str,
+        field: &str,
+        value: &str,
+    ) -> Result<Option<bool>, StoreError> {
+        let key = self.keys.credits(org, metric);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.grant.get_hash())
+            .arg(3)
+            .arg(self.keys.resident(org))
+            .arg(&key)
+            .arg(Keys::version(&key))
+            .arg("add")
+            .arg(field)
+            .arg(value);
+        let added = self.eval_script(&self.grant, &cmd).await?;
+        if added == 1 {
+            self.dirty.mark(&key);
+        }
+        Ok((added >= 0).then_some(added == 1))
+    }
+
+    /// Take a grant out of the org's credit hash: the units it had left, `None` when it was not
+    /// there. Marks the hash for the flusher, so the new version reaches Postgres.
+    pub async fn void_grant(
+        &self,
+        org: &OrgId,
+        metric: &str,
+        field: &str,
+    ) -> Result<Option<(i64, i64)>, StoreError> {
+        let key = self.keys.credits(org, metric);
+        let version = Keys::version(&key);
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(self.grant.get_hash())
+            .arg(3)
+            .arg(self.keys.resident(org))
+            .arg(&key)
+            .arg(&version)
+            .arg("void")
+            .arg(field);
+        let left = self.eval_script(&self.grant, &cmd).await?;
+        if left < 0 {
+            return Ok(None);
+        }
+        let mut conn = self.conn.clone();
+        let v: Option<i64> = self
+            .bounded(redis::cmd("GET").arg(&version).query_async(&mut conn))
+            .await?;
+        Ok(Some((left, v.unwrap_or(0))))
+    }
+
+    /// The fields and values of credit hashes of one org (one slot), with each hash's version,
+    /// read together (`MULTI`), so a version always goes with the values it counts.
+    pub async fn read_credits(&self, keys: &[String]) -> Result<Vec<CreditHash>, StoreError> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        pipe.atomic();
+        for k in keys {
+            pipe.cmd("HGETALL").arg(k).cmd("GET").arg(Keys::version(k));
+        }
+        let mut conn = self.conn.clone();
+        let raw: Vec<redis::Value> = self.bounded(pipe.query_async(&mut conn)).await?;
+        let mut out = Vec::with_capacity(keys.len());
+        for (key, pair) in keys.iter().zip(raw.chunks_exact(2)) {
+            let flat: Vec<String> = redis::from_redis_value_ref(&pair[0])
+                .map_err(|e| StoreError::Protocol(format!("credit hash: {e}")))?;
+            let fields = flat
+                .chunks_exact(2)
+                .map(|c| (c[0].clone(), c[1].clone()))
+                .collect();
+            let version: Option<i64> = redis::from_redis_value_ref(&pair[1])
+                .map_err(|e| StoreError::Protocol(format!("credit version: {e}")))?;
+            out.push(CreditHash {
+                key: key.clone(),
+                fields,
+                version: version.unwrap_or(0),
+            });
+        }
+        Ok(out)
     }
 
     /// Values and versions of durable keys of one org (one slot), one `MGET`.
@@ -749,11 +921,7 @@ impl Store {
         let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_ref(), lease);
         let raw = self.await_decide(self.decide_call(Call::One(cmd))).await?;
         let leased = lease.map(|_| specs);
-        let reply = parse_reply(
-            raw.first().map_or(&[][..], Vec::as_slice),
-            specs.len(),
-            leased,
-        )?;
+        let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs, leased)?;
         // What a lease call settled is in whatever the status, bar the two that return first.
         if let Some(lease) = lease
             && !matches!(reply.status, Status::NeedsRestore | Status::Duplicate)
@@ -768,6 +936,7 @@ impl Store {
             return Err(StoreError::CounterOverflow);
         }
         self.mark_if_applied(specs, reply.status);
+        self.mark_credits(specs, &reply);
         self.report_crossings(specs, &reply);
         Ok(reply)
     }
@@ -786,11 +955,13 @@ impl Store {
         let notified = specs.iter().filter(|s| !s.notify.is_empty()).count();
         let leased = |spec: &KeySpec| lease.is_some() && spec.kind.leasable();
         let hashes = specs.iter().filter(|s| leased(s)).count();
-        let mut cmd = redis::Cmd::with_capacity(8 + specs.len() * 10 + 2, 64 + specs.len() * 192);
+        let groups = credit_heads(specs).count();
+        let mut cmd = redis::Cmd::with_capacity(8 + specs.len() * 12 + 2, 64 + specs.len() * 224);
         cmd.arg("EVALSHA").arg(self.decide.get_hash()).arg(
             specs.len()
                 + durable
                 + hashes
+                + 2 * groups
                 + notified
                 + usize::from(idempotency.is_some())
                 + 2 * usize::from(marker.is_some()),
@@ -811,6 +982,13 @@ impl Store {
             }
             if leased(spec) {
                 Keys::lease_into(&mut version, &spec.key);
+                cmd.arg(&version);
+            }
+        }
+        for head in credit_heads(specs) {
+            if Keys::credits_for_into(&mut version, &specs[head].key) {
+                cmd.arg(&version);
+                version.push_str(":v");
                 cmd.arg(&version);
             }
         }
@@ -855,10 +1033,31 @@ impl Store {
                 }
             }
         }
+        if groups > 0 {
+            Self::credit_section(&mut cmd, specs);
+        }
         if notified > 0 {
             Self::threshold_tail(&mut cmd, specs);
         }
         cmd
+    }
+
+    /// The credit section of a decide call's ARGV (see "Credits" in `decide.lua`): per counter
+    /// metric, its first limit and its hard quotas (1-based), then "K<length>".
+    fn credit_section(cmd: &mut redis::Cmd, specs: &[KeySpec]) {
+        let mut len = 0usize;
+        for head in credit_heads(specs) {
+            let metric = spec_metric(&specs[head]);
+            let hard = |s: &KeySpec| s.block && s.limit > 0 && spec_metric(s) == metric;
+            cmd.arg(head + 1)
+                .arg(specs.iter().filter(|s| hard(s)).count());
+            len += 2;
+            for (i, _) in specs.iter().enumerate().filter(|(_, s)| hard(s)) {
+                cmd.arg(i + 1);
+                len += 1;
+            }
+        }
+        cmd.arg(format!("K{len}"));
     }
 
     /// The threshold tail of a decide call's ARGV (see `decide.lua`); its "fired" keys end KEYS.
@@ -962,7 +1161,14 @@ fn status_of(code: Option<i64>) -> Result<Status, StoreError> {
 
 /// `leased`: the call's specs when it carried lease arguments (their leasable limits have three
 /// more values each, after every limit's three).
-fn parse_reply(raw: &[i64], n: usize, leased: Option<&[KeySpec]>) -> Result<Reply, StoreError> {
+/// `specs`: the call's limits, whose counter metrics each have two more values (credits) after
+/// the lease values.
+fn parse_reply(
+    raw: &[i64],
+    specs: &[KeySpec],
+    leased: Option<&[KeySpec]>,
+) -> Result<Reply, StoreError> {
+    let n = specs.len();
     let status = status_of(raw.first().copied())?;
     if matches!(
         status,
@@ -974,12 +1180,15 @@ fn parse_reply(raw: &[i64], n: usize, leased: Option<&[KeySpec]>) -> Result<Repl
             keys: Vec::new(),
             leases: Vec::new(),
             crossings: Vec::new(),
+            credits: Vec::new(),
         });
     }
     // After the limits (and their lease values), (limit index, percent, value after) for
     // crossed notification thresholds: usually none.
     let extra = leased.map_or(0, |s| s.iter().filter(|s| s.kind.leasable()).count());
-    let fixed = 1 + 3 * n + 3 * extra;
+    let groups = credit_heads(specs).count();
+    let lease_end = 1 + 3 * n + 3 * extra;
+    let fixed = lease_end + 2 * groups;
     if raw.len() < fixed || !(raw.len() - fixed).is_multiple_of(3) {
         return Err(StoreError::Protocol(format!(
             "{} values for {n} limits",
@@ -1004,7 +1213,15 @@ fn parse_reply(raw: &[i64], n: usize, leased: Option<&[KeySpec]>) -> Result<Repl
             millis: c[2],
         })
         .collect();
-    let mut tail = raw[1 + 3 * n..fixed].chunks_exact(3);
+    let credits = credit_heads(specs)
+        .zip(raw[lease_end..fixed].chunks_exact(2))
+        .map(|(index, c)| CreditReply {
+            index,
+            drawn: c[0],
+            remaining: u64::try_from(c[1]).ok(),
+        })
+        .collect();
+    let mut tail = raw[1 + 3 * n..lease_end].chunks_exact(3);
     let leases = leased
         .map(|specs| {
             specs
@@ -1026,6 +1243,7 @@ fn parse_reply(raw: &[i64], n: usize, leased: Option<&[KeySpec]>) -> Result<Repl
         keys: Vec::new(),
         leases,
         crossings,
+        credits,
     })
 }
 
@@ -1053,7 +1271,7 @@ mod tests {
 
     #[test]
     fn an_overflow_reply_carries_no_limits_and_is_not_an_outage() {
-        let reply = parse_reply(&[6], 3, None).unwrap();
+        let reply = parse_reply(&[6], &[], None).unwrap();
         assert_eq!(reply.status, Status::WouldOverflow);
         assert!(reply.limits.is_empty());
         assert!(!StoreError::CounterOverflow.is_unavailable());
@@ -1062,16 +1280,69 @@ mod tests {
 
     #[test]
     fn crossings_follow_the_limits_and_a_reply_without_them_is_unchanged() {
-        let plain = parse_reply(&[0, 0, 5, 0, 0, 9, 0], 2, None).unwrap();
+        let gauge = |key: &str| KeySpec {
+            key: key.into(),
+            kind: SpecKind::Gauge,
+            amount: 1,
+            limit: 10,
+            block: true,
+            param: 0,
+            notify: Vec::new(),
+            headroom: false,
+        };
+        let two = [gauge("qg:{a}:g:x"), gauge("qg:{a}:g:y")];
+        let plain = parse_reply(&[0, 0, 5, 0, 0, 9, 0], &two, None).unwrap();
         assert!(plain.crossings.is_empty());
         assert_eq!(plain.limits.len(), 2);
-        let crossed = parse_reply(&[0, 0, 5, 0, 0, 9, 0, 2, 80, 10, 2, 100, 10], 2, None).unwrap();
+        let crossed =
+            parse_reply(&[0, 0, 5, 0, 0, 9, 0, 2, 80, 10, 2, 100, 10], &two, None).unwrap();
         assert_eq!(crossed.crossings, [(1, 80, 10), (1, 100, 10)]);
         assert_eq!(crossed.limits[1].value, 9);
         assert!(matches!(
-            parse_reply(&[0, 0, 5, 0, 2, 80], 1, None),
+            parse_reply(&[0, 0, 5, 0, 2, 80], &two[..1], None),
             Err(StoreError::Protocol(_))
         ));
+    }
+
+    #[test]
+    fn credit_values_sit_between_leases_and_crossings_one_pair_per_counter_metric() {
+        let spec = |key: &str, kind, block| KeySpec {
+            key: key.into(),
+            kind,
+            amount: 3,
+            limit: 10,
+            block,
+            param: 0,
+            notify: Vec::new(),
+            headroom: false,
+        };
+        let specs = [
+            spec("qg:{a}:c:tokens:month:1", SpecKind::Meter, false),
+            spec("qg:{a}:c:tokens:day:1", SpecKind::Counter, true),
+            spec("qg:{a}:g:seats", SpecKind::Gauge, true),
+            spec("qg:{a}:c:requests:month:1", SpecKind::Meter, true),
+        ];
+        assert_eq!(credit_heads(&specs).collect::<Vec<_>>(), [0, 3]);
+        let raw = [
+            0, 0, 1, 0, 0, 9, 0, 0, 2, 0, 0, 4, 0, 2, 5, 0, -1, 2, 100, 12,
+        ];
+        let reply = parse_reply(&raw, &specs, None).unwrap();
+        assert_eq!(
+            reply.credits,
+            [
+                CreditReply {
+                    index: 0,
+                    drawn: 2,
+                    remaining: Some(5)
+                },
+                CreditReply {
+                    index: 3,
+                    drawn: 0,
+                    remaining: None
+                }
+            ]
+        );
+        assert_eq!(reply.crossings, [(1, 100, 12)]);
     }
 
     #[test]

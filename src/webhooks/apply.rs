@@ -25,6 +25,8 @@ pub enum Applied {
     Ignored,
     /// Linked a provider customer to an org.
     Linked,
+    /// Granted credits (see `webhooks::credits`, which does it before the event is recorded).
+    Credited,
     /// No org could be found for it (no metadata, no earlier link).
     Unlinked,
     /// Older than what was applied, or after the subscription ended for good.
@@ -44,6 +46,7 @@ impl Applied {
             Applied::Duplicate => "duplicate",
             Applied::Ignored => "ignored",
             Applied::Linked => "linked",
+            Applied::Credited => "credited",
             Applied::Unlinked => "unlinked",
             Applied::Stale => "stale",
             Applied::Processed { .. } => "processed",
@@ -97,6 +100,7 @@ pub async fn apply(
         Normalized::Subscription(ev) => {
             apply_subscription(&mut tx, &pkey, provider, policy, event, ev, now).await?
         }
+        Normalized::Purchase(_) | Normalized::CreditGrant(_) => Applied::Credited,
     };
     let org = match &applied {
         Applied::Processed { org, .. } => Some(org.as_str()),

@@ -51,6 +51,35 @@ pub enum Normalized {
     Ignored {
         event_type: String,
     },
+    /// A paid one-time purchase: credits when its products are in `grants` (see `credits`).
+    Purchase(PurchaseEvent),
+    /// Credits granted by the team's own billing (`credits.granted`, normalized format).
+    CreditGrant(CreditGrantEvent),
+}
+
+/// A paid one-time purchase (Stripe payment-mode checkout, Polar order, Dodo payment).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PurchaseEvent {
+    /// The provider's id of the purchase (checkout session, order, payment): with the product,
+    /// the grant's id, so a purchase grants once however often it is delivered.
+    pub order_id: String,
+    pub customer_id: Option<String>,
+    pub org_id: Option<String>,
+    /// (price or product id, quantity).
+    pub items: Vec<(String, i64)>,
+    pub occurred_at: DateTime<Utc>,
+}
+
+/// `credits.granted` of the normalized format.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CreditGrantEvent {
+    pub grant_id: String,
+    pub org_id: Option<String>,
+    pub customer_id: Option<String>,
+    pub metric: String,
+    pub amount: i64,
+    pub expires_at: Option<DateTime<Utc>>,
+    pub priority: Option<u32>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -83,6 +112,15 @@ impl ParsedEvent {
                     ..
                 } => ok(customer_id) && ok(org_id) && opt(subscription_id),
                 Normalized::Ignored { event_type } => ok(event_type),
+                Normalized::Purchase(p) => {
+                    ok(&p.order_id)
+                        && opt(&p.customer_id)
+                        && opt(&p.org_id)
+                        && p.items.iter().all(|(id, _)| ok(id))
+                }
+                Normalized::CreditGrant(g) => {
+                    ok(&g.grant_id) && opt(&g.org_id) && opt(&g.customer_id) && ok(&g.metric)
+                }
             }
     }
 }

@@ -165,6 +165,30 @@ async fn receive(
         tracing::warn!(provider = %kind.key(), "verified webhook carries control characters in an id or type; acknowledged as invalid");
         return invalid();
     }
+    // Credits are granted before the event is recorded, so a failure here is retried by the
+    // provider and a recorded event always has its grants (see `credits`).
+    match super::credits::grant(&state.quota, &state.pool, provider, &event.normalized, now).await {
+        Ok(super::credits::Outcome::Nothing | super::credits::Outcome::Granted(..)) => {}
+        Ok(super::credits::Outcome::Unlinked) => {
+            count("unlinked");
+            tracing::warn!(provider = %kind.key(), event_id = %event.event_id, "credit event names no known org; acknowledged without granting");
+            return Json(json!({"received": true, "outcome": "unlinked"})).into_response();
+        }
+        Ok(super::credits::Outcome::Invalid(reason)) => {
+            count("invalid");
+            tracing::warn!(provider = %kind.key(), event_id = %event.event_id, reason, "credit event cannot be granted; acknowledged as invalid");
+            return invalid();
+        }
+        Err(e) => {
+            count("error");
+            tracing::error!(provider = %kind.key(), event_id = %event.event_id, error = %e, "credits not granted; the provider will retry");
+            return error_response(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                "the credits could not be granted; retry later",
+            );
+        }
+    }
     let catalog = state.quota.catalog();
     let policy = Policy::new(&catalog, billing);
     match apply::apply(&state.pool, provider, &policy, &event, now).await {

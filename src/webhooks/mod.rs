@@ -8,6 +8,7 @@
 //! Postgres transaction; `scheduler` applies downgrades that fall due without a new event.
 
 pub mod apply;
+pub mod credits;
 pub mod event;
 pub mod handler;
 pub mod scheduler;
@@ -117,4 +118,17 @@ pub struct BillingProvider {
     pub org_id_from: String,
     /// Provider product / price id → plan id.
     pub plans: BTreeMap<String, String>,
+    /// One-time purchase (Stripe price, Polar / Dodo product id) → the credits it grants
+    /// (`credits`).
+    pub grants: BTreeMap<String, GrantTemplate>,
+}
+
+/// What one unit of a purchased product grants (`[billing.<provider>] grants`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GrantTemplate {
+    pub metric: String,
+    pub amount: i64,
+    /// From the purchase; `None`: never expires.
+    pub expires_in: Option<Duration>,
+    pub priority: u32,
 }

@@ -10,6 +10,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::Value;
 
+use crate::webhooks::credits;
 use crate::webhooks::event::{
     Normalized, ParsedEvent, PayloadError, SubscriptionEvent, SubscriptionStatus, lookup_path,
     lookup_value, opt_bool, opt_rfc3339, opt_str, parse_json, req_str,
@@ -63,6 +64,24 @@ impl Envelope {
         let event_type = self.event_type.clone();
         self.finish(Normalized::Ignored { event_type })
     }
+
+    /// A one-time purchase event, read by `parse` (see `webhooks::credits`); ignored when it is
+    /// not one (a subscription's payment).
+    fn purchase(
+        self,
+        parse: credits::PurchaseParser,
+        org_id_from: &str,
+    ) -> Result<ParsedEvent, PayloadError> {
+        match parse(
+            &self.event_type,
+            self.data()?,
+            org_id_from,
+            self.occurred_at,
+        ) {
+            Some(n) => Ok(self.finish(n?)),
+            None => Ok(self.ignored()),
+        }
+    }
 }
 
 /// (status, terminal) for one event.
@@ -112,6 +131,7 @@ pub fn parse_dodo(
             Some((Some(SubscriptionStatus::Canceled), true))
         }
         "subscription.updated" => None,
+        "payment.succeeded" => return env.purchase(credits::dodo_purchase, org_id_from),
         _ => return Ok(env.ignored()),
     };
     let data = env.data()?;
@@ -181,6 +201,7 @@ pub fn parse_polar(
         | "subscription.canceled"
         | "subscription.uncanceled"
         | "subscription.past_due" => false,
+        "order.paid" => return env.purchase(credits::polar_purchase, org_id_from),
         _ => return Ok(env.ignored()),
     };
     let data = env.data()?;
@@ -251,6 +272,10 @@ pub fn parse_normalized(
     let deleted = match env.event_type.as_str() {
         "subscription.deleted" => true,
         "subscription.created" | "subscription.updated" => false,
+        "credits.granted" => {
+            let grant = credits::normalized_grant(env.data()?, org_id_from)?;
+            return Ok(env.finish(grant));
+        }
         _ => return Ok(env.ignored()),
     };
     let data = env.data()?;

@@ -63,12 +63,21 @@ pub fn parse(body: &[u8], org_id_from: &str) -> Result<ParsedEvent, PayloadError
             let deleted = event_type == "customer.subscription.deleted";
             Normalized::Subscription(subscription_event(obj, org_id_from, deleted, occurred_at)?)
         }
-        "checkout.session.completed" => {
-            checkout_link(data_object(&root)?, org_id_from, occurred_at).unwrap_or_else(|| {
-                Normalized::Ignored {
-                    event_type: event_type.clone(),
+        "checkout.session.completed" | "checkout.session.async_payment_succeeded" => {
+            let session = data_object(&root)?;
+            match crate::webhooks::credits::stripe_purchase(session, org_id_from, occurred_at) {
+                Some(purchase) => purchase?,
+                None if event_type == "checkout.session.completed" => {
+                    checkout_link(session, org_id_from, occurred_at).unwrap_or_else(|| {
+                        Normalized::Ignored {
+                            event_type: event_type.clone(),
+                        }
+                    })
                 }
-            })
+                None => Normalized::Ignored {
+                    event_type: event_type.clone(),
+                },
+            }
         }
         "invoice.paid" | "invoice.payment_failed" => {
             let status = if event_type == "invoice.paid" {

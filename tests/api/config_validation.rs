@@ -162,6 +162,23 @@ fn billing_mistakes_are_named_too() {
 }
 
 #[test]
+fn credit_grant_mistakes_are_named_too() {
+    let problems = gateway_problems("gateway_grant_problems.toml");
+    for needle in [
+        "billing.stripe.grants.price_a.metric: unknown metric `tokens`",
+        "billing.stripe.grants.price_b.amount: must be a whole number from 1",
+        "billing.stripe.grants.price_b.expires_in: `1y` has an unknown unit",
+        "billing.stripe.grants.price_b.priority: must be a whole number from 0 to 99999",
+    ] {
+        assert_has(&problems, needle);
+    }
+    assert!(
+        !problems.iter().any(|p| p.contains("polar")),
+        "a valid grant is not a problem: {problems:#?}"
+    );
+}
+
+#[test]
 fn connection_settings_mistakes_are_named_too() {
     let problems = gateway_problems("gateway_conn_problems.toml");
     for needle in [

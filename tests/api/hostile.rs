@@ -261,6 +261,7 @@ fn stripe_billing() -> BillingSettings {
             plans: [("price_pro".to_string(), "pro".to_string())]
                 .into_iter()
                 .collect(),
+            grants: Default::default(),
         }],
     }
 }

@@ -7,6 +7,7 @@ mod check;
 mod cli;
 mod client;
 mod config_validation;
+mod credits;
 mod demo;
 mod deploy;
 mod edges;

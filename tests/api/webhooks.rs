@@ -34,6 +34,7 @@ fn provider(kind: ProviderKind, secrets: &[&str], plans: &[(&str, &str)]) -> Bil
             .iter()
             .map(|(a, b)| (a.to_string(), b.to_string()))
             .collect::<BTreeMap<_, _>>(),
+        grants: BTreeMap::new(),
     }
 }
 
