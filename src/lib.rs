@@ -13,7 +13,8 @@
 //!   plan-change events: crossings → outbox → signed deliveries).
 //! - Use cases: `quota` (resolve a plan, decide, record, restore after a Redis loss, once),
 //!   owning `local` (deciding while Redis is unreachable and replaying it exactly once),
-//!   `lease` (blocks of a limit this replica admits from without Redis, opt-in) and
+//!   `lease` (blocks of a limit this replica admits from without Redis, opt-in), `slots`
+//!   (concurrency slots: held by a response body, released and renewed in the background) and
 //!   `directory` (the per-replica org cache; `cache` holds its invalidation rules); `credits`
 //!   (grant, list and void prepaid credits; spending them is the decision's own);
 //!   `reservations` (`/v1/reservations`: reserve now, settle or release once, expiry swept on
@@ -47,6 +48,7 @@ pub mod reservations;
 pub mod serve;
 pub mod shutdown;
 pub mod singleflight;
+pub mod slots;
 pub mod startup;
 pub mod store;
 pub mod telemetry;

@@ -20,6 +20,7 @@ pub struct Metrics {
     /// Every metric family name registered, sorted; see `names`.
     names: Vec<String>,
     /// `source`: proxy | check; `outcome`: allowed | quota_exceeded | rate_limited |
+    /// too_many_in_flight |
     /// unauthorized | error.
     pub decisions: IntCounterVec,
     /// API requests by route pattern and status class.
@@ -82,6 +83,13 @@ pub struct Metrics {
     /// Units a lease settlement carried on a call whose outcome could not be learned (its
     /// connection broke): replayed, so each may be counted twice.
     pub lease_unknown_units: IntCounter,
+    /// Concurrency slots this replica holds (requests in flight under a plan's `concurrency`).
+    pub concurrency_slots: IntGauge,
+    /// Slots given back, by outcome: released | failed (a failed one expires with its lease).
+    pub concurrency_releases: IntCounterVec,
+    /// Slots of other holders found expired and swept by this replica's decisions: slots of a
+    /// replica that died (or could not renew).
+    pub concurrency_swept: IntCounter,
     /// Open client connections by listener (api | proxy).
     pub connections_open: prometheus::IntGaugeVec,
     /// Times a listener reached its `max_connections` and stopped accepting until one closed.
@@ -308,6 +316,27 @@ impl Metrics {
              replayed, so each may be counted twice.",
         )
         .expect("valid metric");
+        let concurrency_slots = IntGauge::new(
+            "quota_gateway_concurrency_slots",
+            "Concurrency slots this replica holds: requests in flight under a plan's concurrency limit.",
+        )
+        .expect("valid metric");
+        let concurrency_releases = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_concurrency_releases_total",
+                "Concurrency slots given back, by outcome (a failed release expires with its lease).",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for outcome in ["released", "failed"] {
+            concurrency_releases.with_label_values(&[outcome]);
+        }
+        let concurrency_swept = IntCounter::new(
+            "quota_gateway_concurrency_swept_total",
+            "Expired concurrency slots (of a replica that died or could not renew) swept by decisions.",
+        )
+        .expect("valid metric");
         let connections_open = prometheus::IntGaugeVec::new(
             Opts::new(
                 "quota_gateway_connections_open",
@@ -397,6 +426,9 @@ impl Metrics {
             Box::new(settlements.clone()),
             Box::new(settle_overshoot_units.clone()),
             Box::new(settle_refund_failures.clone()),
+            Box::new(concurrency_slots.clone()),
+            Box::new(concurrency_releases.clone()),
+            Box::new(concurrency_swept.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
@@ -448,6 +480,9 @@ impl Metrics {
             settlements,
             settle_overshoot_units,
             settle_refund_failures,
+            concurrency_slots,
+            concurrency_releases,
+            concurrency_swept,
             connections_open,
             connections_at_cap,
             client_timeouts,

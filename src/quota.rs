@@ -24,7 +24,10 @@ use crate::domain::plan::{Catalog, Enforcement, Plan};
 use crate::lease::{LeaseSettings, Leases, Taken};
 use crate::local::{DoubtedDecision, LocalMode, ReplayError, Replayer};
 use crate::metrics::Metrics;
-use crate::store::{Batch, CreditReply, KeySpec, LeaseCall, Reply, Status, Store, StoreError};
+use crate::slots::{Slot, Slots};
+use crate::store::{
+    Batch, CreditReply, KeySpec, LeaseCall, Reply, SlotCall, Status, Store, StoreError,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum QuotaError {
@@ -42,6 +45,10 @@ pub enum Recorded {
     Duplicate,
     /// It would have taken a counter past `MAX_COUNTER`: not counted.
     Overflow,
+    /// Keyed, and accepted while Redis could not be asked (unreachable, or its answer in
+    /// doubt): it is counted once, when its replay reaches Redis, unless its key was already
+    /// counted there. Whether it is a duplicate is not known yet.
+    Deferred,
 }
 
 /// A local or stored status, with "would overflow" turned into the store's typed error, as
@@ -53,6 +60,15 @@ fn refuse_overflow(status: Status) -> Result<Status, QuotaError> {
     Ok(status)
 }
 
+/// What `run_limits` found: the call's status, one reply per limit, what it did with each
+/// counter metric's credits, and the concurrency slot's reply when it carried one.
+type Limits = (
+    Status,
+    Vec<LimitReply>,
+    Vec<CreditReply>,
+    Option<LimitReply>,
+);
+
 /// A decision with the plan it was made against.
 pub struct Decision<'c> {
     pub plan: &'c Plan,
@@ -61,6 +77,8 @@ pub struct Decision<'c> {
     pub duplicate: bool,
     /// Shadow enforcement applied: a denial in `eval` was counted, not enforced.
     pub shadow: bool,
+    /// The concurrency slot this decision took (`decide_in_flight` only): held until dropped.
+    pub slot: Option<Slot>,
 }
 
 pub struct QuotaService {
@@ -73,6 +91,8 @@ pub struct QuotaService {
     local: Arc<LocalMode>,
     /// `None` unless `[leases] enabled`.
     leases: Option<Arc<Leases>>,
+    /// Plans' concurrency limits; `None`: not enforced (see `with_slots`).
+    slots: Option<Arc<Slots>>,
     metrics: Arc<Metrics>,
 }
 
@@ -96,8 +116,15 @@ impl QuotaService {
             shadow_everything: false,
             local,
             leases: None,
+            slots: None,
             metrics,
         }
+    }
+
+    /// Enforce plans' concurrency limits on `decide_in_flight` with these slots.
+    pub fn with_slots(mut self, slots: Arc<Slots>) -> Self {
+        self.slots = Some(slots);
+        self
     }
 
     /// Admit from leased blocks (`[leases]`); off unless `settings.enabled`.
@@ -225,6 +252,11 @@ impl QuotaService {
     /// Run `limits` through Redis, or locally while Redis is unreachable (per `on_error`). With
     /// leases, a check is admitted from this replica's blocks when it can be, and every check or
     /// dry run that reaches Redis sees the blocks all replicas hold (see `lease`).
+    ///
+    /// `slot`: take a concurrency slot in the same call. Only Redis takes one: a decision made on
+    /// this replica alone (from a lease block, or while Redis is unreachable) takes none, and the
+    /// slot's answer is then `None`.
+    #[allow(clippy::too_many_arguments)]
     async fn run_limits(
         &self,
         catalog: &Catalog,
@@ -233,7 +265,8 @@ impl QuotaService {
         mode: Mode,
         now: chrono::DateTime<chrono::Utc>,
         idem: Option<(&str, Duration)>,
-    ) -> Result<(Status, Vec<LimitReply>, Vec<CreditReply>), QuotaError> {
+        slot: Option<&SlotCall>,
+    ) -> Result<Limits, QuotaError> {
         let leases = self
             .leases
             .as_ref()
@@ -243,12 +276,16 @@ impl QuotaService {
         if let Some(leases) = leases {
             let specs: Vec<KeySpec> = limits.iter().map(|l| self.store.spec(org, l)).collect();
             let refill = mode == Mode::Check && idem.is_none();
-            if refill && let Some(replies) = leases.admit(org, &specs) {
+            // A slot is counted in Redis only: a decision that takes one goes there.
+            if refill
+                && slot.is_none()
+                && let Some(replies) = leases.admit(org, &specs)
+            {
                 self.metrics
                     .lease_decisions
                     .with_label_values(&["local"])
                     .inc();
-                return Ok((Status::Applied, replies, Vec::new()));
+                return Ok((Status::Applied, replies, Vec::new(), None));
             }
             if !self.local.serves_locally() {
                 let (call, taken) = leases.call(org, &specs, refill, now);
@@ -259,26 +296,43 @@ impl QuotaService {
         let mut in_doubt = None;
         // Until the call is answered, dropping this request (its client went away) must not
         // strand the blocks it took out: see `Unanswered`.
-        let mut unanswered = Unanswered { quota: self, taken };
+        let mut unanswered = Unanswered {
+            quota: self,
+            taken,
+            slot: None,
+        };
         if !self.local.serves_locally() {
+            unanswered.slot = slot;
             let asked = self
                 .restoring(
                     catalog,
                     org,
                     now,
                     |_| match &lease {
-                        Some((specs, call, _)) => futures_util::future::Either::Left(
-                            self.store
-                                .run_specs(org, specs.clone(), mode, now, idem, Some(call)),
+                        Some((specs, call, _)) => self.store.run_specs(
+                            org,
+                            specs.clone(),
+                            mode,
+                            now,
+                            idem,
+                            Some(call),
+                            slot,
                         ),
-                        None => futures_util::future::Either::Right(
-                            self.store.run(org, limits, mode, now, idem),
+                        None => self.store.run_specs(
+                            org,
+                            limits.iter().map(|l| self.store.spec(org, l)).collect(),
+                            mode,
+                            now,
+                            idem,
+                            None,
+                            slot,
                         ),
                     },
                     |r| r.status == Status::NeedsRestore,
                 )
                 .await;
             unanswered.taken = None;
+            unanswered.slot = None;
             let result = match asked {
                 Ok(result) => result,
                 Err(e) => {
@@ -293,14 +347,17 @@ impl QuotaService {
                         self.lease_answered(leases, taken, specs, &reply);
                     }
                     self.local.remember(limits, &reply);
-                    return Ok((reply.status, reply.limits, reply.credits));
+                    return Ok((reply.status, reply.limits, reply.credits, reply.slot));
                 }
                 Err(StoreError::InDoubt(after, call)) => {
                     self.local.trip();
+                    // The call may yet take the slot: give it back after it.
+                    self.forget_slot(slot);
                     in_doubt = Some((after, call));
                 }
                 Err(e) if e.is_unavailable() => {
                     self.local.trip();
+                    self.forget_slot(slot);
                     if e.lost_with_connection() {
                         self.lease_unknown(taken);
                     }
@@ -332,7 +389,12 @@ impl QuotaService {
         };
         let Some((after, call)) = in_doubt else {
             let reply = self.local.decide(org, limits, &specs, mode, key, false);
-            return Ok((refuse_overflow(reply.status)?, reply.limits, Vec::new()));
+            return Ok((
+                refuse_overflow(reply.status)?,
+                reply.limits,
+                Vec::new(),
+                None,
+            ));
         };
         // Redis may have applied this call: decide here (or refuse, in `closed` mode) without
         // queueing the units, and let the call's own answer say whether they must be replayed.
@@ -352,8 +414,22 @@ impl QuotaService {
             self.local.settle(&self.store, call, decisions);
         }
         match reply {
-            Some(reply) => Ok((refuse_overflow(reply.status)?, reply.limits, Vec::new())),
+            Some(reply) => Ok((
+                refuse_overflow(reply.status)?,
+                reply.limits,
+                Vec::new(),
+                None,
+            )),
             None => Err(StoreError::Timeout(after).into()),
+        }
+    }
+
+    /// A slot call whose answer will not be used (lost, in doubt, or its request dropped): give
+    /// the slot back in case Redis took it. The release goes out on the same connection after
+    /// the call, so it cannot overtake it.
+    fn forget_slot(&self, slot: Option<&SlotCall>) {
+        if let (Some(slots), Some(call)) = (&self.slots, slot) {
+            slots.forget(call);
         }
     }
 
@@ -449,6 +525,7 @@ impl QuotaService {
                             now,
                             None,
                             Some(&call),
+                            None,
                         )
                     },
                     |r| r.status == Status::NeedsRestore,
@@ -544,11 +621,14 @@ impl QuotaService {
             idx.iter()
                 .map(|&i| {
                     let (s, key) = &specs[i];
-                    recorded(
-                        self.local
-                            .decide(org, &limits[i], s, Mode::Record, *key, hold)
-                            .status,
-                    )
+                    let status = self
+                        .local
+                        .decide(org, &limits[i], s, Mode::Record, *key, hold)
+                        .status;
+                    match recorded(status) {
+                        Recorded::Counted if key.is_some() => Recorded::Deferred,
+                        other => other,
+                    }
                 })
                 .collect()
         };
@@ -564,8 +644,9 @@ impl QuotaService {
                         .enumerate()
                         .map(|(j, &i)| {
                             let (s, key) = &specs[i];
-                            let counted =
-                                outcomes.as_ref().is_some_and(|o| o[j] == Recorded::Counted);
+                            let counted = outcomes.as_ref().is_some_and(|o| {
+                                matches!(o[j], Recorded::Counted | Recorded::Deferred)
+                            });
                             (
                                 org.clone(),
                                 s.clone(),
@@ -704,7 +785,7 @@ impl QuotaService {
         mode: Mode,
         idempotency_key: Option<&str>,
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_needing(catalog, org, charges, &[], mode, idempotency_key)
+        self.decide_with(catalog, org, charges, &[], mode, idempotency_key, false)
             .await
     }
 
@@ -720,6 +801,36 @@ impl QuotaService {
         mode: Mode,
         idempotency_key: Option<&str>,
     ) -> Result<Decision<'c>, QuotaError> {
+        self.decide_with(catalog, org, charges, needs, mode, idempotency_key, false)
+            .await
+    }
+
+    /// `decide` in `Check` mode for a request that stays in flight (the proxy): when the org's
+    /// plan has a concurrency limit, a slot is taken in the same Redis call, held by the
+    /// decision's `slot` until dropped. While Redis is unreachable no slot is taken (the limit
+    /// is not enforced then; see README). `needs` as in `decide_needing`.
+    pub async fn decide_in_flight<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+        needs: &[&'c crate::domain::plan::Metric],
+    ) -> Result<Decision<'c>, QuotaError> {
+        self.decide_with(catalog, org, charges, needs, Mode::Check, None, true)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn decide_with<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+        needs: &[&'c crate::domain::plan::Metric],
+        mode: Mode,
+        idempotency_key: Option<&str>,
+        in_flight: bool,
+    ) -> Result<Decision<'c>, QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let mut merged = merge_charges(charges);
         add_headroom_charges(&mut merged, needs);
@@ -734,8 +845,20 @@ impl QuotaService {
         } else {
             mode
         };
-        let (status, replies, credits) = self
-            .run_limits(catalog, org, &limits, mode, now, idem)
+        let slot = match (&self.slots, plan.concurrency) {
+            (Some(slots), Some(c)) if in_flight => Some((slots, slots.call(org, c.requests))),
+            _ => None,
+        };
+        let (status, replies, credits, slot_reply) = self
+            .run_limits(
+                catalog,
+                org,
+                &limits,
+                mode,
+                now,
+                idem,
+                slot.as_ref().map(|(_, call)| call),
+            )
             .await?;
         if status == Status::Duplicate {
             return Ok(Decision {
@@ -745,20 +868,33 @@ impl QuotaService {
                     states: Vec::new(),
                     applied: false,
                     credits: Vec::new(),
+                    in_flight: None,
                 },
                 duplicate: true,
                 shadow,
+                slot: None,
             });
         }
         let applied = matches!(status, Status::Applied | Status::AppliedOverLimit);
         let credits = credit_states(&limits, &credits);
         let mut eval = evaluate(limits, &replies, applied, now);
         eval.credits = credits;
+        let mut held = None;
+        if let (Some((slots, call)), Some(reply)) = (slot, slot_reply) {
+            eval = eval.with_in_flight(call.limit, &reply);
+            if reply.millis > 0 {
+                self.metrics.concurrency_swept.inc_by(reply.millis as u64);
+            }
+            if applied {
+                held = Some(slots.hold(call));
+            }
+        }
         Ok(Decision {
             plan,
             eval,
             duplicate: false,
             shadow,
+            slot: held,
         })
     }
 
@@ -778,6 +914,7 @@ impl QuotaService {
             eval,
             duplicate: false,
             shadow: false,
+            slot: None,
         })
     }
 
@@ -980,10 +1117,13 @@ impl Replayer for QuotaService {
 struct Unanswered<'a> {
     quota: &'a QuotaService,
     taken: Option<&'a Taken>,
+    /// A concurrency slot the call may take: given back (see `forget_slot`).
+    slot: Option<&'a SlotCall>,
 }
 
 impl Drop for Unanswered<'_> {
     fn drop(&mut self) {
+        self.quota.forget_slot(self.slot.take());
         if let Some(taken) = self.taken.take() {
             self.quota.lease_unknown(Some(taken));
             self.quota.lease_failed(Some(taken), None);

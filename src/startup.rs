@@ -130,6 +130,16 @@ impl Application {
             );
             local.trip();
         }
+        // Concurrency slots: released and renewed by their own task, which stops after the
+        // listeners drained (the last responses' releases go out first).
+        let slots = Arc::new(crate::slots::Slots::new(
+            store.clone(),
+            options.clock.clone(),
+            settings.concurrency.clone(),
+            metrics.clone(),
+        ));
+        let slots_stop = CancellationToken::new();
+        let slots_task = tokio::spawn(slots.clone().run(slots_stop.clone()));
         // The composition root: each part gets what it uses, nothing more.
         let quota = Arc::new(
             QuotaService::new(
@@ -142,7 +152,8 @@ impl Application {
                 metrics.clone(),
             )
             .with_enforcement(settings.enforcement)
-            .with_leases(&settings.leases),
+            .with_leases(&settings.leases)
+            .with_slots(slots),
         );
         let webhooks = Webhooks::new(crate::webhooks::Parts {
             pool: pool.clone(),
@@ -298,6 +309,7 @@ impl Application {
                 ("reservation sweeper", sweeper, None),
                 ("redis eviction check", eviction, None),
                 ("notification delivery", delivery, None),
+                ("concurrency slots", slots_task, Some(slots_stop)),
                 ("lease settler", lease_settler, Some(leases_stop)),
                 ("redis recovery", recovery, Some(recovery_stop)),
                 ("notification writer", writer, Some(writer_stop)),

@@ -380,15 +380,18 @@ pub async fn usage(
             let results: Vec<_> = outcomes
                 .iter()
                 .enumerate()
-                .map(|(i, o)| json!({ "index": i, "duplicate": *o == Recorded::Duplicate }))
+                .map(|(i, o)| match o {
+                    Recorded::Deferred => {
+                        json!({ "index": i, "duplicate": false, "deferred": true })
+                    }
+                    _ => json!({ "index": i, "duplicate": *o == Recorded::Duplicate }),
+                })
                 .collect();
-            let duplicates = outcomes
-                .iter()
-                .filter(|o| **o == Recorded::Duplicate)
-                .count();
+            let count = |r: Recorded| outcomes.iter().filter(|o| **o == r).count();
             Ok(Json(json!({
-                "recorded": outcomes.len() - duplicates,
-                "duplicates": duplicates,
+                "recorded": count(Recorded::Counted),
+                "duplicates": count(Recorded::Duplicate),
+                "deferred": count(Recorded::Deferred),
                 "results": results,
             }))
             .into_response())

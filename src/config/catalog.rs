@@ -36,7 +36,19 @@ pub(super) struct PlanRaw {
     enforcement: Enforcement,
     #[serde(default)]
     notify_at: Option<Vec<i64>>,
+    #[serde(default)]
+    concurrency: Option<ConcurrencyRaw>,
 }
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ConcurrencyRaw {
+    requests: i64,
+}
+
+/// The most requests in flight a plan may allow: one slot is one member of a Redis sorted set
+/// that every decision of the org sweeps, so the set must stay small.
+pub(super) const MAX_CONCURRENCY: i64 = 100_000;
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -378,6 +390,19 @@ pub(super) fn catalog_from_table(
             Some(list) => notify_at(&mut r, &format!("{key}.notify_at"), list),
             None => default_notify.clone(),
         };
+        let concurrency = match raw.concurrency {
+            Some(c) if !(1..=MAX_CONCURRENCY).contains(&c.requests) => {
+                r.add(
+                    format!("{key}.concurrency.requests"),
+                    format!("must be from 1 to {MAX_CONCURRENCY}"),
+                );
+                None
+            }
+            Some(c) => Some(Concurrency {
+                requests: c.requests as u64,
+            }),
+            None => None,
+        };
         for (i, f) in raw.features.iter().enumerate() {
             if !valid_id(f) {
                 r.add(format!("{key}.features[{i}]"), format!("feature {ID_RULE}"));
@@ -393,6 +418,7 @@ pub(super) fn catalog_from_table(
                 features: raw.features.into_iter().collect::<BTreeSet<_>>(),
                 quotas,
                 rates,
+                concurrency,
                 notify_at: plan_notify,
             },
         );

@@ -19,7 +19,9 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
 use crate::domain::period::Period;
-use crate::domain::plan::{Catalog, Enforcement, Metric, MetricKind, Overage, Plan, Quota, Rate};
+use crate::domain::plan::{
+    Catalog, Concurrency, Enforcement, Metric, MetricKind, Overage, Plan, Quota, Rate,
+};
 use crate::proxy::routes::{
     ChargeSpec, Estimate, OnMissing, PathPattern, ReportSpec, ReserveSpec, Route, RouteAction,
     RouteTable,
@@ -32,6 +34,7 @@ pub use crate::lease::LeaseSettings;
 pub use crate::notify::NotifySettings;
 pub use crate::proxy::settings::{IdentityMode, IdentitySettings, ProxySettings, RefundOn};
 pub use crate::serve::ConnSettings;
+pub use crate::slots::SlotSettings;
 pub use crate::store::{RedisMode, RedisSettings};
 pub use crate::telemetry::{LogFormat, LogSettings};
 pub use crate::webhooks::{BillingProvider, BillingSettings, ProviderKind};
@@ -102,6 +105,8 @@ pub struct Settings {
     pub notifications: NotifySettings,
     /// `[leases]`: off unless enabled.
     pub leases: LeaseSettings,
+    /// `[concurrency]`: how slots of plans' concurrency limits are held.
+    pub concurrency: SlotSettings,
 }
 
 #[derive(Debug, Clone)]
@@ -135,6 +140,13 @@ struct NotificationsRaw {
     retry_max: Option<String>,
     #[serde(default)]
     poll_interval: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct ConcurrencySettingsRaw {
+    #[serde(default)]
+    slot_ttl: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -335,6 +335,7 @@ pub(super) fn settings_from_table(
     let flush_v = section(&mut r, "flush", false);
     let notifications_v = section(&mut r, "notifications", false);
     let leases_v = section(&mut r, "leases", false);
+    let concurrency_v = section(&mut r, "concurrency", false);
     for key in table.keys() {
         r.add(key.clone(), "unknown key");
     }
@@ -545,6 +546,23 @@ pub(super) fn settings_from_table(
     if leases.max_block == 0 {
         r.add("leases.max_block", "must be at least 1");
     }
+    let concurrency_raw: ConcurrencySettingsRaw = concurrency_v
+        .and_then(|v| r.parse("concurrency", v))
+        .unwrap_or_default();
+    let concurrency = SlotSettings {
+        ttl: duration_or(
+            &mut r,
+            "concurrency.slot_ttl",
+            concurrency_raw.slot_ttl,
+            SlotSettings::default().ttl,
+        ),
+    };
+    if concurrency.ttl < Duration::from_secs(3) || concurrency.ttl > Duration::from_secs(3600) {
+        r.add(
+            "concurrency.slot_ttl",
+            "must be between 3s and 1h (a crashed replica's slots free themselves within it)",
+        );
+    }
 
     Some(Settings {
         config_path: path.to_path_buf(),
@@ -560,6 +578,7 @@ pub(super) fn settings_from_table(
         flush,
         notifications,
         leases,
+        concurrency,
     })
 }
 

@@ -329,6 +329,8 @@ pub enum Outcome {
     /// Index into `Evaluation::states` of a rate whose burst (its limit) is smaller than the
     /// charge: no wait makes it fit, so it is not a 429 to retry (see `render::denial_body`).
     ExceedsBurst(usize),
+    /// The plan's concurrency limit: the org already has that many requests in flight.
+    TooManyInFlight,
 }
 
 impl Outcome {
@@ -339,6 +341,7 @@ impl Outcome {
             Outcome::QuotaExceeded(_) => "quota_exceeded",
             Outcome::RateLimited(_) => "rate_limited",
             Outcome::ExceedsBurst(_) => "exceeds_burst",
+            Outcome::TooManyInFlight => "too_many_in_flight",
         }
     }
 }
@@ -352,6 +355,24 @@ pub struct Evaluation<'a> {
     /// Per charged counter metric, what the decision did with the org's credits (empty when
     /// the store did not say: local mode, a leased admission).
     pub credits: Vec<super::credit::CreditState<'a>>,
+    /// The plan's concurrency limit, when the decision took (or was refused) a slot.
+    pub in_flight: Option<InFlight>,
+}
+
+/// The requests an org has in flight, as a decision that takes a slot saw them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFlight {
+    /// The plan's `concurrency.requests`.
+    pub limit: u64,
+    /// In flight after the decision: this request's slot included when it was taken.
+    pub current: u64,
+    pub denied: bool,
+}
+
+impl InFlight {
+    pub fn remaining(&self) -> u64 {
+        self.limit.saturating_sub(self.current)
+    }
 }
 
 impl<'a> Evaluation<'a> {
@@ -365,11 +386,28 @@ impl<'a> Evaluation<'a> {
 
     pub fn denied_state(&self) -> Option<&LimitState<'a>> {
         match self.outcome {
-            Outcome::Allowed => None,
+            Outcome::Allowed | Outcome::TooManyInFlight => None,
             Outcome::QuotaExceeded(i) | Outcome::RateLimited(i) | Outcome::ExceedsBurst(i) => {
                 self.states.get(i)
             }
         }
+    }
+
+    /// Add the store's answer for the concurrency slot (`reply.value`: slots held before this
+    /// call). A quota or rate denial is reported before a concurrency one: it says more (an
+    /// upgrade, or when to retry).
+    pub fn with_in_flight(mut self, limit: u64, reply: &LimitReply) -> Self {
+        let before = reply.value.max(0) as u64;
+        // Applied means the slot was taken (in shadow mode even past the limit).
+        self.in_flight = Some(InFlight {
+            limit,
+            current: before + u64::from(self.applied),
+            denied: reply.denied,
+        });
+        if reply.denied && self.outcome == Outcome::Allowed {
+            self.outcome = Outcome::TooManyInFlight;
+        }
+        self
     }
 }
 
@@ -415,6 +453,7 @@ pub fn evaluate<'a>(
         states,
         applied,
         credits: Vec::new(),
+        in_flight: None,
     }
 }
 
@@ -507,6 +546,7 @@ mod tests {
                     overage: Overage::Block,
                 },
             ],
+            concurrency: None,
             rates: vec![Rate {
                 metric: "requests".into(),
                 limit: 10,
@@ -689,6 +729,67 @@ mod tests {
         assert!(eval.states[1].percentage().unwrap() > 100.0);
         assert_eq!(eval.states[2].remaining, Some(7));
         assert_eq!(eval.states[2].reset_seconds, Some(1));
+    }
+
+    #[test]
+    fn a_refused_slot_is_reported_after_quota_and_rate_denials() {
+        let plan = plan();
+        let requests = metric("requests", MetricKind::Counter);
+        let charge = [Charge {
+            metric: &requests,
+            amount: 1,
+        }];
+        let full = LimitReply {
+            denied: true,
+            value: 3,
+            millis: 0,
+        };
+        let replies = [LimitReply::default(); 3];
+        let eval = evaluate(
+            limits_for(&plan, &charge, now(), None),
+            &replies,
+            false,
+            now(),
+        )
+        .with_in_flight(3, &full);
+        assert_eq!(eval.outcome, Outcome::TooManyInFlight);
+        assert_eq!(eval.outcome.label(), "too_many_in_flight");
+        assert!(eval.denied_state().is_none());
+        assert_eq!(eval.in_flight.unwrap().remaining(), 0);
+
+        let mut quota = replies;
+        quota[0] = LimitReply {
+            denied: true,
+            value: 1000,
+            millis: 0,
+        };
+        let eval = evaluate(
+            limits_for(&plan, &charge, now(), None),
+            &quota,
+            false,
+            now(),
+        )
+        .with_in_flight(3, &full);
+        assert_eq!(eval.outcome, Outcome::QuotaExceeded(0));
+
+        let free = LimitReply {
+            denied: false,
+            value: 1,
+            millis: 0,
+        };
+        let eval = evaluate(
+            limits_for(&plan, &charge, now(), None),
+            &replies,
+            true,
+            now(),
+        )
+        .with_in_flight(3, &free);
+        assert_eq!(eval.outcome, Outcome::Allowed);
+        assert_eq!(
+            eval.in_flight.unwrap().current,
+            2,
+            "this request's slot counts"
+        );
     }
 
     #[test]

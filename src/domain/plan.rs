@@ -61,6 +61,14 @@ pub struct Rate {
     pub window_label: String,
 }
 
+/// A cap on an org's requests in flight through the proxy at once, across all replicas
+/// (`concurrency = { requests = N }`). A slot is taken in the decision's one Redis call and
+/// held until the response body ends or the client goes away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Concurrency {
+    pub requests: u64,
+}
+
 /// Whether limits block, or are only counted and reported (for safe roll-outs).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -80,6 +88,8 @@ pub struct Plan {
     pub features: BTreeSet<String>,
     pub quotas: Vec<Quota>,
     pub rates: Vec<Rate>,
+    /// Requests in flight at once; `None`: unlimited.
+    pub concurrency: Option<Concurrency>,
     /// Percentages of each quota's limit at which the product is told (`notify_at`: the plan's
     /// own, else the catalog's), ascending; empty: no threshold events for this plan.
     pub notify_at: Vec<u16>,

@@ -123,6 +123,15 @@ pub struct RateInfo<'a> {
     pub window: &'a str,
 }
 
+/// The concurrency limit that refused a request.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct ConcurrencyInfo {
+    /// Requests the plan allows in flight at once.
+    pub limit: u64,
+    /// Requests of the org in flight when this one was refused.
+    pub in_flight: u64,
+}
+
 /// An RFC 9457 problem document for a 402 or 429, with the gateway's own members.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct DenialBody<'a> {
@@ -140,6 +149,8 @@ pub struct DenialBody<'a> {
     pub retry_after_seconds: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub rate: Option<RateInfo<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<ConcurrencyInfo>,
     pub plan: PlanRef<'a>,
     pub upgrade: Option<Upgrade<'a>>,
     /// A quota denial of a metric the org has credits of: what they still hold (less than the
@@ -156,6 +167,7 @@ pub struct CreditsInfo {
 pub const QUOTA_EXCEEDED_TYPE: &str = "urn:quota-gateway:problem:quota-exceeded";
 pub const RATE_LIMITED_TYPE: &str = "urn:quota-gateway:problem:rate-limited";
 pub const EXCEEDS_BURST_TYPE: &str = "urn:quota-gateway:problem:charge-exceeds-burst";
+pub const TOO_MANY_IN_FLIGHT_TYPE: &str = "urn:quota-gateway:problem:too-many-in-flight";
 
 /// The plan an org on `plan` could move up to, with that plan's limit for the same metric and
 /// target: the `upgrade` member of a 402/429 body and of a threshold event.
@@ -193,6 +205,11 @@ pub fn denial_body<'a>(
     plan: &'a Plan,
     eval: &Evaluation<'a>,
 ) -> Option<DenialBody<'a>> {
+    if eval.outcome == Outcome::TooManyInFlight {
+        return eval
+            .in_flight
+            .map(|f| too_many_in_flight(catalog, org_id, plan, f));
+    }
     let state = eval.denied_state()?;
     let limit = &state.limit;
     let metric = &limit.metric.id;
@@ -239,6 +256,7 @@ pub fn denial_body<'a>(
                 }),
                 retry_after_seconds: None,
                 rate: None,
+                concurrency: None,
                 plan: plan.into(),
                 upgrade,
                 credits: eval
@@ -272,6 +290,7 @@ pub fn denial_body<'a>(
                     limit: limit.limit,
                     window,
                 }),
+                concurrency: None,
                 plan: plan.into(),
                 upgrade,
                 credits: None,
@@ -308,13 +327,57 @@ pub fn denial_body<'a>(
                     window,
                 }),
                 credits: None,
+                concurrency: None,
                 plan: plan.into(),
                 upgrade: upgrade.filter(|u| u.limit.is_none_or(|l| l >= limit.amount as u64)),
             }
         }
-        Outcome::Allowed => return None,
+        Outcome::Allowed | Outcome::TooManyInFlight => return None,
     };
     Some(body)
+}
+
+/// The 429 of a request refused by the plan's concurrency limit. No wait is known (a slot frees
+/// when some response ends), so `Retry-After` says one second.
+fn too_many_in_flight<'a>(
+    catalog: &'a Catalog,
+    org_id: &str,
+    plan: &'a Plan,
+    f: super::decision::InFlight,
+) -> DenialBody<'a> {
+    let message = format!(
+        "Organization {org_id} already has {} requests in flight, the most the {} plan allows at once; retry when one has finished.",
+        f.current, plan.name
+    );
+    let upgrade = plan
+        .upgrade_to
+        .as_deref()
+        .and_then(|id| catalog.plan(id))
+        .map(|up| Upgrade {
+            plan: &up.id,
+            name: &up.name,
+            limit: up.concurrency.map(|c| c.requests),
+            url: catalog.upgrade_url_for(org_id, &up.id),
+        });
+    DenialBody {
+        type_: TOO_MANY_IN_FLIGHT_TYPE,
+        title: "Too many requests in flight",
+        status: 429,
+        detail: message.clone(),
+        allowed: false,
+        error: "too_many_in_flight",
+        message,
+        quota: None,
+        retry_after_seconds: Some(1),
+        rate: None,
+        concurrency: Some(ConcurrencyInfo {
+            limit: f.limit,
+            in_flight: f.current,
+        }),
+        plan: plan.into(),
+        upgrade,
+        credits: None,
+    }
 }
 
 /// Rendered rate-limit header values.
@@ -380,11 +443,31 @@ pub fn ratelimit_headers(eval: &Evaluation<'_>) -> RateLimitHeaders {
             nearest = Some((state, room));
         }
     }
+    // The concurrency policy: `q` requests in flight at once, `r` more may start now. No
+    // window and no reset: a slot frees when a response ends.
+    if let Some(f) = eval.in_flight {
+        if !h.policy.is_empty() {
+            h.policy.push_str(", ");
+            h.ratelimit.push_str(", ");
+        }
+        h.policy.push_str("\"concurrency\";q=");
+        h.policy.push_str(num.format(f.limit));
+        h.ratelimit.push_str("\"concurrency\";r=");
+        h.ratelimit.push_str(num.format(f.remaining()));
+    }
     // The trio describes one limit: the one that denied, else the nearest to its end.
     if let Some((state, _)) = nearest {
         h.x_limit = state.limit.limit;
         h.x_remaining = state.remaining;
         h.x_reset = state.reset_seconds;
+    }
+    if eval.outcome == Outcome::TooManyInFlight
+        && let Some(f) = eval.in_flight
+    {
+        h.x_limit = Some(f.limit);
+        h.x_remaining = Some(0);
+        h.x_reset = None;
+        h.retry_after = Some(1);
     }
     if let Some(state) = eval.denied_state() {
         h.x_limit = state.limit.limit;
@@ -426,6 +509,7 @@ mod tests {
                 period: Some(Period::Month),
                 overage: Overage::Block,
             }],
+            concurrency: None,
             rates: vec![Rate {
                 metric: "requests".into(),
                 limit: 10,
@@ -446,6 +530,7 @@ mod tests {
                 period: Some(Period::Month),
                 overage: Overage::Block,
             }],
+            concurrency: None,
             rates: vec![],
         };
         Catalog {

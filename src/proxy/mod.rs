@@ -30,6 +30,7 @@ pub mod reserve;
 pub mod routes;
 pub mod settings;
 pub mod settle;
+pub mod slot_body;
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
@@ -365,15 +366,18 @@ async fn handle(
             amount: estimate as i64,
         });
     }
-    let decision = match state
+    // With a concurrency limit in the plan, this takes the request's slot in the same call; it
+    // is held by the response body (see `slot_body`).
+    let mut decision = match state
         .app
         .quota
-        .decide_needing(&catalog, &org, &charges, &after, Mode::Check, None)
+        .decide_in_flight(&catalog, &org, &charges, &after)
         .await
     {
         Ok(d) => d,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let slot = decision.slot.take();
     let mut limit_headers = render::ratelimit_headers(&decision.eval);
     let outcome = decision.eval.outcome.label();
     obs.outcome = outcome;
@@ -441,7 +445,12 @@ async fn handle(
     if !refund {
         respond::insert_ratelimit_headers(response.headers_mut(), &limit_headers);
     }
-    response
+    // The slot is given back when the body ends or is dropped. An upgraded connection (101)
+    // has an empty body here: its tunnel does not hold a slot.
+    match slot {
+        Some(slot) => response.map(|body| slot_body::SlotBody::wrap(body, slot)),
+        None => response,
+    }
 }
 
 /// The route's charges against the current catalog; `Err(metric)` when a metric vanished in a

@@ -9,6 +9,7 @@
 --                              the org's resident key
 --   per limit: its key, and for durable limits (kinds "m", "M" and "g") its version key right
 --                              after; for leased kinds ("C", "M", "R") then its lease hash
+--                              (a concurrency slot, kind "s": the org's "inflight" set)
 --   per credit group (only with a credit section, see "Credits" below): the metric's credit
 --                              hash and its version key
 --
@@ -45,6 +46,11 @@
 --             which settles `consumed` and keeps the rest of the holder's lease (no new block)
 -- Durable keys carry a version (incremented on every change) so the flusher can write them to
 -- Postgres monotonically: a value read later never loses to one read earlier.
+-- then, only when the call takes a concurrency slot, one more limit (always the last one, so the
+-- others keep their indices), 6 arguments:
+--   "s", 1, limit (requests in flight allowed), block ("1"; "0" only in "record" mode),
+--   the slot's expiry (Unix ms), the slot's id (never starting with "T")
+--   and its key (the org's "inflight" sorted set) last among the per-limit KEYS
 -- then, only when some limit has notification thresholds (otherwise nothing at all), a tail:
 --   per such limit: its index i (1-based, in the order above), the count n of its thresholds,
 --     then n pairs: percent, trigger (the smallest value at or past that percent of the limit)
@@ -63,6 +69,7 @@
 --           been denied (shadow mode), 5 restore needed (nothing applied), 6 a counter or
 --           gauge would pass MAX_COUNTER (nothing applied, in every mode; no limits follow)
 --   c/m/g   value = the counter or level before this call
+--   s       value = slots held before this call (expired ones swept); millis = slots swept
 --   r       value = units remaining (after, when applied); millis = time until the bucket is
 --           full again, or, when denied, until this amount would fit
 --   granted the block leased to the holder by this call (0 when denied or near the limit)
@@ -114,6 +121,13 @@
 -- start once the metric's hard quota is used up: its limit comes with amount 0 and block "h", and
 -- denies when used + reserved >= limit (in "check", "dry" and "shadow" modes, like a charge that
 -- does not fit). It is never leased and never charges anything.
+
+-- Concurrency (kind "s"). An org's requests in flight are the members of one sorted set, each
+-- a slot id scored by its expiry (Unix ms). A call first sweeps the members whose expiry has
+-- passed (their replica died, or stopped renewing them: see `slots.rs`), then counts the rest;
+-- with `limit` of them held the call is denied like any other limit, all or nothing. Applied,
+-- the slot is added and the set expires with its latest member, so an idle org leaves nothing.
+-- The holder releases its slot with ZREM when the response ends, outside this script.
 
 -- Rates use GCRA (burst = limit, emission interval T = window / limit). The state is kept as a
 -- "debt" D = max(0, TAT - now) in microseconds *scaled by the limit*, plus the time it was
@@ -238,10 +252,22 @@ while a <= last do
     leased[#leased + 1] = i
     k = k + 1
     a = a + 7
+  elseif kind == 's' then
+    a = a + 6
   else
     a = a + 5
   end
-  if kind == 'r' then
+  if kind == 's' then
+    -- Concurrency slot: sweep the expired, count the live (see "Concurrency" above).
+    k = k + 1
+    millis = redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', math.floor(now / 1000)))
+    value = redis.call('ZCARD', key)
+    if block and value + 1 > limit then
+      d = 1
+      denied = true
+    end
+    state[i] = value
+  elseif kind == 'r' then
     k = k + 1
     local param = tonumber(ARGV[arg_at[i] + 4])
     local debt, stamp = 0, now
@@ -417,7 +443,12 @@ if apply then
     local key = KEYS[key_at[j]]
     local b = arg_at[j]
     local kind = string.lower(ARGV[b])
-    if kind == 'r' then
+    if kind == 's' then
+      -- take the slot; the set lives as long as its latest slot
+      redis.call('ZADD', key, ARGV[b + 4], ARGV[b + 5])
+      local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
+      redis.call('PEXPIREAT', key, top[2])
+    elseif kind == 'r' then
       local limit = tonumber(ARGV[b + 2])
       local param = tonumber(ARGV[b + 4])
       local debt = state[j]

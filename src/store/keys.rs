@@ -70,6 +70,14 @@ impl Keys {
         s
     }
 
+    /// `inflight`: the sorted set of the org's concurrency slots (member: a slot id, score: its
+    /// expiry in Unix ms), in the org's slot so the decision that takes one is the same script.
+    pub fn in_flight(&self, org: &OrgId) -> String {
+        let mut s = self.org_base(org, 8);
+        s.push_str("inflight");
+        s
+    }
+
     /// The idempotency marker of a usage report. The client's key is hashed so its length and
     /// alphabet never matter.
     pub fn idempotency(&self, org: &OrgId, client_key: &str) -> String {

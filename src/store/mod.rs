@@ -150,6 +150,9 @@ pub struct Reply {
     pub crossings: Vec<(usize, u16, i64)>,
     /// One per counter metric of the call (see "Credits" in `decide.lua`).
     pub credits: Vec<CreditReply>,
+    /// The concurrency slot of a call that carried one: denied, slots held before the call
+    /// (`value`) and slots of dead holders swept (`millis`).
+    pub slot: Option<LimitReply>,
 }
 
 /// What a call did with the credits of one metric.
@@ -266,6 +269,19 @@ pub struct LeaseReply {
     pub swept: u64,
     /// Units other holders' live leases reserve (a counter's `value` includes them).
     pub reserved: u64,
+}
+
+/// A concurrency slot to take in a decision (kind "s" in `decide.lua`): one member of the org's
+/// `inflight` sorted set, scored by when it expires unless renewed.
+#[derive(Debug, Clone)]
+pub struct SlotCall {
+    pub key: String,
+    /// This slot's id (unique per replica and request).
+    pub member: String,
+    /// Requests the plan allows in flight.
+    pub limit: u64,
+    /// When the slot frees itself if its holder stops renewing it (Unix ms).
+    pub expiry_ms: i64,
 }
 
 /// One limit as the script sees it (see the argument contract in `decide.lua`).
@@ -599,11 +615,13 @@ impl Store {
         idempotency: Option<(&str, Duration)>,
     ) -> Result<Reply, StoreError> {
         let specs: Vec<KeySpec> = limits.iter().map(|l| self.spec(org, l)).collect();
-        self.run_specs(org, specs, mode, now, idempotency, None)
+        self.run_specs(org, specs, mode, now, idempotency, None, None)
             .await
     }
 
-    /// `run` for limits already turned into script arguments, with leases when `lease` is given.
+    /// `run` for limits already turned into script arguments, with leases when `lease` is given
+    /// and a concurrency slot taken in the same call when `slot` is.
+    #[allow(clippy::too_many_arguments)]
     pub async fn run_specs(
         &self,
         org: &OrgId,
@@ -612,11 +630,12 @@ impl Store {
         now: DateTime<Utc>,
         idempotency: Option<(&str, Duration)>,
         lease: Option<&LeaseCall>,
+        slot: Option<&SlotCall>,
     ) -> Result<Reply, StoreError> {
         let idem = idempotency.map(|(key, ttl)| (self.keys.idempotency(org, key), ttl));
         let marker = self.marker(org, now);
         let mut reply = self
-            .eval_specs(&specs, mode, now, idem, Some(marker), lease)
+            .eval_specs(&specs, mode, now, idem, Some(marker), lease, slot)
             .await?;
         reply.keys = specs.into_iter().map(|s| s.key).collect();
         Ok(reply)
@@ -636,7 +655,7 @@ impl Store {
         let mut pipe = redis::Pipeline::with_capacity(items.len());
         for (specs, idem) in items {
             let idem = idem.map(|k| (self.keys.idempotency(org, k), idempotency_ttl));
-            pipe.add_command(self.decide_cmd(specs, mode, now, idem, Some(&marker), None));
+            pipe.add_command(self.decide_cmd(specs, mode, now, idem, Some(&marker), None, None));
         }
         let raw = self
             .await_decide(self.decide_call(Call::Many(pipe)))
@@ -651,7 +670,7 @@ impl Store {
         raw.iter()
             .zip(items)
             .map(|(r, (specs, _))| {
-                let reply = parse_reply(r, specs, None)?;
+                let reply = parse_reply(r, specs, None, false)?;
                 self.mark_if_applied(specs, reply.status);
                 self.mark_credits(specs, &reply);
                 self.report_crossings(specs, &reply);
@@ -675,9 +694,14 @@ impl Store {
     ) -> Result<Status, StoreError> {
         let idem = Some((self.keys.idempotency(org, idempotency_key), ttl));
         let marker = self.marker(org, now);
-        let cmd = self.decide_cmd(specs, Mode::Record, now, idem, Some(&marker), None);
+        let cmd = self.decide_cmd(specs, Mode::Record, now, idem, Some(&marker), None, None);
         let raw = self.bounded(self.decide_call(Call::One(cmd))).await?;
-        let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs, None)?;
+        let reply = parse_reply(
+            raw.first().map_or(&[][..], Vec::as_slice),
+            specs,
+            None,
+            false,
+        )?;
         // A replay detects crossings when it reaches Redis, not when the units were admitted.
         self.report_crossings(specs, &reply);
         self.mark_credits(specs, &reply);
@@ -909,6 +933,7 @@ impl Store {
             .collect())
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn eval_specs(
         &self,
         specs: &[KeySpec],
@@ -917,11 +942,17 @@ impl Store {
         idempotency: Option<(String, Duration)>,
         marker: Option<MonthMarker>,
         lease: Option<&LeaseCall>,
+        slot: Option<&SlotCall>,
     ) -> Result<Reply, StoreError> {
-        let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_ref(), lease);
+        let cmd = self.decide_cmd(specs, mode, now, idempotency, marker.as_ref(), lease, slot);
         let raw = self.await_decide(self.decide_call(Call::One(cmd))).await?;
         let leased = lease.map(|_| specs);
-        let reply = parse_reply(raw.first().map_or(&[][..], Vec::as_slice), specs, leased)?;
+        let reply = parse_reply(
+            raw.first().map_or(&[][..], Vec::as_slice),
+            specs,
+            leased,
+            slot.is_some(),
+        )?;
         // What a lease call settled is in whatever the status, bar the two that return first.
         if let Some(lease) = lease
             && !matches!(reply.status, Status::NeedsRestore | Status::Duplicate)
@@ -941,7 +972,9 @@ impl Store {
         Ok(reply)
     }
 
-    /// One `EVALSHA` of the decide script (see the argument contract in `decide.lua`).
+    /// One `EVALSHA` of the decide script (see the argument contract in `decide.lua`). A slot
+    /// goes last among the limits, so the other limits keep their indices (and thresholds theirs).
+    #[allow(clippy::too_many_arguments)]
     fn decide_cmd(
         &self,
         specs: &[KeySpec],
@@ -950,6 +983,7 @@ impl Store {
         idempotency: Option<(String, Duration)>,
         marker: Option<&MonthMarker>,
         lease: Option<&LeaseCall>,
+        slot: Option<&SlotCall>,
     ) -> redis::Cmd {
         let durable = specs.iter().filter(|s| s.is_durable()).count();
         let notified = specs.iter().filter(|s| !s.notify.is_empty()).count();
@@ -964,7 +998,8 @@ impl Store {
                 + 2 * groups
                 + notified
                 + usize::from(idempotency.is_some())
-                + 2 * usize::from(marker.is_some()),
+                + 2 * usize::from(marker.is_some())
+                + usize::from(slot.is_some()),
         );
         if let Some((k, _)) = &idempotency {
             cmd.arg(k);
@@ -984,6 +1019,9 @@ impl Store {
                 Keys::lease_into(&mut version, &spec.key);
                 cmd.arg(&version);
             }
+        }
+        if let Some(s) = slot {
+            cmd.arg(&s.key);
         }
         for head in credit_heads(specs) {
             if Keys::credits_for_into(&mut version, &specs[head].key) {
@@ -1032,6 +1070,15 @@ impl Store {
                     cmd.arg(arg.want);
                 }
             }
+        }
+        if let Some(s) = slot {
+            let block = if mode == Mode::Record { "0" } else { "1" };
+            cmd.arg("s")
+                .arg(1)
+                .arg(s.limit)
+                .arg(block)
+                .arg(s.expiry_ms)
+                .arg(&s.member);
         }
         if groups > 0 {
             Self::credit_section(&mut cmd, specs);
@@ -1116,6 +1163,64 @@ impl Store {
         Ok(())
     }
 
+    /// Give concurrency slots back: one `ZREM` each, sent together on the multiplexed connection
+    /// (which pipelines them; in a cluster each goes to its org's node). Returns how many calls
+    /// failed: those slots free themselves when their lease expires.
+    pub async fn release_slots(&self, slots: &[(std::sync::Arc<str>, String)]) -> usize {
+        let calls = slots.iter().map(|(key, member)| {
+            let mut conn = self.conn.clone();
+            let mut cmd = redis::cmd("ZREM");
+            cmd.arg(&**key).arg(member);
+            async move { self.bounded(cmd.query_async::<i64>(&mut conn)).await }
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count()
+    }
+
+    /// Push the expiry of live slots to `expiry_ms` (a holder renewing what it still uses). `XX`:
+    /// a slot released meanwhile is not brought back; `GT`: the set's own expiry only grows.
+    pub async fn renew_slots(
+        &self,
+        slots: &[(std::sync::Arc<str>, String)],
+        expiry_ms: i64,
+    ) -> usize {
+        let calls = slots.iter().map(|(key, member)| {
+            let mut conn = self.conn.clone();
+            let mut pipe = redis::pipe();
+            pipe.cmd("ZADD")
+                .arg(&**key)
+                .arg("XX")
+                .arg(expiry_ms)
+                .arg(member)
+                .ignore()
+                .cmd("PEXPIREAT")
+                .arg(&**key)
+                .arg(expiry_ms)
+                .arg("GT")
+                .ignore();
+            async move { self.bounded(pipe.query_async::<()>(&mut conn)).await }
+        });
+        futures_util::future::join_all(calls)
+            .await
+            .iter()
+            .filter(|r| r.is_err())
+            .count()
+    }
+
+    /// Slots held in an org's set, live or not yet swept (tests and the usage view).
+    pub async fn slots_held(&self, org: &OrgId) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        self.bounded(
+            redis::cmd("ZCARD")
+                .arg(self.keys.in_flight(org))
+                .query_async(&mut conn),
+        )
+        .await
+    }
+
     /// Tell every replica that an org's plan or keys changed.
     pub async fn publish_org_change(&self, payload: &str) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
@@ -1160,13 +1265,14 @@ fn status_of(code: Option<i64>) -> Result<Status, StoreError> {
 }
 
 /// `leased`: the call's specs when it carried lease arguments (their leasable limits have three
-/// more values each, after every limit's three).
-/// `specs`: the call's limits, whose counter metrics each have two more values (credits) after
-/// the lease values.
+/// more values each, after every limit's three). `slot`: the call took a concurrency slot, whose
+/// three values follow the limits' (before the lease values). `specs`: the call's limits, whose
+/// counter metrics each have two more values (credits) after the lease values.
 fn parse_reply(
     raw: &[i64],
     specs: &[KeySpec],
     leased: Option<&[KeySpec]>,
+    slot: bool,
 ) -> Result<Reply, StoreError> {
     let n = specs.len();
     let status = status_of(raw.first().copied())?;
@@ -1181,13 +1287,15 @@ fn parse_reply(
             leases: Vec::new(),
             crossings: Vec::new(),
             credits: Vec::new(),
+            slot: None,
         });
     }
+    let s = usize::from(slot);
     // After the limits (and their lease values), (limit index, percent, value after) for
     // crossed notification thresholds: usually none.
     let extra = leased.map_or(0, |s| s.iter().filter(|s| s.kind.leasable()).count());
     let groups = credit_heads(specs).count();
-    let lease_end = 1 + 3 * n + 3 * extra;
+    let lease_end = 1 + 3 * (n + s) + 3 * extra;
     let fixed = lease_end + 2 * groups;
     if raw.len() < fixed || !(raw.len() - fixed).is_multiple_of(3) {
         return Err(StoreError::Protocol(format!(
@@ -1221,7 +1329,12 @@ fn parse_reply(
             remaining: u64::try_from(c[1]).ok(),
         })
         .collect();
-    let mut tail = raw[1 + 3 * n..lease_end].chunks_exact(3);
+    let slot = slot.then(|| LimitReply {
+        denied: raw[1 + 3 * n] == 1,
+        value: raw[2 + 3 * n],
+        millis: raw[3 + 3 * n],
+    });
+    let mut tail = raw[1 + 3 * (n + s)..lease_end].chunks_exact(3);
     let leases = leased
         .map(|specs| {
             specs
@@ -1244,6 +1357,7 @@ fn parse_reply(
         leases,
         crossings,
         credits,
+        slot,
     })
 }
 
@@ -1271,7 +1385,7 @@ mod tests {
 
     #[test]
     fn an_overflow_reply_carries_no_limits_and_is_not_an_outage() {
-        let reply = parse_reply(&[6], &[], None).unwrap();
+        let reply = parse_reply(&[6], &[], None, false).unwrap();
         assert_eq!(reply.status, Status::WouldOverflow);
         assert!(reply.limits.is_empty());
         assert!(!StoreError::CounterOverflow.is_unavailable());
@@ -1291,15 +1405,20 @@ mod tests {
             headroom: false,
         };
         let two = [gauge("qg:{a}:g:x"), gauge("qg:{a}:g:y")];
-        let plain = parse_reply(&[0, 0, 5, 0, 0, 9, 0], &two, None).unwrap();
+        let plain = parse_reply(&[0, 0, 5, 0, 0, 9, 0], &two, None, false).unwrap();
         assert!(plain.crossings.is_empty());
         assert_eq!(plain.limits.len(), 2);
-        let crossed =
-            parse_reply(&[0, 0, 5, 0, 0, 9, 0, 2, 80, 10, 2, 100, 10], &two, None).unwrap();
+        let crossed = parse_reply(
+            &[0, 0, 5, 0, 0, 9, 0, 2, 80, 10, 2, 100, 10],
+            &two,
+            None,
+            false,
+        )
+        .unwrap();
         assert_eq!(crossed.crossings, [(1, 80, 10), (1, 100, 10)]);
         assert_eq!(crossed.limits[1].value, 9);
         assert!(matches!(
-            parse_reply(&[0, 0, 5, 0, 2, 80], &two[..1], None),
+            parse_reply(&[0, 0, 5, 0, 2, 80], &two[..1], None, false),
             Err(StoreError::Protocol(_))
         ));
     }
@@ -1326,7 +1445,7 @@ mod tests {
         let raw = [
             0, 0, 1, 0, 0, 9, 0, 0, 2, 0, 0, 4, 0, 2, 5, 0, -1, 2, 100, 12,
         ];
-        let reply = parse_reply(&raw, &specs, None).unwrap();
+        let reply = parse_reply(&raw, &specs, None, false).unwrap();
         assert_eq!(
             reply.credits,
             [
@@ -1343,6 +1462,32 @@ mod tests {
             ]
         );
         assert_eq!(reply.crossings, [(1, 100, 12)]);
+    }
+
+    #[test]
+    fn a_slot_reply_follows_the_limits_and_precedes_crossings() {
+        let seats = [KeySpec {
+            key: "qg:{a}:g:seats".into(),
+            kind: SpecKind::Gauge,
+            amount: 1,
+            limit: 10,
+            block: true,
+            param: 0,
+            notify: Vec::new(),
+            headroom: false,
+        }];
+        let reply = parse_reply(&[1, 0, 5, 0, 1, 3, 2, 1, 80, 5], &seats, None, true).unwrap();
+        assert_eq!(reply.limits.len(), 1);
+        assert_eq!(
+            reply.slot,
+            Some(LimitReply {
+                denied: true,
+                value: 3,
+                millis: 2
+            })
+        );
+        assert_eq!(reply.crossings, [(0, 80, 5)]);
+        assert!(parse_reply(&[0, 0, 5, 0], &seats, None, true).is_err());
     }
 
     #[test]

@@ -219,6 +219,24 @@ fn reserve_and_settle_mistakes_are_named_too() {
 }
 
 #[test]
+fn concurrency_mistakes_are_named_too() {
+    let problems = gateway_problems("gateway_concurrency_problems.toml");
+    assert_has(
+        &problems,
+        "gateway_concurrency_problems.toml: concurrency.slot_ttl: must be between 3s and 1h",
+    );
+    let problems = plan_problems("plans_bad_concurrency.toml");
+    for needle in [
+        "plans.free.concurrency.requests: must be from 1 to 100000",
+        "plans.huge.concurrency.requests: must be from 1 to 100000",
+        "plans.team",
+    ] {
+        assert_has(&problems, needle);
+    }
+    assert_has(&problems, "queue");
+}
+
+#[test]
 fn the_shipped_configuration_is_valid() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let (settings, catalog) =

@@ -246,6 +246,8 @@ pub struct TestOptions {
     pub leases: quota_gateway::config::LeaseSettings,
     /// `[usage] reservation_expiry`.
     pub reservation_expiry: quota_gateway::domain::reservation::OnExpiry,
+    /// `[concurrency]` (slot lease TTL).
+    pub concurrency: quota_gateway::config::SlotSettings,
 }
 
 impl Default for TestOptions {
@@ -269,6 +271,7 @@ impl Default for TestOptions {
             notifications: None,
             leases: Default::default(),
             reservation_expiry: Default::default(),
+            concurrency: Default::default(),
         }
     }
 }
@@ -343,6 +346,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     settings.redis.local_share = opts.local_share;
     settings.leases = opts.leases;
     settings.usage.reservation_expiry = opts.reservation_expiry;
+    settings.concurrency = opts.concurrency;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
     }
@@ -602,6 +606,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         flush: Default::default(),
         notifications: Default::default(),
         leases: Default::default(),
+        concurrency: Default::default(),
     }
 }
 

@@ -6,6 +6,7 @@ mod admin;
 mod check;
 mod cli;
 mod client;
+mod concurrency;
 mod config_validation;
 mod credits;
 mod demo;

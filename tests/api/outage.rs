@@ -268,3 +268,41 @@ async fn a_flushed_script_cache_is_reloaded_transparently() {
         "{metrics}"
     );
 }
+
+/// A keyed batch resent while Redis is unreachable cannot be told from a duplicate: it is
+/// answered `deferred`, not `recorded`, and its replay counts nothing twice.
+#[tokio::test]
+async fn a_keyed_batch_resent_during_an_outage_is_deferred_and_counted_once() {
+    if skip_in_cluster_mode("a_keyed_batch_resent_during_an_outage_is_deferred_and_counted_once") {
+        return;
+    }
+    let (proxy, app) = behind_proxy(OnRedisError::Local, 1.0, None).await;
+    let batch = json!({"events": [
+        {"org_id": "acme", "metric": "tokens", "amount": 30, "idempotency_key": "b-1"},
+        {"org_id": "acme", "metric": "tokens", "amount": 12, "idempotency_key": "b-2"},
+        {"org_id": "acme", "metric": "tokens", "amount": 5},
+    ]});
+    let first = json(app.post("/v1/usage", &batch).await).await;
+    assert_eq!(first["recorded"], 3, "{first}");
+    assert_eq!(first["deferred"], 0, "{first}");
+
+    proxy.cut();
+    let again = app.post("/v1/usage", &batch).await;
+    assert_eq!(again.status(), 200);
+    let again = json(again).await;
+    assert_eq!(again["deferred"], 2, "the keyed events: {again}");
+    assert_eq!(
+        again["recorded"], 1,
+        "the unkeyed one is new by definition: {again}"
+    );
+    assert_eq!(again["results"][0]["deferred"], true, "{again}");
+    assert_eq!(again["results"][2].get("deferred"), None, "{again}");
+
+    proxy.restore();
+    wait_recovered(&app).await;
+    // 30 + 12 + 5 once, and the unkeyed 5 again: the keyed ones were duplicates.
+    assert_eq!(redis_month(&app, "acme", "tokens").await, 52);
+    let after = json(app.post("/v1/usage", &batch).await).await;
+    assert_eq!(after["duplicates"], 2, "{after}");
+    assert_eq!(after["deferred"], 0, "{after}");
+}

@@ -280,7 +280,9 @@ pub async fn usage_batch(s: Scale) -> Row {
                             .as_array()
                             .unwrap()
                             .iter()
-                            .filter(|e| e["duplicate"] == false)
+                            // answered as counted here; "deferred" ones are counted once
+                            // when they reach Redis, duplicates or not
+                            .filter(|e| e["duplicate"] == false && e["deferred"] != true)
                             .map(|e| amounts[e["index"].as_u64().unwrap() as usize])
                             .sum();
                         return (Some(recorded), failed);

@@ -256,6 +256,8 @@ pub struct Recorded {
 pub struct BatchRecorded {
     pub recorded: usize,
     pub duplicates: usize,
+    /// Accepted while the gateway could not ask Redis: counted once, unless a duplicate.
+    pub deferred: usize,
 }
 
 #[derive(Debug, Clone)]
@@ -389,6 +391,8 @@ impl Client {
         struct Answer {
             recorded: usize,
             duplicates: usize,
+            #[serde(default)]
+            deferred: usize,
         }
         let events: Vec<UsageEvent> = events.into_iter().map(UsageEvent::keyed).collect();
         let mut total = BatchRecorded::default();
@@ -401,6 +405,7 @@ impl Client {
                 .await?;
             total.recorded += a.recorded;
             total.duplicates += a.duplicates;
+            total.deferred += a.deferred;
         }
         Ok(total)
     }
