@@ -16,7 +16,9 @@
 //!   `lease` (blocks of a limit this replica admits from without Redis, opt-in), `slots`
 //!   (concurrency slots: held by a response body, released and renewed in the background) and
 //!   `directory` (the per-replica org cache; `cache` holds its invalidation rules); `credits`
-//!   (grant, list and void prepaid credits; spending them is the decision's own).
+//!   (grant, list and void prepaid credits; spending them is the decision's own);
+//!   `reservations` (`/v1/reservations`: reserve now, settle or release once, expiry swept on
+//!   every replica).
 //! - Adapters: `store` (Redis: keys, Lua scripts, the in-doubt machinery), `db` (Postgres).
 //! - `config`: typed settings and the catalog, validated at start-up, every problem at once.
 //! - `domain`: org ids, plans, periods, decisions, modes and their rendering; pure, no I/O.
@@ -42,6 +44,7 @@ pub mod notify;
 pub mod proxy;
 pub mod quota;
 pub mod reload;
+pub mod reservations;
 pub mod serve;
 pub mod shutdown;
 pub mod singleflight;

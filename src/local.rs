@@ -193,6 +193,7 @@ fn replay_spec(
         block: false,
         param,
         notify,
+        headroom: false,
     }
 }
 
@@ -339,12 +340,13 @@ impl LocalMode {
             }
             if enforce
                 && limit.blocks()
-                && limit.amount > 0
+                && (limit.amount > 0 || limit.headroom)
                 && let Some(max) = limit.limit
             {
                 let left = (max as i64 - known).max(0) as f64;
                 let cap = known + (left * self.share).floor() as i64;
-                if reply.value.saturating_add(limit.amount) > cap {
+                // A headroom check (amount 0) needs one unit of room, as in `decide.lua`.
+                if reply.value.saturating_add(limit.amount.max(1)) > cap {
                     reply.denied = true;
                     denied = true;
                 }

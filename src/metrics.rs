@@ -71,6 +71,15 @@ pub struct Metrics {
     pub lease_swept_units: IntCounter,
     /// Denials that would have been admitted but for units other replicas held in leases.
     pub lease_underadmissions: IntCounter,
+    /// Reservations settled, by path (proxy | api) and how the actual was learnt (header |
+    /// trailer | sse | missing | disconnected | api | expired | released).
+    pub settlements: IntCounterVec,
+    /// Units charged after the fact because a request cost more than it reserved: the
+    /// overshoot past a hard limit, at most one request's worth each.
+    pub settle_overshoot_units: IntCounter,
+    /// Settlements whose give-back could not be written (Redis unreachable): those units stay
+    /// charged (the customer pays the estimate), never lost the other way.
+    pub settle_refund_failures: IntCounter,
     /// Units a lease settlement carried on a call whose outcome could not be learned (its
     /// connection broke): replayed, so each may be counted twice.
     pub lease_unknown_units: IntCounter,
@@ -283,6 +292,24 @@ impl Metrics {
             "Denials that would have been admitted but for units other replicas held in leases.",
         )
         .expect("valid metric");
+        let settlements = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_settlements_total",
+                "Reservations settled, by path (proxy, api) and source of the actual.",
+            ),
+            &["path", "source"],
+        )
+        .expect("valid metric");
+        let settle_overshoot_units = IntCounter::new(
+            "quota_gateway_settle_overshoot_units_total",
+            "Units charged after the fact because a request cost more than it reserved.",
+        )
+        .expect("valid metric");
+        let settle_refund_failures = IntCounter::new(
+            "quota_gateway_settle_refund_failures_total",
+            "Settlements whose give-back could not be written; the estimate stays charged.",
+        )
+        .expect("valid metric");
         let lease_unknown_units = IntCounter::new(
             "quota_gateway_lease_unknown_units_total",
             "Units a lease settlement carried on a call whose outcome could not be learned; \
@@ -396,6 +423,9 @@ impl Metrics {
             Box::new(lease_swept_units.clone()),
             Box::new(lease_underadmissions.clone()),
             Box::new(lease_unknown_units.clone()),
+            Box::new(settlements.clone()),
+            Box::new(settle_overshoot_units.clone()),
+            Box::new(settle_refund_failures.clone()),
             Box::new(concurrency_slots.clone()),
             Box::new(concurrency_releases.clone()),
             Box::new(concurrency_swept.clone()),
@@ -447,6 +477,9 @@ impl Metrics {
             lease_swept_units,
             lease_underadmissions,
             lease_unknown_units,
+            settlements,
+            settle_overshoot_units,
+            settle_refund_failures,
             concurrency_slots,
             concurrency_releases,
             concurrency_swept,

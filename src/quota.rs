@@ -16,8 +16,8 @@ use crate::directory::{Change, OrgDirectory};
 use crate::domain::credit::CreditState;
 use crate::domain::decision::Mode;
 use crate::domain::decision::{
-    Charge, Evaluation, LimitReply, LimitState, Outcome, Target, evaluate, limits_for,
-    merge_charges,
+    Charge, Evaluation, LimitReply, LimitState, Outcome, Target, add_headroom_charges, evaluate,
+    limits_for, mark_headroom, merge_charges,
 };
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
@@ -178,6 +178,7 @@ impl QuotaService {
                 limit: None,
                 overage: crate::domain::plan::Overage::Allow,
                 notify_at: &[],
+                headroom: false,
             };
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, if gauge { 0 } else { expiry }));
@@ -204,6 +205,7 @@ impl QuotaService {
                 limit: None,
                 overage: crate::domain::plan::Overage::Allow,
                 notify_at: &[],
+                headroom: false,
             };
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, billing_expiry));
@@ -810,37 +812,58 @@ impl QuotaService {
         mode: Mode,
         idempotency_key: Option<&str>,
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(catalog, org, charges, mode, idempotency_key, false)
+        self.decide_with(catalog, org, charges, &[], mode, idempotency_key, false)
+            .await
+    }
+
+    /// `decide`, where the hard quotas of the metrics in `needs` must also have room left even
+    /// if `charges` charge them nothing (their cost is recorded after the response): checked in
+    /// the same round trip (`Limit::headroom`).
+    pub async fn decide_needing<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+        needs: &[&'c crate::domain::plan::Metric],
+        mode: Mode,
+        idempotency_key: Option<&str>,
+    ) -> Result<Decision<'c>, QuotaError> {
+        self.decide_with(catalog, org, charges, needs, mode, idempotency_key, false)
             .await
     }
 
     /// `decide` in `Check` mode for a request that stays in flight (the proxy): when the org's
     /// plan has a concurrency limit, a slot is taken in the same Redis call, held by the
     /// decision's `slot` until dropped. While Redis is unreachable no slot is taken (the limit
-    /// is not enforced then; see README).
+    /// is not enforced then; see README). `needs` as in `decide_needing`.
     pub async fn decide_in_flight<'c>(
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
         charges: &[Charge<'c>],
+        needs: &[&'c crate::domain::plan::Metric],
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(catalog, org, charges, Mode::Check, None, true)
+        self.decide_with(catalog, org, charges, needs, Mode::Check, None, true)
             .await
     }
 
+    #[allow(clippy::too_many_arguments)]
     async fn decide_with<'c>(
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
         charges: &[Charge<'c>],
+        needs: &[&'c crate::domain::plan::Metric],
         mode: Mode,
         idempotency_key: Option<&str>,
         in_flight: bool,
     ) -> Result<Decision<'c>, QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
-        let merged = merge_charges(charges);
+        let mut merged = merge_charges(charges);
+        add_headroom_charges(&mut merged, needs);
         let now = self.clock.now();
-        let limits = limits_for(plan, &merged, now, &record.billing_cycle());
+        let mut limits = limits_for(plan, &merged, now, &record.billing_cycle());
+        mark_headroom(&mut limits, needs);
         let idem = idempotency_key.map(|k| (k, self.idempotency_ttl));
         let shadow = matches!(mode, Mode::Check | Mode::DryRun)
             && (self.shadow_everything || plan.enforcement == Enforcement::Shadow);
@@ -910,7 +933,9 @@ impl QuotaService {
         org: &OrgId,
         charge: Charge<'c>,
     ) -> Result<Decision<'c>, QuotaError> {
-        let (plan, eval) = self.record_counters(catalog, org, &[charge], false).await?;
+        let (plan, eval) = self
+            .record_counters(catalog, org, &[charge], false, None)
+            .await?;
         Ok(Decision {
             plan,
             eval,
@@ -930,6 +955,18 @@ impl QuotaService {
         org: &OrgId,
         charges: &[Charge<'c>],
     ) -> Result<(), QuotaError> {
+        self.refund_once(catalog, org, charges, None).await
+    }
+
+    /// `refund` under an idempotency key: given back once however often it is retried (a
+    /// reservation's settlement that a crash interrupted is finished by a sweeper).
+    pub async fn refund_once<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        charges: &[Charge<'c>],
+        key: Option<&str>,
+    ) -> Result<(), QuotaError> {
         let credits: Vec<Charge<'c>> = merge_charges(charges)
             .into_iter()
             .map(|c| Charge {
@@ -937,7 +974,9 @@ impl QuotaService {
                 amount: -c.amount,
             })
             .collect();
-        self.record_counters(catalog, org, &credits, true).await?;
+        let idem = key.map(|k| (k, self.idempotency_ttl));
+        self.record_counters(catalog, org, &credits, true, idem)
+            .await?;
         Ok(())
     }
 
@@ -954,6 +993,7 @@ impl QuotaService {
         org: &OrgId,
         charges: &[Charge<'c>],
         from_leases: bool,
+        idem: Option<(&str, Duration)>,
     ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
@@ -975,7 +1015,7 @@ impl QuotaService {
                 catalog,
                 org,
                 now,
-                |_| self.store.run(org, &limits, Mode::Record, now, None),
+                |_| self.store.run(org, &limits, Mode::Record, now, idem),
                 |r| r.status == Status::NeedsRestore,
             )
             .await??;

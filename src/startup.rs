@@ -229,7 +229,19 @@ impl Application {
             metrics.clone(),
             stop.child_token(),
         ));
+        // Expired reservations are ended by whichever replica's sweeper claims them first.
+        let reservations = Arc::new(crate::reservations::Reservations::new(
+            quota.clone(),
+            metrics.clone(),
+            settings.usage.reservation_expiry,
+        ));
+        let sweeper = tokio::spawn(
+            reservations
+                .clone()
+                .run(Duration::from_secs(1), stop.child_token()),
+        );
         let state = Arc::new(AppState {
+            reservations,
             quota,
             metrics,
             pool,
@@ -294,6 +306,7 @@ impl Application {
                 ("org-change follower", follower, None),
                 ("catalog reloader", reloader, None),
                 ("billing scheduler", downgrades, None),
+                ("reservation sweeper", sweeper, None),
                 ("redis eviction check", eviction, None),
                 ("notification delivery", delivery, None),
                 ("concurrency slots", slots_task, Some(slots_stop)),

@@ -11,6 +11,7 @@ mod extract;
 mod guard;
 mod health;
 mod observe;
+mod reservations;
 mod v1;
 
 use std::sync::Arc;
@@ -38,6 +39,7 @@ pub struct AppState {
     pub admin_token: SecretString,
     pub service_token: Option<SecretString>,
     pub guard: FloodGuard,
+    pub reservations: Arc<crate::reservations::Reservations>,
     /// The webhook endpoints' own state (see `webhooks::Webhooks`).
     pub webhooks: Webhooks,
 }
@@ -95,6 +97,17 @@ pub fn routes() -> Routes {
         // Product services: the service token when configured.
         .add(Method::POST, "/v1/check", post(v1::check))
         .add(Method::POST, "/v1/usage", post(v1::usage))
+        .add(Method::POST, "/v1/reservations", post(reservations::create))
+        .add(
+            Method::POST,
+            "/v1/reservations/{id}/settle",
+            post(reservations::settle),
+        )
+        .add(
+            Method::DELETE,
+            "/v1/reservations/{id}",
+            delete(reservations::release),
+        )
         .add(Method::GET, "/v1/orgs/{org_id}/usage", get(v1::org_usage))
         .add(
             Method::GET,

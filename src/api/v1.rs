@@ -95,9 +95,9 @@ pub struct CheckRequest {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ChargeIn {
-    metric: String,
+    pub(super) metric: String,
     #[serde(default, deserialize_with = "present")]
-    amount: Option<i64>,
+    pub(super) amount: Option<i64>,
 }
 
 #[derive(Serialize)]

@@ -22,7 +22,10 @@ use crate::domain::period::Period;
 use crate::domain::plan::{
     Catalog, Concurrency, Enforcement, Metric, MetricKind, Overage, Plan, Quota, Rate,
 };
-use crate::proxy::routes::{ChargeSpec, PathPattern, ReportSpec, Route, RouteAction, RouteTable};
+use crate::proxy::routes::{
+    ChargeSpec, Estimate, OnMissing, PathPattern, ReportSpec, ReserveSpec, Route, RouteAction,
+    RouteTable,
+};
 
 // Settings types live with the parts that use them; this module parses and validates them.
 pub use crate::db::DatabaseSettings;
@@ -184,6 +187,8 @@ pub struct ApiSettings {
 pub struct UsageSettings {
     /// How long an idempotency key of `POST /v1/usage` is remembered.
     pub idempotency_ttl: Duration,
+    /// What becomes of a `/v1/reservations` reservation that expires unsettled.
+    pub reservation_expiry: crate::domain::reservation::OnExpiry,
 }
 
 pub(super) struct Report<'a> {

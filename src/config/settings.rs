@@ -139,6 +139,8 @@ pub(super) struct EnforcementRaw {
 pub(super) struct UsageRaw {
     #[serde(default)]
     idempotency_ttl: Option<String>,
+    #[serde(default)]
+    reservation_expiry: Option<crate::domain::reservation::OnExpiry>,
 }
 
 #[derive(Deserialize)]
@@ -193,6 +195,10 @@ pub(super) struct RouteRaw {
     #[serde(default)]
     report: Vec<ReportRaw>,
     #[serde(default)]
+    reserve: Option<ReserveRaw>,
+    #[serde(default)]
+    settle: Option<SettleRaw>,
+    #[serde(default)]
     unmetered: bool,
 }
 
@@ -205,6 +211,10 @@ pub(super) struct ActionRaw {
     charges: Vec<ChargeRaw>,
     #[serde(default)]
     report: Vec<ReportRaw>,
+    #[serde(default)]
+    reserve: Option<ReserveRaw>,
+    #[serde(default)]
+    settle: Option<SettleRaw>,
     #[serde(default)]
     unmetered: bool,
 }
@@ -219,6 +229,37 @@ pub(super) struct ChargeRaw {
 
 pub(super) fn one() -> i64 {
     1
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ReserveRaw {
+    metric: String,
+    #[serde(default)]
+    from_json: Option<String>,
+    #[serde(default)]
+    from_header: Option<String>,
+    default: i64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct SettleRaw {
+    #[serde(default)]
+    from_header: Option<String>,
+    #[serde(default)]
+    from_trailer: Option<String>,
+    #[serde(default)]
+    from_sse: Option<String>,
+    #[serde(default)]
+    on_missing: Option<OnMissingRaw>,
+}
+
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "lowercase")]
+pub(super) enum OnMissingRaw {
+    Reserved,
+    Zero,
 }
 
 #[derive(Deserialize)]
@@ -462,6 +503,7 @@ pub(super) fn settings_from_table(
             usage.idempotency_ttl,
             Duration::from_secs(48 * 3600),
         ),
+        reservation_expiry: usage.reservation_expiry.unwrap_or_default(),
     };
     if usage.idempotency_ttl < Duration::from_secs(24 * 3600) {
         r.add(
@@ -871,6 +913,8 @@ pub(super) fn proxy_settings(
                         upstream: rr.upstream,
                         charges: rr.charges,
                         report: rr.report,
+                        reserve: rr.reserve,
+                        settle: rr.settle,
                         unmetered: rr.unmetered,
                     },
                 );
@@ -968,12 +1012,18 @@ pub(super) fn route_action(r: &mut Report<'_>, key: &str, raw: ActionRaw) -> Rou
         .upstream
         .as_deref()
         .and_then(|u| parse_upstream(r, &format!("{key}.upstream"), u));
-    if raw.unmetered && !(raw.charges.is_empty() && raw.report.is_empty()) {
+    if raw.unmetered
+        && !(raw.charges.is_empty()
+            && raw.report.is_empty()
+            && raw.reserve.is_none()
+            && raw.settle.is_none())
+    {
         r.add(
             key,
-            "an unmetered route cannot have charges or report headers",
+            "an unmetered route cannot have charges, report headers or a reservation",
         );
     }
+    let reserve = reserve_spec(r, key, raw.reserve, raw.settle);
     if !raw.unmetered && raw.charges.is_empty() {
         r.add(
             format!("{key}.charges"),
@@ -1026,8 +1076,117 @@ pub(super) fn route_action(r: &mut Report<'_>, key: &str, raw: ActionRaw) -> Rou
         upstream,
         charges,
         report,
+        reserve,
         unmetered: raw.unmetered,
     }
+}
+
+/// `reserve` and `settle` of a route: both or neither.
+fn reserve_spec(
+    r: &mut Report<'_>,
+    key: &str,
+    reserve: Option<ReserveRaw>,
+    settle: Option<SettleRaw>,
+) -> Option<ReserveSpec> {
+    let (reserve, settle) = match (reserve, settle) {
+        (None, None) => return None,
+        (Some(_), None) => {
+            r.add(
+                format!("{key}.settle"),
+                "missing: a reservation needs `settle` (where the actual is read from)",
+            );
+            return None;
+        }
+        (None, Some(_)) => {
+            r.add(
+                format!("{key}.reserve"),
+                "missing: `settle` needs a `reserve` (metric and estimate)",
+            );
+            return None;
+        }
+        (Some(a), Some(b)) => (a, b),
+    };
+    let before = r.problems.len();
+    if let Some(reason) = r
+        .catalog
+        .and_then(|cat| metric_problem(cat, &reserve.metric))
+    {
+        r.add(format!("{key}.reserve.metric"), reason);
+    }
+    if !(0..=crate::domain::decision::MAX_COUNTER).contains(&reserve.default) {
+        r.add(
+            format!("{key}.reserve.default"),
+            "must be an integer between 0 and 9007199254740991 (2^53 - 1)",
+        );
+    }
+    let header = |r: &mut Report<'_>, field: &str, raw: Option<String>| {
+        raw.and_then(|h| {
+            http::HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| {
+                    r.add(
+                        format!("{key}.{field}"),
+                        format!("`{h}` is not a valid header name"),
+                    )
+                })
+                .ok()
+        })
+    };
+    let estimate = match (reserve.from_json, reserve.from_header) {
+        (Some(_), Some(_)) => {
+            r.add(
+                format!("{key}.reserve"),
+                "give `from_json` or `from_header`, not both",
+            );
+            Estimate::Default
+        }
+        (Some(field), None) => {
+            if field.is_empty() || field.contains('.') {
+                r.add(
+                    format!("{key}.reserve.from_json"),
+                    format!("`{field}` must be the name of a top-level member of the JSON body (no dots)"),
+                );
+            }
+            Estimate::Json(field)
+        }
+        (None, Some(h)) => header(r, "reserve.from_header", Some(h))
+            .map(Estimate::Header)
+            .unwrap_or(Estimate::Default),
+        (None, None) => Estimate::Default,
+    };
+    let from_header = header(r, "settle.from_header", settle.from_header);
+    let from_trailer = header(r, "settle.from_trailer", settle.from_trailer);
+    let from_sse = settle.from_sse.map(|path| {
+        let parts: Vec<String> = path.split('.').map(str::to_owned).collect();
+        if parts.iter().any(String::is_empty) {
+            r.add(
+                format!("{key}.settle.from_sse"),
+                format!("`{path}` must be a dotted JSON path such as \"usage.total_tokens\""),
+            );
+        }
+        parts
+    });
+    if from_header.is_none()
+        && from_trailer.is_none()
+        && from_sse.is_none()
+        && r.problems.len() == before
+    {
+        r.add(
+            format!("{key}.settle"),
+            "give at least one of `from_header`, `from_trailer` and `from_sse`",
+        );
+    }
+    Some(ReserveSpec {
+        metric: reserve.metric,
+        estimate,
+        default: reserve.default,
+        from_header,
+        from_trailer,
+        from_sse,
+        on_missing: match settle.on_missing {
+            Some(OnMissingRaw::Zero) => OnMissing::Zero,
+            _ => OnMissing::Reserved,
+        },
+    })
 }
 
 /// An upstream is `http://host:port` (TLS to the upstream is out of scope: the gateway is a

@@ -65,6 +65,10 @@ pub struct Limit<'a> {
     /// Threshold percentages to report crossings of (the plan's `notify_at`); empty for rates
     /// and metered-only counters.
     pub notify_at: &'a [u16],
+    /// Charges nothing now, but the decision needs room left under this (blocking) quota: the
+    /// request will be charged for it after the fact (a route that reports or settles the
+    /// metric from the response), so a quota already used up denies it. See `needs_headroom`.
+    pub headroom: bool,
 }
 
 impl Limit<'_> {
@@ -160,6 +164,7 @@ pub fn limits_for<'a>(
                     } else {
                         &[]
                     },
+                    headroom: false,
                 });
             }
             MetricKind::Counter => {
@@ -174,6 +179,7 @@ pub fn limits_for<'a>(
                     limit: None,
                     overage: Overage::Allow,
                     notify_at: &[],
+                    headroom: false,
                 });
                 for quota in plan.quotas_for(&metric.id) {
                     let Some(p) = quota.period else { continue };
@@ -197,6 +203,7 @@ pub fn limits_for<'a>(
                             limit: Some(quota.limit),
                             overage: quota.overage,
                             notify_at: &plan.notify_at,
+                            headroom: false,
                         });
                     }
                 }
@@ -215,10 +222,41 @@ pub fn limits_for<'a>(
                 limit: Some(rate.limit),
                 overage: Overage::Block,
                 notify_at: &[],
+                headroom: false,
             });
         }
     }
     limits
+}
+
+/// Zero-amount charges for the metrics of `needs` that `charges` (already merged) do not
+/// charge, so that the decision sees their limits (see `Limit::headroom`).
+pub fn add_headroom_charges<'a>(charges: &mut Vec<Charge<'a>>, needs: &[&'a Metric]) {
+    for m in needs {
+        if !charges.iter().any(|c| c.metric.id == m.id) {
+            charges.push(Charge {
+                metric: m,
+                amount: 0,
+            });
+        }
+    }
+}
+
+/// Mark the blocking quotas of `needs` that this decision charges nothing as needing room left
+/// (`Limit::headroom`), and drop the other limits it charges nothing (rates, soft and unlimited
+/// counters): they could not deny, and each would cost the script work on every request. Rates
+/// are not checked: a rate refills, a used-up quota does not.
+pub fn mark_headroom(limits: &mut Vec<Limit<'_>>, needs: &[&Metric]) {
+    if needs.is_empty() {
+        return;
+    }
+    limits.retain_mut(|l| {
+        if l.amount != 0 || !needs.iter().any(|m| m.id == l.metric.id) {
+            return true;
+        }
+        l.headroom = !l.is_rate() && l.blocks();
+        l.headroom
+    });
 }
 
 /// The store's answer for one limit.
@@ -299,6 +337,9 @@ pub enum Outcome {
     QuotaExceeded(usize),
     /// Index into `Evaluation::states` of the rate that denied.
     RateLimited(usize),
+    /// Index into `Evaluation::states` of a rate whose burst (its limit) is smaller than the
+    /// charge: no wait makes it fit, so it is not a 429 to retry (see `render::denial_body`).
+    ExceedsBurst(usize),
     /// The plan's concurrency limit: the org already has that many requests in flight.
     TooManyInFlight,
 }
@@ -310,6 +351,7 @@ impl Outcome {
             Outcome::Allowed => "allowed",
             Outcome::QuotaExceeded(_) => "quota_exceeded",
             Outcome::RateLimited(_) => "rate_limited",
+            Outcome::ExceedsBurst(_) => "exceeds_burst",
             Outcome::TooManyInFlight => "too_many_in_flight",
         }
     }
@@ -356,7 +398,9 @@ impl<'a> Evaluation<'a> {
     pub fn denied_state(&self) -> Option<&LimitState<'a>> {
         match self.outcome {
             Outcome::Allowed | Outcome::TooManyInFlight => None,
-            Outcome::QuotaExceeded(i) | Outcome::RateLimited(i) => self.states.get(i),
+            Outcome::QuotaExceeded(i) | Outcome::RateLimited(i) | Outcome::ExceedsBurst(i) => {
+                self.states.get(i)
+            }
         }
     }
 
@@ -381,8 +425,9 @@ impl<'a> Evaluation<'a> {
 /// Interpret the store's replies (one per limit, same order) for a decision.
 ///
 /// `applied` says whether the store added the charges. A quota denial is preferred over a rate
-/// denial; among rates the one with the longest wait is reported, so a client that honours
-/// `Retry-After` does not come back too early.
+/// denial, and a charge larger than a rate's burst over one that waiting would fix (neither can
+/// be cured by retrying); among rates the one with the longest wait is reported, so a client
+/// that honours `Retry-After` does not come back too early.
 pub fn evaluate<'a>(
     limits: Vec<Limit<'a>>,
     replies: &[LimitReply],
@@ -392,9 +437,13 @@ pub fn evaluate<'a>(
     let mut states = Vec::with_capacity(limits.len());
     let mut quota_denial = None;
     let mut rate_denial: Option<(usize, i64)> = None;
+    let mut over_burst = None;
     for (i, (limit, reply)) in limits.into_iter().zip(replies).enumerate() {
         if reply.denied {
-            if limit.is_rate() {
+            let burst = limit.limit.unwrap_or(u64::MAX);
+            if limit.is_rate() && limit.amount > 0 && limit.amount as u64 > burst {
+                over_burst.get_or_insert(i);
+            } else if limit.is_rate() {
                 if rate_denial.is_none_or(|(_, ms)| reply.millis > ms) {
                     rate_denial = Some((i, reply.millis));
                 }
@@ -404,10 +453,11 @@ pub fn evaluate<'a>(
         }
         states.push(state_of(limit, reply, applied, now));
     }
-    let outcome = match (quota_denial, rate_denial) {
-        (Some(i), _) => Outcome::QuotaExceeded(i),
-        (None, Some((i, _))) => Outcome::RateLimited(i),
-        (None, None) => Outcome::Allowed,
+    let outcome = match (quota_denial, over_burst, rate_denial) {
+        (Some(i), _, _) => Outcome::QuotaExceeded(i),
+        (None, Some(i), _) => Outcome::ExceedsBurst(i),
+        (None, None, Some((i, _))) => Outcome::RateLimited(i),
+        (None, None, None) => Outcome::Allowed,
     };
     Evaluation {
         outcome,
@@ -521,6 +571,38 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn metrics_charged_after_the_response_need_headroom_on_their_hard_quotas_only() {
+        let plan = plan();
+        let requests = metric("requests", MetricKind::Counter);
+        let tokens = metric("tokens", MetricKind::Counter);
+        let mut charges = vec![Charge {
+            metric: &tokens,
+            amount: 5,
+        }];
+        add_headroom_charges(&mut charges, &[&requests, &tokens]);
+        assert_eq!(charges.len(), 2, "tokens is charged already");
+        let mut limits = limits_for(&plan, &charges, now(), &Default::default());
+        mark_headroom(&mut limits, &[&requests, &tokens]);
+        let kept: Vec<_> = limits
+            .iter()
+            .map(|l| {
+                let mut name = String::new();
+                l.push_policy_name(&mut name);
+                (name, l.amount, l.headroom)
+            })
+            .collect();
+        // requests: the hard monthly quota needs room; the soft daily one and the rate are
+        // dropped (they cannot deny a charge of nothing); tokens is charged as usual.
+        assert_eq!(
+            kept,
+            vec![
+                ("tokens-month".to_string(), 5, false),
+                ("requests-month".to_string(), 0, true),
+            ]
+        );
     }
 
     #[test]

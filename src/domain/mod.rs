@@ -8,5 +8,6 @@ pub mod org;
 pub mod period;
 pub mod plan;
 pub mod render;
+pub mod reservation;
 pub mod subscription;
 pub mod text;

@@ -166,6 +166,7 @@ pub struct CreditsInfo {
 
 pub const QUOTA_EXCEEDED_TYPE: &str = "urn:quota-gateway:problem:quota-exceeded";
 pub const RATE_LIMITED_TYPE: &str = "urn:quota-gateway:problem:rate-limited";
+pub const EXCEEDS_BURST_TYPE: &str = "urn:quota-gateway:problem:charge-exceeds-burst";
 pub const TOO_MANY_IN_FLIGHT_TYPE: &str = "urn:quota-gateway:problem:too-many-in-flight";
 
 /// The plan an org on `plan` could move up to, with that plan's limit for the same metric and
@@ -293,6 +294,42 @@ pub fn denial_body<'a>(
                 plan: plan.into(),
                 upgrade,
                 credits: None,
+            }
+        }
+        Outcome::ExceedsBurst(_) => {
+            // Larger than the bucket: no wait makes it fit, so not a 429 (clients retry those,
+            // and the OpenAI SDKs do so on their own). A 402 like a used-up quota: the remedy is
+            // a smaller charge or another plan, and the upgrade hint only names a plan whose
+            // rate would take it.
+            let window = match &limit.target {
+                Target::Rate { label, .. } => *label,
+                _ => "",
+            };
+            let message = format!(
+                "A charge of {} {metric} can never fit the {} plan's rate of {} {metric} per {window}; split it or change plans.",
+                limit.amount,
+                plan.name,
+                limit.limit.unwrap_or(0),
+            );
+            DenialBody {
+                type_: EXCEEDS_BURST_TYPE,
+                title: "Charge exceeds the rate's burst",
+                status: 402,
+                detail: message.clone(),
+                allowed: false,
+                error: "charge_exceeds_burst",
+                message,
+                quota: None,
+                retry_after_seconds: None,
+                rate: Some(RateInfo {
+                    metric,
+                    limit: limit.limit,
+                    window,
+                }),
+                credits: None,
+                concurrency: None,
+                plan: plan.into(),
+                upgrade: upgrade.filter(|u| u.limit.is_none_or(|l| l >= limit.amount as u64)),
             }
         }
         Outcome::Allowed | Outcome::TooManyInFlight => return None,
@@ -607,5 +644,45 @@ mod tests {
             (Some(10), Some(0), Some(2))
         );
         assert!(h.ratelimit.ends_with(";r=0;t=2"), "{}", h.ratelimit);
+    }
+
+    #[test]
+    fn a_charge_above_the_burst_is_a_402_without_retry() {
+        let cat = catalog();
+        let plan = cat.plan("free").unwrap();
+        let m = cat.metric("requests").unwrap();
+        let limits = limits_for(
+            plan,
+            &[Charge {
+                metric: m,
+                amount: 11,
+            }],
+            now(),
+            &Default::default(),
+        );
+        let replies = [
+            LimitReply {
+                denied: false,
+                value: 5,
+                millis: 0,
+            },
+            LimitReply {
+                denied: true,
+                value: 10,
+                millis: 100,
+            },
+        ];
+        let eval = evaluate(limits, &replies, false, now());
+        assert_eq!(eval.outcome.label(), "exceeds_burst");
+        let json = serde_json::to_value(denial_body(&cat, "acme", plan, &eval).unwrap()).unwrap();
+        assert_eq!(json["status"], 402);
+        assert_eq!(json["error"], "charge_exceeds_burst");
+        assert!(json.get("retry_after_seconds").is_none());
+        assert_eq!(json["rate"]["limit"], 10);
+        assert_eq!(
+            json["upgrade"]["plan"], "pro",
+            "Pro has no rate: it would fit"
+        );
+        assert_eq!(ratelimit_headers(&eval).retry_after, None);
     }
 }

@@ -61,6 +61,16 @@ pub enum ApiError {
     /// A proxy route charges a metric the (reloaded) catalog no longer declares (503).
     #[error("the gateway's route configuration does not match its plan catalog")]
     Misconfigured,
+    /// `/v1/reservations/{id}`: no such reservation (never made, or forgotten a day after it
+    /// ended): 404.
+    #[error("no such reservation")]
+    ReservationNotFound,
+    /// Settled or released before: 409.
+    #[error("the reservation was already {0}")]
+    ReservationEnded(&'static str),
+    /// It expired first and was settled per `[usage] reservation_expiry`: 410.
+    #[error("the reservation expired")]
+    ReservationExpired(crate::domain::reservation::OnExpiry),
     #[error(transparent)]
     Store(#[from] StoreError),
     #[error(transparent)]
@@ -87,6 +97,20 @@ impl ApiError {
         ApiError::BadRequest {
             code: "bad_request",
             message: message.into(),
+        }
+    }
+}
+
+impl From<crate::reservations::ReservationError> for ApiError {
+    fn from(e: crate::reservations::ReservationError) -> Self {
+        use crate::reservations::ReservationError as E;
+        match e {
+            E::NotFound => ApiError::ReservationNotFound,
+            E::Ended(how) => ApiError::ReservationEnded(how),
+            E::Expired(on) => ApiError::ReservationExpired(on),
+            E::Quota(e) => e.into(),
+            E::Store(e) => ApiError::Store(e),
+            E::Corrupt(reason) => ApiError::Store(StoreError::Protocol(reason)),
         }
     }
 }
@@ -152,6 +176,28 @@ impl IntoResponse for ApiError {
             ApiError::NotFound(message) => {
                 error_response(StatusCode::NOT_FOUND, "not_found", message)
             }
+            ApiError::ReservationNotFound => error_response(
+                StatusCode::NOT_FOUND,
+                "reservation_not_found",
+                "no such reservation (unknown id, or ended more than a day ago)",
+            ),
+            ApiError::ReservationEnded(how) => error_response(
+                StatusCode::CONFLICT,
+                "reservation_ended",
+                &format!("the reservation was already {how}; it ends once"),
+            ),
+            ApiError::ReservationExpired(on_expiry) => error_response(
+                StatusCode::GONE,
+                "reservation_expired",
+                match on_expiry {
+                    crate::domain::reservation::OnExpiry::Settle => {
+                        "the reservation expired and was settled at its reserved amounts"
+                    }
+                    crate::domain::reservation::OnExpiry::Release => {
+                        "the reservation expired and was released"
+                    }
+                },
+            ),
             ApiError::Conflict { code, message } => {
                 error_response(StatusCode::CONFLICT, code, message)
             }

@@ -26,8 +26,10 @@
 pub mod headers;
 pub mod identity;
 pub mod path;
+pub mod reserve;
 pub mod routes;
 pub mod settings;
+pub mod settle;
 pub mod slot_body;
 
 use std::borrow::Cow;
@@ -59,8 +61,10 @@ use crate::metrics::Metrics;
 use crate::quota::QuotaService;
 use crate::serve::{self, RequestBody};
 use identity::{Identifier, IdentityError};
-use routes::{ChargeSpec, RouteAction};
+use reserve::Prefixed;
+use routes::{ChargeSpec, Estimate, ReserveSpec, RouteAction};
 use settings::{IdentityMode, ProxySettings};
+use settle::{Metered, Settle, Source};
 
 /// Largest reported usage accepted from an upstream header: the largest counter value.
 const MAX_REPORTED: u64 = crate::domain::decision::MAX_COUNTER as u64;
@@ -105,7 +109,7 @@ pub struct ProxyState {
     settings: ProxySettings,
     app: ProxyDeps,
     identifier: Identifier,
-    client: Client<HttpConnector, RequestBody>,
+    client: Client<HttpConnector, Prefixed>,
     /// Work that outlives a response: usage recording and WebSocket tunnels. Shutdown waits for
     /// it within the drain time.
     tasks: TaskTracker,
@@ -309,7 +313,7 @@ async fn handle(
     if action.unmetered {
         obs.outcome = "unmetered";
         obs.forwarded_at = Some(Instant::now());
-        let forwarded = timed_forward(state, peer, req, action, None).await;
+        let forwarded = timed_forward(state, peer, req.map(Prefixed::plain), action, None).await;
         return forwarded
             .map(|f| f.response)
             .unwrap_or_else(|e| e.response());
@@ -331,18 +335,43 @@ async fn handle(
     let org = identified.org.clone();
     obs.org = Some(org.clone());
 
-    // 2. decide
+    // 2. decide. A reservation's estimate is read first (from a header, or the body's first
+    // `reserve::PREFIX_LIMIT` bytes, which are then replayed), and charged with the route's
+    // charges; metrics charged after the response must have room left (`charged_after`).
     let catalog = state.app.quota.catalog();
-    let charges = match resolve(&catalog, &action.charges) {
+    let (req, estimate) = match &action.reserve {
+        None => (req.map(Prefixed::plain), None),
+        Some(spec) => {
+            let (req, estimate) = read_estimate(spec, req).await;
+            (req, Some(estimate))
+        }
+    };
+    let mut charges = match resolve(&catalog, &action.charges) {
         Ok(c) => c,
         Err(metric) => return misconfigured(&metric),
     };
+    let mut after = Vec::new();
+    for name in action.charged_after() {
+        match catalog.metric(name) {
+            Some(m) => after.push(m),
+            None => return misconfigured(name),
+        }
+    }
+    if let (Some(spec), Some(estimate)) = (&action.reserve, estimate)
+        && estimate > 0
+        && let Some(metric) = catalog.metric(&spec.metric)
+    {
+        charges.push(Charge {
+            metric,
+            amount: estimate as i64,
+        });
+    }
     // With a concurrency limit in the plan, this takes the request's slot in the same call; it
     // is held by the response body (see `slot_body`).
     let mut decision = match state
         .app
         .quota
-        .decide_in_flight(&catalog, &org, &charges)
+        .decide_in_flight(&catalog, &org, &charges, &after)
         .await
     {
         Ok(d) => d,
@@ -399,6 +428,19 @@ async fn handle(
         }
     }
     record_reports(state, &catalog, &org, action, &mut response);
+    if let (Some(spec), Some(estimate)) = (&action.reserve, estimate)
+        && !refund
+    {
+        let settle = Box::new(ProxySettle {
+            state: state.clone(),
+            catalog: catalog.clone(),
+            org: org.clone(),
+            metric: spec.metric.clone(),
+            estimate,
+            on_missing: spec.on_missing,
+        });
+        response = settle_from(spec, response, settle);
+    }
     // After a refund the decision's remaining counts are stale: better none than wrong ones.
     if !refund {
         respond::insert_ratelimit_headers(response.headers_mut(), &limit_headers);
@@ -477,9 +519,21 @@ fn record_reports(
             }
         }
     }
-    if reported.is_empty() {
-        return;
+    if !reported.is_empty() {
+        record_after(state, catalog, org, reported);
     }
+}
+
+/// Record usage learnt from a response (`report` headers, the part of a settlement above its
+/// reservation) in a tracked background task, never denied (`Mode::Record`): it never delays or
+/// fails the client's response, and a Redis fault hands the units to local mode's replay like
+/// any decision (`QuotaService::decide`), so they are counted once.
+fn record_after(
+    state: &Arc<ProxyState>,
+    catalog: &Arc<Catalog>,
+    org: &OrgId,
+    reported: Vec<(String, i64)>,
+) {
     let state2 = state.clone();
     let catalog = catalog.clone();
     let org = org.clone();
@@ -518,6 +572,102 @@ fn record_reports(
     });
 }
 
+/// The estimate of a reservation and the request to forward. A header or body member that is
+/// missing, or not a non-negative integer up to the largest counter, gives the default.
+async fn read_estimate(spec: &ReserveSpec, req: Request<RequestBody>) -> (Request<Prefixed>, u64) {
+    let default = spec.default.max(0) as u64;
+    let valid = |n: u64| n <= crate::domain::decision::MAX_COUNTER as u64;
+    match &spec.estimate {
+        Estimate::Default => (req.map(Prefixed::plain), default),
+        Estimate::Header(name) => {
+            let n = req
+                .headers()
+                .get(name)
+                .and_then(|v| settle::parse_units(v.as_bytes()))
+                .unwrap_or(default);
+            (req.map(Prefixed::plain), n)
+        }
+        Estimate::Json(field) => {
+            let (parts, body) = req.into_parts();
+            let (found, body) = reserve::read_json_estimate(body, field).await;
+            let n = found.filter(|n| valid(*n)).unwrap_or(default);
+            (Request::from_parts(parts, body), n)
+        }
+    }
+}
+
+/// Settle a reservation from the response: at once when the actual is in a response header (or
+/// nothing but a header could carry it), else when the body ends or is dropped (`Metered`).
+fn settle_from(
+    spec: &ReserveSpec,
+    mut response: Response<Body>,
+    settle: Box<dyn Settle>,
+) -> Response<Body> {
+    if let Some(name) = &spec.from_header
+        && let Some(raw) = response.headers_mut().remove(name)
+        && let Some(n) = settle::parse_units(raw.as_bytes())
+    {
+        settle.settle(Some(n), Source::Header);
+        return response;
+    }
+    if spec.from_trailer.is_none() && spec.from_sse.is_none() {
+        settle.settle(None, Source::Missing);
+        return response;
+    }
+    response.map(|body| Body::new(Metered::new(body, spec, settle)))
+}
+
+/// Settles one proxied request's reservation (see `settle`): the difference between the actual
+/// and the estimate is given back (`QuotaService::refund`: counters only, rates keep the
+/// estimate) or charged (`record_after`, never denied: the overshoot is bounded by one request
+/// and counted in `quota_gateway_settle_overshoot_units_total`).
+struct ProxySettle {
+    state: Arc<ProxyState>,
+    catalog: Arc<Catalog>,
+    org: OrgId,
+    metric: String,
+    estimate: u64,
+    on_missing: routes::OnMissing,
+}
+
+impl Settle for ProxySettle {
+    fn settle(self: Box<Self>, actual: Option<u64>, source: Source) {
+        let actual = actual.unwrap_or(settle::missing_actual(self.on_missing, self.estimate));
+        let metrics = &self.state.app.metrics;
+        metrics
+            .settlements
+            .with_label_values(&["proxy", source.as_str()])
+            .inc();
+        if actual > self.estimate {
+            let over = actual - self.estimate;
+            metrics.settle_overshoot_units.inc_by(over);
+            record_after(
+                &self.state,
+                &self.catalog,
+                &self.org,
+                vec![(self.metric.clone(), over as i64)],
+            );
+        } else if actual < self.estimate {
+            let back = (self.estimate - actual) as i64;
+            let tasks = self.state.tasks.clone();
+            let state = self.state.clone();
+            tasks.spawn(async move {
+                let Some(metric) = self.catalog.metric(&self.metric) else {
+                    return;
+                };
+                let credit = [Charge {
+                    metric,
+                    amount: back,
+                }];
+                if let Err(e) = state.app.quota.refund(&self.catalog, &self.org, &credit).await {
+                    state.app.metrics.settle_refund_failures.inc();
+                    tracing::error!(error = %e, org = %self.org, units = back, "cannot give back the unused part of a reservation");
+                }
+            });
+        }
+    }
+}
+
 /// What the gateway tells the upstream about a metered request.
 struct Upstream<'a> {
     identified: &'a identity::Identified,
@@ -549,7 +699,7 @@ impl ForwardError {
 async fn timed_forward(
     state: &Arc<ProxyState>,
     peer: &headers::Peer,
-    req: Request<RequestBody>,
+    req: Request<Prefixed>,
     action: &RouteAction,
     meta: Option<Upstream<'_>>,
 ) -> Result<Forwarded, ForwardError> {
@@ -578,7 +728,7 @@ async fn timed_forward(
 async fn forward(
     state: &Arc<ProxyState>,
     peer: &headers::Peer,
-    mut req: Request<RequestBody>,
+    mut req: Request<Prefixed>,
     action: &RouteAction,
     meta: Option<Upstream<'_>>,
 ) -> Result<Forwarded, ForwardError> {
@@ -628,6 +778,15 @@ async fn forward(
     }
     if let Some(u) = &upgrade {
         headers::set_upgrade(h, u.clone());
+    }
+    // `TE` is hop-by-hop: the client's was removed. On this hop the gateway is the client, and
+    // a route that settles from a trailer tells the upstream it takes them.
+    if action
+        .reserve
+        .as_ref()
+        .is_some_and(|r| r.from_trailer.is_some())
+    {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
     let base = action.upstream.as_ref().unwrap_or(&state.settings.upstream);
     parts.uri = upstream_uri(base, &parts.uri).map_err(|_| ForwardError::Upstream)?;

@@ -65,6 +65,46 @@ pub struct ReportSpec {
     pub metric: String,
 }
 
+/// Where the estimate a route reserves is read from the request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Estimate {
+    /// A top-level member of a JSON request body (read from its first `reserve::PREFIX_LIMIT`
+    /// bytes).
+    Json(String),
+    /// A request header.
+    Header(HeaderName),
+    /// Always the default.
+    Default,
+}
+
+/// What a request should pay once the response tells its true cost.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnMissing {
+    /// The reservation stands (charged at the estimate).
+    Reserved,
+    /// The reservation is given back.
+    Zero,
+}
+
+/// Reserve, then settle (`reserve` and `settle` of a route): the estimate is charged with the
+/// route's charges before forwarding, and the difference to the actual, read from the response,
+/// is refunded or charged afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReserveSpec {
+    pub metric: String,
+    pub estimate: Estimate,
+    /// The estimate when the request does not give one.
+    pub default: i64,
+    /// A response header carrying the actual.
+    pub from_header: Option<HeaderName>,
+    /// An HTTP trailer carrying the actual.
+    pub from_trailer: Option<HeaderName>,
+    /// The JSON path (split at dots) of the actual in a server-sent event's `data:` line; the
+    /// last event carrying it wins.
+    pub from_sse: Option<Vec<String>>,
+    pub on_missing: OnMissing,
+}
+
 /// What happens to requests that take a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RouteAction {
@@ -72,6 +112,8 @@ pub struct RouteAction {
     pub upstream: Option<Uri>,
     pub charges: Vec<ChargeSpec>,
     pub report: Vec<ReportSpec>,
+    /// Reserve an estimate, settle the actual (`None`: the route charges fixed amounts only).
+    pub reserve: Option<ReserveSpec>,
     /// Forwarded without identity or charge (health checks, public assets).
     pub unmetered: bool,
 }
@@ -159,7 +201,22 @@ fn action_metrics(key: String, a: &RouteAction) -> Vec<(String, &str)> {
         .iter()
         .enumerate()
         .map(|(j, r)| (format!("{key}.report[{j}].metric"), r.metric.as_str()));
-    charges.chain(reports).collect()
+    let reserve = a
+        .reserve
+        .iter()
+        .map(|r| (format!("{key}.reserve.metric"), r.metric.as_str()));
+    charges.chain(reports).chain(reserve).collect()
+}
+
+impl RouteAction {
+    /// The metrics this route charges only after the response (reported or settled): their hard
+    /// quotas must have room left before a request is forwarded (`Limit::headroom`).
+    pub fn charged_after(&self) -> impl Iterator<Item = &str> {
+        self.report
+            .iter()
+            .map(|r| r.metric.as_str())
+            .chain(self.reserve.iter().map(|r| r.metric.as_str()))
+    }
 }
 
 #[cfg(test)]
@@ -174,6 +231,7 @@ mod tests {
                 amount: tag,
             }],
             report: vec![],
+            reserve: None,
             unmetered: false,
         }
     }

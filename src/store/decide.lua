@@ -33,7 +33,9 @@
 --           "g" gauge level (durable), "r" GCRA rate; "C", "M", "R" the same with leases
 --   amount  integer; negative only in "record" mode (counters and gauges never go below 0)
 --   limit   integer > 0, or 0 for a metered-only counter that never denies
---   block   "1" when exceeding the limit denies, "0" for a soft limit (still reported)
+--   block   "1" when exceeding the limit denies, "0" for a soft limit (still reported), "h"
+--           (counters and gauges, amount 0) when the limit must have room left: see
+--           "Headroom" below
 --   param   c, m: absolute expiry in Unix milliseconds (end of the period plus a grace)
 --           g: unused
 --           r: the window in microseconds
@@ -114,6 +116,12 @@
 -- Settlement happens before the checks and stays applied whatever the status (except 3 and 5,
 -- which return before it): it records units already admitted.
 --
+-- Headroom. A request whose cost is only known after the response (the proxy records it from a
+-- response header, a trailer or the stream) charges such a metric nothing up front, yet must not
+-- start once the metric's hard quota is used up: its limit comes with amount 0 and block "h", and
+-- denies when used + reserved >= limit (in "check", "dry" and "shadow" modes, like a charge that
+-- does not fit). It is never leased and never charges anything.
+
 -- Concurrency (kind "s"). An org's requests in flight are the members of one sorted set, each
 -- a slot id scored by its expiry (Unix ms). A call first sweeps the members whose expiry has
 -- passed (their replica died, or stopped renewing them: see `slots.rs`), then counts the rest;
@@ -319,6 +327,11 @@ while a <= last do
       d = 1
       denied = true
     end
+    -- Headroom (see above): no room left at all denies a charge of nothing.
+    if not record and limit > 0 and ARGV[arg_at[i] + 3] == 'h' and current + reserved >= limit then
+      d = 1
+      denied = true
+    end
     value = current + reserved
     state[i] = current
   end
@@ -390,6 +403,12 @@ if credits then
     elseif amount < 0 and need > 0 then
       if need > spent then need = spent end
       draw = -need
+    elseif amount == 0 and avail > 0 then
+      -- Headroom (block "h", amount 0): unexpired grants are room left, so a used-up quota
+      -- does not deny; the charge made after the response draws from them.
+      for x = c + 2, c + 1 + q do
+        out[2 + 3 * (tonumber(ARGV[x]) - 1)] = 0
+      end
     end
     cdata[#cdata + 1] = k
     cdata[#cdata + 1] = draw

@@ -149,6 +149,20 @@ impl Keys {
         s
     }
 
+    /// The record of a `/v1/reservations` reservation, in the org's slot (`reservation.lua`).
+    pub fn reservation(&self, org: &OrgId, id: &str) -> String {
+        let mut s = self.org_base(org, 4 + id.len());
+        s.push_str("rsv:");
+        s.push_str(id);
+        s
+    }
+
+    /// Every open reservation's id, scored by its expiry (Unix ms): what the sweepers of all
+    /// replicas look at. One key for the whole gateway (not in any org's slot).
+    pub fn reservations_due(&self) -> String {
+        format!("{}:reservations:due", self.prefix)
+    }
+
     /// Says that Redis still holds everything of the org a restore put there, plus what was
     /// counted since: set by `restore.lua`, refreshed with every month marker, and gone with any
     /// loss of Redis data. With it a new month needs no restore (see `decide.lua`). It sits
@@ -266,6 +280,7 @@ mod tests {
             limit: None,
             overage: Overage::Allow,
             notify_at: &[],
+            headroom: false,
         };
         assert_eq!(
             keys.limit(&org, &limit),

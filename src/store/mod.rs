@@ -8,6 +8,7 @@ pub mod connection;
 pub mod dirty;
 pub mod eviction;
 pub mod keys;
+pub mod reservations;
 
 use std::time::Duration;
 
@@ -298,6 +299,10 @@ pub struct KeySpec {
     /// Notification thresholds (percent of `limit`), ascending; empty for most limits.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub notify: Vec<u16>,
+    /// A zero-amount check that the (blocking) limit has room left (`Limit::headroom`): sent
+    /// to the script as block `h`.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub headroom: bool,
 }
 
 impl KeySpec {
@@ -379,6 +384,8 @@ pub struct Store {
     /// False after a connection failure, until a call succeeds again (counts reconnects).
     healthy: std::sync::Arc<std::sync::atomic::AtomicBool>,
     restore: std::sync::Arc<redis::Script>,
+    /// `reservation.lua`: ends a `/v1/reservations` reservation once.
+    reservation: std::sync::Arc<redis::Script>,
     grant: std::sync::Arc<redis::Script>,
     dirty: std::sync::Arc<dirty::DirtySet>,
     eviction: std::sync::Arc<eviction::EvictionWatch>,
@@ -417,6 +424,7 @@ impl Store {
             metrics,
             healthy: std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true)),
             restore: std::sync::Arc::new(redis::Script::new(include_str!("restore.lua"))),
+            reservation: std::sync::Arc::new(redis::Script::new(include_str!("reservation.lua"))),
             grant: std::sync::Arc::new(redis::Script::new(include_str!("grant.lua"))),
             dirty: std::sync::Arc::new(dirty::DirtySet::default()),
             eviction: std::sync::Arc::new(eviction::EvictionWatch::new(
@@ -598,6 +606,7 @@ impl Store {
             block: limit.blocks(),
             param,
             notify,
+            headroom: limit.headroom,
         }
     }
 
@@ -1046,7 +1055,11 @@ impl Store {
             cmd.arg(spec.kind.as_arg(leased(spec)))
                 .arg(spec.amount)
                 .arg(spec.limit)
-                .arg(if spec.block { "1" } else { "0" })
+                .arg(match (spec.block, spec.headroom) {
+                    (true, true) => "h",
+                    (true, false) => "1",
+                    (false, _) => "0",
+                })
                 .arg(spec.param);
             if leased(spec) {
                 let arg = lease
@@ -1394,6 +1407,7 @@ mod tests {
             block: true,
             param: 0,
             notify: Vec::new(),
+            headroom: false,
         };
         let two = [gauge("qg:{a}:g:x"), gauge("qg:{a}:g:y")];
         let plain = parse_reply(&[0, 0, 5, 0, 0, 9, 0], &two, None, false).unwrap();
@@ -1424,6 +1438,7 @@ mod tests {
             block,
             param: 0,
             notify: Vec::new(),
+            headroom: false,
         };
         let specs = [
             spec("qg:{a}:c:tokens:month:1", SpecKind::Meter, false),
@@ -1464,6 +1479,7 @@ mod tests {
             block: true,
             param: 0,
             notify: Vec::new(),
+            headroom: false,
         }];
         let reply = parse_reply(&[1, 0, 5, 0, 1, 3, 2, 1, 80, 5], &seats, None, true).unwrap();
         assert_eq!(reply.limits.len(), 1);
@@ -1489,6 +1505,7 @@ mod tests {
             block: true,
             param: 0,
             notify: vec![80, 100],
+            headroom: false,
         };
         assert_eq!(spec(20).trigger(80), 16);
         assert_eq!(spec(3).trigger(80), 3, "2.4 rounds up");

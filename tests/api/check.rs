@@ -229,10 +229,12 @@ async fn dry_runs_consume_nothing_but_answer_denials_the_same_way() {
         .await;
     assert_eq!(r.status(), 402);
     assert_eq!(json(r).await["error"], "quota_exceeded");
+    // More than the rate's burst (10 a second) can never fit: a 402, not a 429 to retry.
     let r = app
         .check(json!({"org_id": "acme", "metric": "requests", "amount": 11, "consume": false}))
         .await;
-    assert_eq!(r.status(), 429);
+    assert_eq!(r.status(), 402);
+    assert_eq!(json(r).await["error"], "charge_exceeds_burst");
     assert!(app.usage_keys().await.is_empty());
 }
 

@@ -203,6 +203,22 @@ fn lease_settings_mistakes_are_named_too() {
 }
 
 #[test]
+fn reserve_and_settle_mistakes_are_named_too() {
+    let problems = gateway_problems("gateway_reserve_problems.toml");
+    for needle in [
+        "usage.reservation_expiry: unknown variant `never`, expected `settle` or `release`",
+        "routes[0].reserve: give `from_json` or `from_header`, not both",
+        "routes[0].reserve.default: must be an integer between 0 and 9007199254740991",
+        "routes[0].settle.from_sse: `usage..total` must be a dotted JSON path",
+        "routes[1].settle: missing: a reservation needs `settle`",
+        "routes[2].reserve: missing: `settle` needs a `reserve`",
+        "routes[3].settle: give at least one of `from_header`, `from_trailer` and `from_sse`",
+    ] {
+        assert_has(&problems, needle);
+    }
+}
+
+#[test]
 fn concurrency_mistakes_are_named_too() {
     let problems = gateway_problems("gateway_concurrency_problems.toml");
     assert_has(

@@ -37,6 +37,7 @@ fn route(path: &str, unmetered: bool) -> Route {
                 }]
             },
             report: vec![],
+            reserve: None,
             unmetered,
         },
     }

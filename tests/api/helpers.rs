@@ -244,6 +244,8 @@ pub struct TestOptions {
     pub notifications: Option<quota_gateway::config::NotifySettings>,
     /// `[leases]` (off by default, as in production).
     pub leases: quota_gateway::config::LeaseSettings,
+    /// `[usage] reservation_expiry`.
+    pub reservation_expiry: quota_gateway::domain::reservation::OnExpiry,
     /// `[concurrency]` (slot lease TTL).
     pub concurrency: quota_gateway::config::SlotSettings,
 }
@@ -268,6 +270,7 @@ impl Default for TestOptions {
             api_conn: None,
             notifications: None,
             leases: Default::default(),
+            reservation_expiry: Default::default(),
             concurrency: Default::default(),
         }
     }
@@ -342,6 +345,7 @@ pub async fn spawn_app_with(opts: TestOptions) -> TestApp {
     settings.redis.require_noeviction = !opts.allow_eviction;
     settings.redis.local_share = opts.local_share;
     settings.leases = opts.leases;
+    settings.usage.reservation_expiry = opts.reservation_expiry;
     settings.concurrency = opts.concurrency;
     if opts.shadow {
         settings.enforcement = quota_gateway::domain::plan::Enforcement::Shadow;
@@ -594,6 +598,7 @@ pub fn test_settings(db_url: &str, prefix: &str, service_token: Option<&str>) ->
         },
         usage: UsageSettings {
             idempotency_ttl: Duration::from_secs(48 * 3600),
+            reservation_expiry: Default::default(),
         },
         enforcement: Default::default(),
         proxy: None,
@@ -829,6 +834,7 @@ pub fn proxy_settings(upstream: SocketAddr) -> ProxySettings {
                     amount: 1,
                 }],
                 report: Vec::new(),
+                reserve: None,
                 unmetered: false,
             }),
         },
@@ -921,7 +927,8 @@ pub struct Received {
 /// `/tiny` (answers "ok", not recorded), `/stream` (body driven by `stream_sender`),
 /// `/echo-stream` (streams the request body back as it arrives), `/sink` (counts the request body),
 /// `/download/<bytes>`, `/status/<code>`, `/slow/<ms>`, `/report/<value>` (answers
-/// `x-usage-tokens: <value>`), `/hop` (answers with hop-by-hop headers), `/ws` (WebSocket echo);
+/// `x-usage-tokens: <value>`), `/sse/<total>[/<events>/<pad>]` (server-sent events ending with
+/// `usage.total_tokens`), `/trailer/<value>` (the trailer `x-usage-tokens`), `/hop` (answers with hop-by-hop headers), `/ws` (WebSocket echo);
 /// anything else echoes the request body.
 pub struct TestUpstream {
     pub addr: SocketAddr,
@@ -1071,6 +1078,61 @@ async fn upstream_handle(
         received.lock().unwrap().push(record);
         tokio::time::sleep(Duration::from_millis(ms.parse().unwrap())).await;
         http::Response::new(Body::from("finally"))
+    } else if let Some(rest) = arg("/sse/") {
+        // Server-sent events, OpenAI style: `<events>` content events of `<pad>` bytes each,
+        // then one carrying `usage.total_tokens = <total>`, then `[DONE]`:
+        // `/sse/<total>` or `/sse/<total>/<events>/<pad>`.
+        received.lock().unwrap().push(record);
+        let mut parts = rest.split('/').map(|p| p.parse::<u64>().unwrap());
+        let total = parts.next().unwrap();
+        let events = parts.next().unwrap_or(3);
+        let pad = parts.next().unwrap_or(10) as usize;
+        let content = bytes::Bytes::from(format!(
+            "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{}\"}}}}]}}\n\n",
+            "x".repeat(pad)
+        ));
+        let body = futures_util::stream::unfold(0u64, move |i| {
+            let content = content.clone();
+            async move {
+                let frame = if i < events {
+                    content
+                } else if i == events {
+                    bytes::Bytes::from(format!(
+                        "data: {{\"usage\":{{\"prompt_tokens\":1,\"total_tokens\":{total}}}}}\n\n"
+                    ))
+                } else if i == events + 1 {
+                    bytes::Bytes::from_static(b"data: [DONE]\n\n")
+                } else {
+                    return None;
+                };
+                Some((Ok::<_, std::convert::Infallible>(frame), i + 1))
+            }
+        });
+        http::Response::builder()
+            .header("content-type", "text/event-stream")
+            .body(Body::from_stream(body))
+            .unwrap()
+    } else if let Some(v) = arg("/trailer/") {
+        // A chunked body, then the trailer `x-usage-tokens: <value>` (sent when the request
+        // says `TE: trailers`).
+        received.lock().unwrap().push(record);
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-usage-tokens", v.parse().unwrap());
+        let frames: Vec<Result<hyper::body::Frame<bytes::Bytes>, std::convert::Infallible>> = vec![
+            Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"part one, ",
+            ))),
+            Ok(hyper::body::Frame::data(bytes::Bytes::from_static(
+                b"part two",
+            ))),
+            Ok(hyper::body::Frame::trailers(trailers)),
+        ];
+        http::Response::builder()
+            .header("trailer", "x-usage-tokens")
+            .body(Body::new(http_body_util::StreamBody::new(
+                futures_util::stream::iter(frames),
+            )))
+            .unwrap()
     } else if let Some(v) = arg("/report/") {
         received.lock().unwrap().push(record);
         http::Response::builder()

@@ -26,6 +26,8 @@ mod process;
 mod propagation;
 mod proxy;
 mod reload;
+mod reservations;
+mod settle;
 mod unlinked;
 mod usage;
 mod webhooks;

@@ -400,6 +400,7 @@ fn report_route() -> Route {
                 header: http::HeaderName::from_static("x-usage-tokens"),
                 metric: "tokens".into(),
             }],
+            reserve: None,
             unmetered: false,
         },
     )
@@ -547,6 +548,7 @@ async fn unmetered_routes_need_no_key_and_unmatched_requests_without_default_are
                 upstream: None,
                 charges: vec![],
                 report: vec![],
+                reserve: None,
                 unmetered: true,
             },
         ));
@@ -556,6 +558,7 @@ async fn unmetered_routes_need_no_key_and_unmatched_requests_without_default_are
                 upstream: None,
                 charges: requests(3),
                 report: vec![],
+                reserve: None,
                 unmetered: false,
             },
         ));
@@ -753,7 +756,7 @@ async fn drain_time_bounds_shutdown() {
 }
 
 /// Read this process's resident set size in KiB.
-fn rss_kib() -> u64 {
+pub(crate) fn rss_kib() -> u64 {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
     status
         .lines()
