@@ -13,11 +13,10 @@ use crate::clock::Clock;
 use crate::db::DbError;
 use crate::db::orgs::OrgRecord;
 use crate::directory::{Change, OrgDirectory};
-use crate::domain::credit::CreditState;
 use crate::domain::decision::Mode;
 use crate::domain::decision::{
-    Charge, Evaluation, LimitReply, LimitState, Outcome, Target, add_headroom_charges, evaluate,
-    limits_for, mark_headroom, merge_charges,
+    Charge, CreditState, Evaluation, LimitReply, LimitState, Outcome, Target, add_headroom_charges,
+    evaluate, limits_for, mark_headroom, merge_charges,
 };
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};

@@ -132,16 +132,6 @@ pub fn is_low(left: u64, granted: u64) -> bool {
     granted > 0 && u128::from(left) * 100 < u128::from(granted) * u128::from(LOW_PERCENT)
 }
 
-/// What a decision did with one metric's credits.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CreditState<'a> {
-    pub metric: &'a str,
-    /// Units drawn by this decision (negative: given back).
-    pub drawn: i64,
-    /// Units left in unexpired grants; `None` when the org has no grant of the metric.
-    pub remaining: Option<u64>,
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

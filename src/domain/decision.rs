@@ -365,7 +365,7 @@ pub struct Evaluation<'a> {
     pub applied: bool,
     /// Per charged counter metric, what the decision did with the org's credits (empty when
     /// the store did not say: local mode, a leased admission).
-    pub credits: Vec<super::credit::CreditState<'a>>,
+    pub credits: Vec<CreditState<'a>>,
     /// The plan's concurrency limit, when the decision took (or was refused) a slot.
     pub in_flight: Option<InFlight>,
 }
@@ -384,6 +384,16 @@ impl InFlight {
     pub fn remaining(&self) -> u64 {
         self.limit.saturating_sub(self.current)
     }
+}
+
+/// What a decision did with one metric's credits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CreditState<'a> {
+    pub metric: &'a str,
+    /// Units drawn by this decision (negative: given back).
+    pub drawn: i64,
+    /// Units left in unexpired grants; `None` when the org has no grant of the metric.
+    pub remaining: Option<u64>,
 }
 
 impl<'a> Evaluation<'a> {
