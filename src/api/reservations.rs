@@ -6,11 +6,11 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 
-use super::v1::{ChargeIn, MAX_CHARGES, parse_org, resolve_charge};
+use super::v1::{AllowedBody, ChargeIn, MAX_CHARGES, parse_org, resolve_charge};
 use super::{ApiJson, SharedState};
 use crate::domain::decision::Charge;
 use crate::domain::plan::Catalog;
-use crate::domain::render::{self, PlanRef, UsageEntry};
+use crate::domain::render::{self, UsageEntry};
 use crate::domain::reservation::{DEFAULT_TTL, Ending, MAX_TTL, ReservationId};
 use crate::domain::text::present;
 use crate::http::error::ApiError;
@@ -36,11 +36,8 @@ pub struct SettleRequest {
 struct ReservedBody<'a> {
     id: String,
     expires_at: String,
-    allowed: bool,
-    dry_run: bool,
-    org_id: &'a str,
-    plan: PlanRef<'a>,
-    usage: Vec<UsageEntry<'a>>,
+    #[serde(flatten)]
+    check: AllowedBody<'a>,
 }
 
 #[derive(Serialize)]
@@ -139,11 +136,13 @@ pub async fn create(
     let body = ReservedBody {
         id: id.to_string(),
         expires_at: render::rfc3339(reserved.expires_at),
-        allowed: true,
-        dry_run: false,
-        org_id: org.as_str(),
-        plan: decision.plan.into(),
-        usage: render::usage_entries(&decision.eval),
+        check: AllowedBody {
+            allowed: true,
+            dry_run: false,
+            org_id: org.as_str(),
+            plan: decision.plan.into(),
+            usage: render::usage_entries(&decision.eval),
+        },
     };
     let mut response = respond::allowed(&body, &headers);
     *response.status_mut() = StatusCode::CREATED;

@@ -100,13 +100,14 @@ pub struct ChargeIn {
     pub(super) amount: Option<i64>,
 }
 
+/// The body of an allowed check (also inside a reservation's 201).
 #[derive(Serialize)]
-struct AllowedBody<'a> {
-    allowed: bool,
-    dry_run: bool,
-    org_id: &'a str,
-    plan: PlanRef<'a>,
-    usage: Vec<UsageEntry<'a>>,
+pub(super) struct AllowedBody<'a> {
+    pub(super) allowed: bool,
+    pub(super) dry_run: bool,
+    pub(super) org_id: &'a str,
+    pub(super) plan: PlanRef<'a>,
+    pub(super) usage: Vec<UsageEntry<'a>>,
 }
 
 #[derive(Serialize)]

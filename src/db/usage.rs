@@ -22,40 +22,44 @@ const BATCH: usize = 500;
 /// Write rows; a row only replaces a stored one with a lower version, so concurrent or retried
 /// flushes never go backwards and never count twice. Returns the rows actually changed.
 pub async fn upsert(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, DbError> {
-    let mut written = 0;
-    for chunk in rows.chunks(BATCH) {
-        let orgs: Vec<&str> = chunk.iter().map(|r| r.org_id.as_str()).collect();
-        let metrics: Vec<&str> = chunk.iter().map(|r| r.metric.as_str()).collect();
-        let starts: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.period_start).collect();
-        let quantities: Vec<i64> = chunk.iter().map(|r| r.quantity).collect();
-        let versions: Vec<i64> = chunk.iter().map(|r| r.version).collect();
-        let kinds: Vec<&str> = chunk
-            .iter()
-            .map(|r| if r.gauge { "gauge" } else { "counter" })
-            .collect();
-        written += sqlx::query(
-            "INSERT INTO usage_counters (org_id, metric, period_start, quantity, version, kind) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], \
-                                  $5::bigint[], $6::text[]) \
-             ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
-               quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
-             WHERE usage_counters.version < EXCLUDED.version",
-        )
-        .bind(&orgs)
-        .bind(&metrics)
-        .bind(&starts)
-        .bind(&quantities)
-        .bind(&versions)
-        .bind(&kinds)
-        .execute(pool)
-        .await?
-        .rows_affected();
-    }
-    Ok(written)
+    upsert_versioned(
+        pool,
+        rows,
+        "INSERT INTO usage_counters (org_id, metric, period_start, quantity, version, kind) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], \
+                              $5::bigint[], $6::text[]) \
+         ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
+           quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
+         WHERE usage_counters.version < EXCLUDED.version",
+        true,
+    )
+    .await
 }
 
 /// Write billing-month rows (`billing_usage`) with the same version rule as `upsert`.
 pub async fn upsert_billing(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, DbError> {
+    upsert_versioned(
+        pool,
+        rows,
+        "INSERT INTO billing_usage (org_id, metric, period_start, quantity, version) \
+         SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], \
+                              $5::bigint[]) \
+         ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
+           quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
+         WHERE billing_usage.version < EXCLUDED.version",
+        false,
+    )
+    .await
+}
+
+/// `sql` takes the rows as arrays: org, metric, period start, quantity, version, and the kind
+/// (`"gauge"` or `"counter"`) when `with_kind`. Sent in chunks of `BATCH`.
+async fn upsert_versioned(
+    pool: &PgPool,
+    rows: &[CounterRow],
+    sql: &'static str,
+    with_kind: bool,
+) -> Result<u64, DbError> {
     let mut written = 0;
     for chunk in rows.chunks(BATCH) {
         let orgs: Vec<&str> = chunk.iter().map(|r| r.org_id.as_str()).collect();
@@ -63,22 +67,20 @@ pub async fn upsert_billing(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, D
         let starts: Vec<DateTime<Utc>> = chunk.iter().map(|r| r.period_start).collect();
         let quantities: Vec<i64> = chunk.iter().map(|r| r.quantity).collect();
         let versions: Vec<i64> = chunk.iter().map(|r| r.version).collect();
-        written += sqlx::query(
-            "INSERT INTO billing_usage (org_id, metric, period_start, quantity, version) \
-             SELECT * FROM UNNEST($1::text[], $2::text[], $3::timestamptz[], $4::bigint[], \
-                                  $5::bigint[]) \
-             ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
-               quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
-             WHERE billing_usage.version < EXCLUDED.version",
-        )
-        .bind(&orgs)
-        .bind(&metrics)
-        .bind(&starts)
-        .bind(&quantities)
-        .bind(&versions)
-        .execute(pool)
-        .await?
-        .rows_affected();
+        let mut query = sqlx::query(sql)
+            .bind(&orgs)
+            .bind(&metrics)
+            .bind(&starts)
+            .bind(&quantities)
+            .bind(&versions);
+        if with_kind {
+            let kinds: Vec<&str> = chunk
+                .iter()
+                .map(|r| if r.gauge { "gauge" } else { "counter" })
+                .collect();
+            query = query.bind(kinds);
+        }
+        written += query.execute(pool).await?.rows_affected();
     }
     Ok(written)
 }
