@@ -147,9 +147,10 @@
 
 local MAX_COUNTER = 9007199254740991
 local MAX_WAIT_US = 31536000000000
+-- read-only stand-in for the lease tables of a call without leases
+local EMPTY = {}
 local now = tonumber(ARGV[1])
 local mode = ARGV[2]
-local idem_ttl = tonumber(ARGV[3])
 local k = 1
 local idem_key = nil
 -- the threshold tail (see above): `tail` is its first argument, `last` the last per-limit one
@@ -165,27 +166,14 @@ if string.byte(ARGV[last]) == 75 then
   credits = last - tonumber(string.sub(ARGV[last], 2))
   last = credits - 1
 end
-if idem_ttl > 0 then
+local mk = nil
+if ARGV[3] ~= '0' then
   idem_key = KEYS[k]
   k = k + 1
 end
 if ARGV[4] ~= '0' then
-  if redis.call('EXISTS', KEYS[k]) == 0 then
-    -- A new month, or Redis lost the org's data: only the resident key (set by restore.lua,
-    -- gone with any loss) tells them apart. While it is there the org's counters are complete
-    -- and the new month's start at zero, so Postgres is not needed at a month boundary.
-    if redis.call('EXISTS', KEYS[k + 1]) == 0 then
-      return { 5 }
-    end
-    local expiry = tonumber(ARGV[4])
-    redis.call('SET', KEYS[k], '1', 'PXAT', expiry)
-    -- the same lifetime as in restore.lua: a year past the marker
-    redis.call('PEXPIREAT', KEYS[k + 1], expiry + 31622400000)
-  end
+  mk = k
   k = k + 2
-end
-if idem_key and not redis.call('SET', idem_key, '1', 'NX', 'PX', ARGV[3]) then
-  return { 3 }
 end
 
 local record = mode == 'record'
@@ -194,9 +182,12 @@ local out = { 0 }
 local n = 1
 -- per limit i: the index of its key in KEYS, of its first argument in ARGV, and the counter's
 -- value before this call (c/m/g) or the rate's debt after it (r); for leased limits, in
--- `leased`, the units other holders reserve, how many they are, and the units swept
-local key_at, arg_at, state = {}, {}, {}
-local lease_at, others, holders, swept, leased = {}, {}, {}, {}, {}
+-- `leased`, the units other holders reserve, how many they are, and the units swept (those
+-- tables only in a call with leases); `num` keeps each limit's amount, limit and (rates) window
+-- at 3i - 2, 3i - 1 and 3i, parsed once: `tonumber` is one of the script's dearest steps
+local key_at, arg_at, state = { 0, 0, 0, 0 }, { 0, 0, 0, 0 }, { 0, 0, 0, 0 }
+local num = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
+local lease_at, others, holders, swept, leased = nil, EMPTY, nil, nil, EMPTY
 local denied = false
 local overflow = false
 
@@ -204,22 +195,94 @@ local overflow = false
 -- debt and when it was written, expiring when the bucket is full again; the version key of a
 -- durable counter moves with every change (see the flusher).
 
+-- Reads first, in one MGET: the value of every limit (a slot, always last, has none), then the
+-- version key of each credit group's hash. Nothing is written before the restore check below.
 local i = 0
 local a = 7
+local reads = { false, false, false, false }
+local nreads = 0
 while a <= last do
   i = i + 1
   key_at[i] = k
   arg_at[i] = a
-  local key = KEYS[k]
+  local kind = ARGV[a]
+  if kind == 's' then
+    k = k + 1
+    a = a + 6
+  else
+    nreads = i
+    reads[i] = KEYS[k]
+    if kind == 'c' or kind == 'r' then
+      k = k + 1
+      a = a + 5
+    elseif kind == 'm' or kind == 'g' then
+      k = k + 2
+      a = a + 5
+    else
+      -- leased kinds: the lease hash follows the key (and a meter's version key)
+      if not holders then lease_at, others, holders, swept, leased = {}, {}, {}, {}, {} end
+      if kind == 'M' then lease_at[i] = k + 2 else lease_at[i] = k + 1 end
+      k = lease_at[i] + 1
+      a = a + 7
+    end
+  end
+end
+local groups = 0
+if credits then
+  local c = credits
+  while c < cend do
+    groups = groups + 1
+    reads[nreads + groups] = KEYS[k + 2 * groups - 1]
+    c = c + 2 + tonumber(ARGV[c + 1])
+  end
+end
+local vals = EMPTY
+if nreads + groups > 0 then vals = redis.call('MGET', unpack(reads, 1, nreads + groups)) end
+
+if mk then
+  -- Restore check. A durable key (kinds m, M, g) is only ever created after this check passed
+  -- (or by restore.lua), and a loss of Redis data takes it with the rest of the org's data: so
+  -- when the call has durable keys and all of them are there, the org's data is complete and
+  -- the month's marker need not be read. Only a missing one (a new month, a first charge, or
+  -- a loss) needs the marker, and, when it is missing too, the resident key.
+  local present, absent = false, false
+  for j = 1, nreads do
+    local kind = ARGV[arg_at[j]]
+    if kind == 'm' or kind == 'M' or kind == 'g' then
+      if vals[j] then present = true else absent = true end
+    end
+  end
+  if (absent or not present) and redis.call('EXISTS', KEYS[mk]) == 0 then
+    -- A new month, or Redis lost the org's data: only the resident key (set by restore.lua,
+    -- gone with any loss) tells them apart. While it is there the org's counters are complete
+    -- and the new month's start at zero, so Postgres is not needed at a month boundary.
+    if redis.call('EXISTS', KEYS[mk + 1]) == 0 then
+      return { 5 }
+    end
+    local expiry = tonumber(ARGV[4])
+    redis.call('SET', KEYS[mk], '1', 'PXAT', expiry)
+    -- the same lifetime as in restore.lua: a year past the marker
+    redis.call('PEXPIREAT', KEYS[mk + 1], expiry + 31622400000)
+  end
+end
+if idem_key and not redis.call('SET', idem_key, '1', 'NX', 'PX', ARGV[3]) then
+  return { 3 }
+end
+
+local count = i
+for i = 1, count do
+  local key = KEYS[key_at[i]]
+  local a = arg_at[i]
   local kind = ARGV[a]
   local amount = tonumber(ARGV[a + 1])
   local limit = tonumber(ARGV[a + 2])
+  num[3 * i - 2] = amount
+  num[3 * i - 1] = limit
   local block = not record and ARGV[a + 3] == '1'
   local consumed, reserved = 0, 0
   local d, value, millis = 0, 0, 0
   if kind == 'C' or kind == 'M' or kind == 'R' then
     kind = string.lower(kind)
-    if kind == 'm' then lease_at[i] = k + 2 else lease_at[i] = k + 1 end
     consumed = tonumber(ARGV[a + 5])
     local hkey = KEYS[lease_at[i]]
     local h, sw = 0, 0
@@ -250,16 +313,9 @@ while a <= last do
     end
     others[i], holders[i], swept[i] = reserved, h, sw
     leased[#leased + 1] = i
-    k = k + 1
-    a = a + 7
-  elseif kind == 's' then
-    a = a + 6
-  else
-    a = a + 5
   end
   if kind == 's' then
     -- Concurrency slot: sweep the expired, count the live (see "Concurrency" above).
-    k = k + 1
     millis = redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%.0f', math.floor(now / 1000)))
     value = redis.call('ZCARD', key)
     if block and value + 1 > limit then
@@ -268,10 +324,10 @@ while a <= last do
     end
     state[i] = value
   elseif kind == 'r' then
-    k = k + 1
-    local param = tonumber(ARGV[arg_at[i] + 4])
+    local param = tonumber(ARGV[a + 4])
+    num[3 * i] = param
     local debt, stamp = 0, now
-    local raw = redis.call('GET', key)
+    local raw = vals[i]
     if raw then
       local sep = string.find(raw, ':', 1, true)
       if sep then
@@ -310,11 +366,10 @@ while a <= last do
     state[i] = new_debt
   else
     -- durable kinds (m, g) have their version key right after the value key
-    if kind == 'c' then k = k + 1 else k = k + 2 end
-    local current = tonumber(redis.call('GET', key) or '0')
+    local current = tonumber(vals[i] or '0')
     if consumed > 0 then
       current = redis.call('INCRBY', key, consumed)
-      local expiry = ARGV[arg_at[i] + 4]
+      local expiry = ARGV[a + 4]
       if current == consumed then redis.call('PEXPIREAT', key, expiry) end
       if kind == 'm' and redis.call('INCR', KEYS[key_at[i] + 1]) == 1 then
         redis.call('PEXPIREAT', KEYS[key_at[i] + 1], expiry)
@@ -328,7 +383,7 @@ while a <= last do
       denied = true
     end
     -- Headroom (see above): no room left at all denies a charge of nothing.
-    if not record and limit > 0 and ARGV[arg_at[i] + 3] == 'h' and current + reserved >= limit then
+    if not record and limit > 0 and ARGV[a + 3] == 'h' and current + reserved >= limit then
       d = 1
       denied = true
     end
@@ -346,81 +401,98 @@ end
 -- unexpired units left before the call, and (false when the hash is empty) the sorted field
 -- names of the unexpired grants and a table name -> value.
 local cdata, nolease = nil, nil
+-- credit groups of a call whose org has no grant of any metric it charges: 0, -1 each
+local bare = 0
 if credits then
-  cdata = {}
-  local horizon = math.floor(now / 1000)
-  local c = credits
+  for g = 1, groups do
+    if vals[nreads + g] then cdata = {} end
+  end
+  if not cdata then bare = groups end
+end
+if cdata then
+  local c, g, seen = credits, 0, false
   while c < cend do
-    local m = tonumber(ARGV[c])
+    g = g + 1
     local q = tonumber(ARGV[c + 1])
-    local amount = tonumber(ARGV[arg_at[m] + 1])
-    local size = amount
-    if size < 0 then size = -size end
-    local need = 0
-    for x = c + 2, c + 1 + q do
-      local j = tonumber(ARGV[x])
-      local over = state[j] - tonumber(ARGV[arg_at[j] + 2])
-      if amount > 0 then over = over + (others[j] or 0) + amount end
-      if over > size then over = size end
-      if over > need then need = over end
-    end
-    local fields = redis.call('HGETALL', KEYS[k])
-    local names, vals, avail, spent = false, false, 0, 0
-    if #fields > 0 then
-      names, vals = {}, {}
-      for f = 1, #fields, 2 do
-        local name = fields[f]
-        if tonumber(string.sub(name, 7, 21)) > horizon then
-          local v = fields[f + 1]
-          local sep = string.find(v, ':', 1, true)
-          local rem = tonumber(string.sub(v, 1, sep - 1))
-          avail = avail + rem
-          spent = spent + tonumber(string.sub(v, sep + 1)) - rem
-          names[#names + 1] = name
-          vals[name] = v
+    local draw, avail, names, gvals = 0, 0, false, false
+    -- A hash that was never written has no version key either (grant.lua and restore.lua
+    -- write both at once, and nothing takes the version key away), so the MGET above already
+    -- told whether the org has any grant of the metric: most have none, and pay no HGETALL
+    -- (without grants nothing is drawn and no quota is overridden).
+    if vals[nreads + g] then
+      seen = true
+      local m = tonumber(ARGV[c])
+      local amount = num[3 * m - 2]
+      local size = amount
+      if size < 0 then size = -size end
+      local need = 0
+      for x = c + 2, c + 1 + q do
+        local j = tonumber(ARGV[x])
+        local over = state[j] - num[3 * j - 1]
+        if amount > 0 then over = over + (others[j] or 0) + amount end
+        if over > size then over = size end
+        if over > need then need = over end
+      end
+      local fields = redis.call('HGETALL', KEYS[k])
+      local horizon = math.floor(now / 1000)
+      local spent = 0
+      if #fields > 0 then
+        names, gvals = {}, {}
+        for f = 1, #fields, 2 do
+          local name = fields[f]
+          if tonumber(string.sub(name, 7, 21)) > horizon then
+            local v = fields[f + 1]
+            local sep = string.find(v, ':', 1, true)
+            local rem = tonumber(string.sub(v, 1, sep - 1))
+            avail = avail + rem
+            spent = spent + tonumber(string.sub(v, sep + 1)) - rem
+            names[#names + 1] = name
+            gvals[name] = v
+          end
+        end
+        table.sort(names)
+        -- An org with grants of the metric gets no new blocks of its hard quotas: every
+        -- decision is exact, so no credit is drawn for units another replica's block reserves
+        -- and then returns unused (see "Leases").
+        nolease = nolease or {}
+        for x = c + 2, c + 1 + q do
+          nolease[tonumber(ARGV[x])] = true
         end
       end
-      table.sort(names)
-      -- An org with grants of the metric gets no new blocks of its hard quotas: every decision
-      -- is exact, so no credit is drawn for units another replica's block reserves and then
-      -- returns unused (see "Leases").
-      nolease = nolease or {}
-      for x = c + 2, c + 1 + q do
-        nolease[tonumber(ARGV[x])] = true
-      end
-    end
-    local draw = 0
-    if amount > 0 and need > 0 then
-      if need <= avail then
-        draw = need
-        -- the grants cover what passes the quotas: they do not deny
+      if amount > 0 and need > 0 then
+        if need <= avail then
+          draw = need
+          -- the grants cover what passes the quotas: they do not deny
+          for x = c + 2, c + 1 + q do
+            out[2 + 3 * (tonumber(ARGV[x]) - 1)] = 0
+          end
+        elseif record then
+          draw = avail
+        end
+      elseif amount < 0 and need > 0 then
+        if need > spent then need = spent end
+        draw = -need
+      elseif amount == 0 and avail > 0 then
+        -- Headroom (block "h", amount 0): unexpired grants are room left, so a used-up quota
+        -- does not deny; the charge made after the response draws from them.
         for x = c + 2, c + 1 + q do
           out[2 + 3 * (tonumber(ARGV[x]) - 1)] = 0
         end
-      elseif record then
-        draw = avail
-      end
-    elseif amount < 0 and need > 0 then
-      if need > spent then need = spent end
-      draw = -need
-    elseif amount == 0 and avail > 0 then
-      -- Headroom (block "h", amount 0): unexpired grants are room left, so a used-up quota
-      -- does not deny; the charge made after the response draws from them.
-      for x = c + 2, c + 1 + q do
-        out[2 + 3 * (tonumber(ARGV[x]) - 1)] = 0
       end
     end
     cdata[#cdata + 1] = k
     cdata[#cdata + 1] = draw
     cdata[#cdata + 1] = avail
     cdata[#cdata + 1] = names
-    cdata[#cdata + 1] = vals
+    cdata[#cdata + 1] = gvals
     k = k + 2
     c = c + 2 + q
   end
-  denied = false
-  for j = 1, i do
-    if out[2 + 3 * (j - 1)] == 1 then denied = true end
+  if seen then
+    denied = false
+    for j = 1, i do
+      if out[2 + 3 * (j - 1)] == 1 then denied = true end
+    end
   end
 end
 
@@ -442,26 +514,26 @@ if apply then
   for j = 1, i do
     local key = KEYS[key_at[j]]
     local b = arg_at[j]
-    local kind = string.lower(ARGV[b])
+    local kind = ARGV[b]
     if kind == 's' then
       -- take the slot; the set lives as long as its latest slot
       redis.call('ZADD', key, ARGV[b + 4], ARGV[b + 5])
       local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
       redis.call('PEXPIREAT', key, top[2])
-    elseif kind == 'r' then
-      local limit = tonumber(ARGV[b + 2])
-      local param = tonumber(ARGV[b + 4])
+    elseif kind == 'r' or kind == 'R' then
+      local limit = num[3 * j - 1]
+      local param = num[3 * j]
       local debt = state[j]
       if debt < 0 then debt = 0 end
       local millis = math.ceil(debt / limit / 1000)
-      redis.call('SET', key, string.format('%.0f:', debt) .. ARGV[1], 'PX', string.format('%.0f', millis + 1000))
+      redis.call('SET', key, string.format('%.0f:%s', debt, ARGV[1]), 'PX', string.format('%.0f', millis + 1000))
       local o = 1 + (j - 1) * 3
       local left = math.floor((param * limit - debt) / param) - (others[j] or 0)
       if left < 0 then left = 0 end
       out[o + 2] = left
       out[o + 3] = millis
     else
-      local amount = tonumber(ARGV[b + 1])
+      local amount = num[3 * j - 2]
       local changed = false
       if amount >= 0 then
         local v = redis.call('INCRBY', key, ARGV[b + 1])
@@ -475,9 +547,9 @@ if apply then
         redis.call('SET', key, lowered, 'KEEPTTL')
         changed = true
       end
-      if changed and kind ~= 'c' then
+      if changed and kind ~= 'c' and kind ~= 'C' then
         local version = KEYS[key_at[j] + 1]
-        if redis.call('INCR', version) == 1 and kind == 'm' then
+        if redis.call('INCR', version) == 1 and kind ~= 'g' then
           redis.call('PEXPIREAT', version, ARGV[b + 4])
         end
       end
@@ -489,12 +561,12 @@ if apply then
     for g = 1, #cdata, 5 do
       local draw = cdata[g + 1]
       if draw ~= 0 then
-        local names, vals, hkey = cdata[g + 3], cdata[g + 4], KEYS[cdata[g]]
+        local names, gvals, hkey = cdata[g + 3], cdata[g + 4], KEYS[cdata[g]]
         local left, from, to, step = draw, 1, #names, 1
         if draw < 0 then left, from, to, step = -draw, #names, 1, -1 end
         for x = from, to, step do
           if left == 0 then break end
-          local v = vals[names[x]]
+          local v = gvals[names[x]]
           local sep = string.find(v, ':', 1, true)
           local rem = tonumber(string.sub(v, 1, sep - 1))
           local amt = string.sub(v, sep + 1)
@@ -519,7 +591,7 @@ for _, j in ipairs(leased) do
   local granted = 0
   local b = arg_at[j]
   local want = tonumber(ARGV[b + 6])
-  local limit = tonumber(ARGV[b + 2])
+  local limit = num[3 * j - 1]
   if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1'
     and not (nolease and nolease[j]) then
     local avail
@@ -527,7 +599,7 @@ for _, j in ipairs(leased) do
       local param = tonumber(ARGV[b + 4])
       avail = math.floor((param * limit - state[j]) / param) - others[j]
     else
-      avail = limit - state[j] - tonumber(ARGV[b + 1]) - others[j]
+      avail = limit - state[j] - num[3 * j - 2] - others[j]
     end
     granted = math.floor(avail / (2 * (holders[j] + 1)))
     if granted > want then granted = want end
@@ -551,6 +623,10 @@ for _, j in ipairs(leased) do
 end
 
 -- The credit part of the reply: per group, what was drawn and what is left.
+for _ = 1, bare do
+  out[#out + 1] = 0
+  out[#out + 1] = -1
+end
 if cdata then
   for g = 1, #cdata, 5 do
     local draw = 0
@@ -579,7 +655,7 @@ if tail then
     local b = arg_at[j]
     local gauge = ARGV[b] == 'g'
     local amount = 0
-    if apply then amount = tonumber(ARGV[b + 1]) end
+    if apply then amount = num[3 * j - 2] end
     local after = state[j] + amount
     if after < 0 then after = 0 end
     local before = state[j]

@@ -483,6 +483,70 @@ async fn a_redis_loss_restores_balances_from_postgres() {
     assert_eq!(credits_of(&json(r).await), 0);
 }
 
+#[tokio::test]
+async fn a_grant_made_through_another_replica_is_spent_at_the_next_decision() {
+    // A decides without grants first (its counters exist, and no credit hash), so nothing of
+    // the grant B makes can be a leftover of an earlier read: the very next decision on A must
+    // see it, and the one after must see what that one drew.
+    let a = app().await;
+    let b = a.spawn_peer().await;
+    assert_eq!(tokens(&a, "acme", 100).await.status(), 200);
+    let r = tokens(&a, "acme", 1).await;
+    assert_eq!(r.status(), 402, "the quota is used up");
+    assert_eq!(json(r).await["credits"], Value::Null, "no grants yet");
+    assert_eq!(
+        grant(
+            &b,
+            "acme",
+            json!({"metric": "tokens", "amount": 5, "grant_id": "late"})
+        )
+        .await
+        .status(),
+        201
+    );
+    let r = tokens(&a, "acme", 3).await;
+    assert_eq!(r.status(), 200, "paid by the grant made through B");
+    assert_eq!(credits_of(&json(r).await), 2);
+    let r = tokens(&b, "acme", 3).await;
+    assert_eq!(r.status(), 402, "2 left, not 5");
+    assert_eq!(json(r).await["credits"], json!({"remaining": 2}));
+}
+
+#[tokio::test]
+async fn after_a_redis_loss_the_first_decision_restores_counters_and_balances() {
+    let app = app().await;
+    assert_eq!(
+        grant(
+            &app,
+            "acme",
+            json!({"metric": "tokens", "amount": 50, "grant_id": "g"})
+        )
+        .await
+        .status(),
+        201
+    );
+    assert_eq!(tokens(&app, "acme", 120).await.status(), 200);
+    app.flush().await.unwrap();
+
+    // Redis loses everything of this gateway; the first thing to reach it is a decision.
+    let mut conn = app.redis.clone();
+    for key in app.redis_keys().await {
+        let _: () = redis::cmd("DEL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let r = tokens(&app, "acme", 31).await;
+    assert_eq!(r.status(), 402, "120 used and 30 of credits left, as before the loss");
+    assert_eq!(json(r).await["credits"], json!({"remaining": 30}));
+    let r = tokens(&app, "acme", 30).await;
+    assert_eq!(r.status(), 200);
+    assert_eq!(credits_of(&json(r).await), 0);
+    app.flush().await.unwrap();
+    assert_eq!(app.stored_usage("acme", "tokens").await, Some(150));
+}
+
 fn billing() -> BillingSettings {
     let grants: BTreeMap<String, GrantTemplate> = [(
         "price_1k".to_string(),
