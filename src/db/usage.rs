@@ -19,8 +19,10 @@ pub struct CounterRow {
 /// Rows per statement: big enough to amortise the round trip, small enough to keep locks short.
 const BATCH: usize = 500;
 
-/// Write rows; a row only replaces a stored one with a lower version, so concurrent or retried
-/// flushes never go backwards and never count twice. Returns the rows actually changed.
+/// Write rows; a row only replaces a stored one with a lower (version, quantity), compared in
+/// that order, so concurrent or retried flushes never go backwards and never count twice.
+/// `decide.lua` moves a version only when the value goes down, so between two moves the
+/// quantity alone orders the reads (see "Versions" there). Returns the rows actually changed.
 pub async fn upsert(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, DbError> {
     upsert_versioned(
         pool,
@@ -30,7 +32,8 @@ pub async fn upsert(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, DbError> 
                               $5::bigint[], $6::text[]) \
          ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
            quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
-         WHERE usage_counters.version < EXCLUDED.version",
+         WHERE (usage_counters.version, usage_counters.quantity) \
+             < (EXCLUDED.version, EXCLUDED.quantity)",
         true,
     )
     .await
@@ -46,7 +49,8 @@ pub async fn upsert_billing(pool: &PgPool, rows: &[CounterRow]) -> Result<u64, D
                               $5::bigint[]) \
          ON CONFLICT (org_id, metric, period_start) DO UPDATE SET \
            quantity = EXCLUDED.quantity, version = EXCLUDED.version, updated_at = now() \
-         WHERE billing_usage.version < EXCLUDED.version",
+         WHERE (billing_usage.version, billing_usage.quantity) \
+             < (EXCLUDED.version, EXCLUDED.quantity)",
         false,
     )
     .await

@@ -22,9 +22,12 @@
 --                         enforcement: count and report, never block)
 -- ARGV[3]  idempotency TTL in milliseconds; 0 when there is no idempotency key
 -- ARGV[4]  the restore marker's absolute expiry (Unix ms) when the marker must exist; 0: no
---          marker check. A missing marker with the resident key present (a new month, Redis kept
---          its data) is created here and the decision goes on; with both missing nothing is read
---          or written and status 5 asks the gateway to restore the org's durable counters from
+--          marker check. The marker is read only when a durable key of the call is missing (or
+--          the call has none): a durable key is only ever created past this check (or by
+--          restore.lua) and goes with any loss of the org's data, so one that is there proves
+--          the data complete. A missing marker with the resident key present (a new month, Redis
+--          kept its data) is created here and the decision goes on; with both missing nothing is
+--          written and status 5 asks the gateway to restore the org's durable counters from
 --          Postgres first
 -- ARGV[5]  the lease holder (this replica's id), or '' (see "Leases" below)
 -- ARGV[6]  the absolute expiry (Unix microseconds) of a lease granted by this call
@@ -44,8 +47,12 @@
 --             limit is released. -1: settle nothing and keep the holder's lease
 --   want      leased kinds: the largest block to grant the holder (0: none); -1: a checkpoint,
 --             which settles `consumed` and keeps the rest of the holder's lease (no new block)
--- Durable keys carry a version (incremented on every change) so the flusher can write them to
--- Postgres monotonically: a value read later never loses to one read earlier.
+-- Versions. Durable keys carry a version key so the flusher can write them to Postgres
+-- monotonically: a value read later never loses to one read earlier. It moves only when the
+-- value goes down (a refund, a lowered gauge); between two such moves the value only grows. So
+-- (version, value), compared in that order, grows with every change, and that pair is what
+-- Postgres keeps the newest of (`db::usage`), for one INCR fewer per charge. The version key
+-- may be missing (never lowered): it reads as 0.
 -- then, only when the call takes a concurrency slot, one more limit (always the last one, so the
 -- others keep their indices), 6 arguments:
 --   "s", 1, limit (requests in flight allowed), block ("1"; "0" only in "record" mode),
@@ -97,7 +104,11 @@
 -- The version key moves with every change, for the flusher (see `db::credits`). While the org
 -- has grants of a metric (the hash is not empty), its hard quotas grant no lease blocks: blocks
 -- other replicas hold count as used, so credits drawn while they exist could pay for units the
--- blocks return unused; without blocks every decision of the metric is exact.
+-- blocks return unused; without blocks every decision of the metric is exact. The hash is
+-- read only when its version key exists (the MGET that reads the limits says): grant.lua and
+-- restore.lua create both at once and nothing removes a version key, so an org that never had
+-- a grant of the metric (almost all) costs no HGETALL, and a grant made through any replica is
+-- seen by the very next decision.
 --
 -- Leases. A replica may reserve a block of a limit and admit from it without Redis. A lease is a
 -- field of the limit's lease hash: holder -> "units:expiry_us". Reserved units count against the
@@ -141,14 +152,17 @@
 -- are capped at a year's wait (MAX_WAIT_US, scaled by the limit) for the same reason: a
 -- recorded amount of 2^53 must not make the key's expiry unrepresentable.
 
--- Cost matters: this runs once per request, inside Redis's single thread. The first pass keeps
--- what the second needs in flat arrays (no table per limit); numbers go back to Redis as the
--- caller's own argument strings where they can, sparing a number-to-string conversion per call.
+-- Cost matters: this runs once per request, inside Redis's single thread, and most of its cost
+-- is Lua work, not Redis commands: `tonumber` (libc's strtod), `string.format("%.0f")`, table
+-- allocations (and the garbage collection they bring) each cost about as much as a GET. So: one
+-- MGET reads every value the call needs (limits, and whether the org has credits) before
+-- anything is written; each argument is parsed once, into flat arrays made at their usual size
+-- (no table per limit); numbers go back to Redis as the caller's own argument strings where they
+-- can, and as "%d" (exact below 2^53) where they cannot. Measured by
+-- `benches/decide_cost.sh` (see README, "Performance").
 
 local MAX_COUNTER = 9007199254740991
 local MAX_WAIT_US = 31536000000000
--- read-only stand-in for the lease tables of a call without leases
-local EMPTY = {}
 local now = tonumber(ARGV[1])
 local mode = ARGV[2]
 local k = 1
@@ -163,8 +177,7 @@ end
 local credits, cend = nil, nil
 if string.byte(ARGV[last]) == 75 then
   cend = last
-  credits = last - tonumber(string.sub(ARGV[last], 2))
-  last = credits - 1
+  last = last - 1
 end
 local mk = nil
 if ARGV[3] ~= '0' then
@@ -178,16 +191,17 @@ end
 
 local record = mode == 'record'
 local holder = ARGV[5]
-local out = { 0 }
+local out = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
 local n = 1
--- per limit i: the index of its key in KEYS, of its first argument in ARGV, and the counter's
--- value before this call (c/m/g) or the rate's debt after it (r); for leased limits, in
--- `leased`, the units other holders reserve, how many they are, and the units swept (those
--- tables only in a call with leases); `num` keeps each limit's amount, limit and (rates) window
--- at 3i - 2, 3i - 1 and 3i, parsed once: `tonumber` is one of the script's dearest steps
-local key_at, arg_at, state = { 0, 0, 0, 0 }, { 0, 0, 0, 0 }, { 0, 0, 0, 0 }
+-- Per limit i, `pos` holds the index of its key in KEYS (2i - 1) and of its first argument in
+-- ARGV (2i); `num` its amount (4i - 3), limit (4i - 2), window (rates, 4i - 1), parsed once
+-- (`tonumber` is one of the script's dearest steps), and the counter's value before this call
+-- (c/m/g) or the rate's debt after it (r) at 4i. For leased limits, in `leased`, the units
+-- other holders reserve, how many they are, and the units swept (tables made only in a call
+-- with leases). Tables are made at their usual size: growing one by one reallocates.
+local pos = { 0, 0, 0, 0, 0, 0 }
 local num = { 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0 }
-local lease_at, others, holders, swept, leased = nil, EMPTY, nil, nil, EMPTY
+local lease_at, others, holders, swept, leased = nil, nil, nil, nil, nil
 local denied = false
 local overflow = false
 
@@ -201,42 +215,63 @@ local i = 0
 local a = 7
 local reads = { false, false, false, false }
 local nreads = 0
+-- the first durable limit (kinds m, M, g; 0: none) and how many the call has
+local durable, ndurable = 0, 0
 while a <= last do
-  i = i + 1
-  key_at[i] = k
-  arg_at[i] = a
   local kind = ARGV[a]
+  -- arguments and keys of the limit
+  local step, keys = 5, 1
   if kind == 's' then
-    k = k + 1
-    a = a + 6
+    step = 6
+  elseif kind == 'c' or kind == 'r' then
+    keys = 1
+  elseif kind == 'm' or kind == 'g' then
+    keys = 2
+  elseif kind == 'C' or kind == 'R' then
+    step, keys = 7, 2
+  elseif kind == 'M' then
+    step, keys = 7, 3
   else
+    -- a number: the first argument of the credit section
+    break
+  end
+  i = i + 1
+  pos[2 * i - 1] = k
+  pos[2 * i] = a
+  if kind ~= 's' then
     nreads = i
     reads[i] = KEYS[k]
-    if kind == 'c' or kind == 'r' then
-      k = k + 1
-      a = a + 5
-    elseif kind == 'm' or kind == 'g' then
-      k = k + 2
-      a = a + 5
-    else
-      -- leased kinds: the lease hash follows the key (and a meter's version key)
-      if not holders then lease_at, others, holders, swept, leased = {}, {}, {}, {}, {} end
-      if kind == 'M' then lease_at[i] = k + 2 else lease_at[i] = k + 1 end
-      k = lease_at[i] + 1
-      a = a + 7
+    if kind == 'm' or kind == 'M' or kind == 'g' then
+      if durable == 0 then durable = i end
+      ndurable = ndurable + 1
     end
   end
+  if step == 7 then
+    -- leased kinds: the lease hash is the limit's last key
+    if not holders then lease_at, others, holders, swept, leased = {}, {}, {}, {}, {} end
+    lease_at[i] = k + keys - 1
+  end
+  k = k + keys
+  a = a + step
 end
 local groups = 0
-if credits then
-  local c = credits
-  while c < cend do
-    groups = groups + 1
-    reads[nreads + groups] = KEYS[k + 2 * groups - 1]
-    c = c + 2 + tonumber(ARGV[c + 1])
+if cend then
+  credits = a
+  if tail then
+    local c = credits
+    while c < cend do
+      groups = groups + 1
+      c = c + 2 + tonumber(ARGV[c + 1])
+    end
+  else
+    -- without a tail, KEYS end with the groups' two keys each
+    groups = (#KEYS - k + 1) / 2
+  end
+  for g = 1, groups do
+    reads[nreads + g] = KEYS[k + 2 * g - 1]
   end
 end
-local vals = EMPTY
+local vals = nil
 if nreads + groups > 0 then vals = redis.call('MGET', unpack(reads, 1, nreads + groups)) end
 
 if mk then
@@ -245,14 +280,14 @@ if mk then
   -- when the call has durable keys and all of them are there, the org's data is complete and
   -- the month's marker need not be read. Only a missing one (a new month, a first charge, or
   -- a loss) needs the marker, and, when it is missing too, the resident key.
-  local present, absent = false, false
-  for j = 1, nreads do
-    local kind = ARGV[arg_at[j]]
-    if kind == 'm' or kind == 'M' or kind == 'g' then
-      if vals[j] then present = true else absent = true end
+  local complete = durable > 0 and vals[durable]
+  if complete and ndurable > 1 then
+    for j = durable + 1, nreads do
+      local kind = ARGV[pos[2 * j]]
+      if (kind == 'm' or kind == 'M' or kind == 'g') and not vals[j] then complete = false end
     end
   end
-  if (absent or not present) and redis.call('EXISTS', KEYS[mk]) == 0 then
+  if not complete and redis.call('EXISTS', KEYS[mk]) == 0 then
     -- A new month, or Redis lost the org's data: only the resident key (set by restore.lua,
     -- gone with any loss) tells them apart. While it is there the org's counters are complete
     -- and the new month's start at zero, so Postgres is not needed at a month boundary.
@@ -271,13 +306,15 @@ end
 
 local count = i
 for i = 1, count do
-  local key = KEYS[key_at[i]]
-  local a = arg_at[i]
+  local key = KEYS[pos[2 * i - 1]]
+  local a = pos[2 * i]
   local kind = ARGV[a]
-  local amount = tonumber(ARGV[a + 1])
+  -- most charges are of one unit: comparing interned strings costs nothing, `tonumber` does
+  local amount = 1
+  if ARGV[a + 1] ~= '1' then amount = tonumber(ARGV[a + 1]) end
   local limit = tonumber(ARGV[a + 2])
-  num[3 * i - 2] = amount
-  num[3 * i - 1] = limit
+  num[4 * i - 3] = amount
+  num[4 * i - 2] = limit
   local block = not record and ARGV[a + 3] == '1'
   local consumed, reserved = 0, 0
   local d, value, millis = 0, 0, 0
@@ -322,10 +359,10 @@ for i = 1, count do
       d = 1
       denied = true
     end
-    state[i] = value
+    num[4 * i] = value
   elseif kind == 'r' then
     local param = tonumber(ARGV[a + 4])
-    num[3 * i] = param
+    num[4 * i - 1] = param
     local debt, stamp = 0, now
     local raw = vals[i]
     if raw then
@@ -363,17 +400,13 @@ for i = 1, count do
       millis = math.ceil(debt / limit / 1000)
     end
     if new_debt > limit * MAX_WAIT_US then new_debt = limit * MAX_WAIT_US end
-    state[i] = new_debt
+    num[4 * i] = new_debt
   else
     -- durable kinds (m, g) have their version key right after the value key
     local current = tonumber(vals[i] or '0')
     if consumed > 0 then
       current = redis.call('INCRBY', key, consumed)
-      local expiry = ARGV[a + 4]
-      if current == consumed then redis.call('PEXPIREAT', key, expiry) end
-      if kind == 'm' and redis.call('INCR', KEYS[key_at[i] + 1]) == 1 then
-        redis.call('PEXPIREAT', KEYS[key_at[i] + 1], expiry)
-      end
+      if current == consumed then redis.call('PEXPIREAT', key, ARGV[a + 4]) end
     end
     if amount > 0 and current + amount > MAX_COUNTER then
       overflow = true
@@ -388,12 +421,16 @@ for i = 1, count do
       denied = true
     end
     value = current + reserved
-    state[i] = current
+    num[4 * i] = current
   end
   out[n + 1] = d
   out[n + 2] = value
   out[n + 3] = millis
   n = n + 3
+end
+-- `out` was made with 10 slots: clear those no limit used, so that `#out` is `n`
+for x = n + 1, 10 do
+  out[x] = nil
 end
 
 -- Credits (only with a credit section; see "Credits" above). Per group, `cdata` keeps five
@@ -407,7 +444,11 @@ if credits then
   for g = 1, groups do
     if vals[nreads + g] then cdata = {} end
   end
-  if not cdata then bare = groups end
+  -- the threshold tail's keys follow the credit groups' two each
+  if not cdata then
+    bare = groups
+    k = k + 2 * groups
+  end
 end
 if cdata then
   local c, g, seen = credits, 0, false
@@ -422,14 +463,14 @@ if cdata then
     if vals[nreads + g] then
       seen = true
       local m = tonumber(ARGV[c])
-      local amount = num[3 * m - 2]
+      local amount = num[4 * m - 3]
       local size = amount
       if size < 0 then size = -size end
       local need = 0
       for x = c + 2, c + 1 + q do
         local j = tonumber(ARGV[x])
-        local over = state[j] - num[3 * j - 1]
-        if amount > 0 then over = over + (others[j] or 0) + amount end
+        local over = num[4 * j] - num[4 * j - 2]
+        if amount > 0 then over = over + (others and others[j] or 0) + amount end
         if over > size then over = size end
         if over > need then need = over end
       end
@@ -512,8 +553,8 @@ end
 
 if apply then
   for j = 1, i do
-    local key = KEYS[key_at[j]]
-    local b = arg_at[j]
+    local key = KEYS[pos[2 * j - 1]]
+    local b = pos[2 * j]
     local kind = ARGV[b]
     if kind == 's' then
       -- take the slot; the set lives as long as its latest slot
@@ -521,36 +562,37 @@ if apply then
       local top = redis.call('ZRANGE', key, -1, -1, 'WITHSCORES')
       redis.call('PEXPIREAT', key, top[2])
     elseif kind == 'r' or kind == 'R' then
-      local limit = num[3 * j - 1]
-      local param = num[3 * j]
-      local debt = state[j]
+      local limit = num[4 * j - 2]
+      local param = num[4 * j - 1]
+      local debt = num[4 * j]
       if debt < 0 then debt = 0 end
       local millis = math.ceil(debt / limit / 1000)
-      redis.call('SET', key, string.format('%.0f:%s', debt, ARGV[1]), 'PX', string.format('%.0f', millis + 1000))
+      -- "%d" is exact below 2^53 and far cheaper than "%.0f"; millis stays below 2^35
+      local fmt = '%d:%s'
+      if debt > MAX_COUNTER then fmt = '%.0f:%s' end
+      redis.call('SET', key, string.format(fmt, debt, ARGV[1]), 'PX', string.format('%d', millis + 1000))
       local o = 1 + (j - 1) * 3
-      local left = math.floor((param * limit - debt) / param) - (others[j] or 0)
+      local left = math.floor((param * limit - debt) / param) - (others and others[j] or 0)
       if left < 0 then left = 0 end
       out[o + 2] = left
       out[o + 3] = millis
     else
-      local amount = num[3 * j - 2]
-      local changed = false
+      local amount = num[4 * j - 3]
       if amount >= 0 then
         local v = redis.call('INCRBY', key, ARGV[b + 1])
         if kind ~= 'g' and v == amount then
           redis.call('PEXPIREAT', key, ARGV[b + 4])
         end
-        changed = amount > 0
-      elseif state[j] > 0 then
-        local lowered = state[j] + amount
+      elseif num[4 * j] > 0 then
+        local lowered = num[4 * j] + amount
         if lowered < 0 then lowered = 0 end
         redis.call('SET', key, lowered, 'KEEPTTL')
-        changed = true
-      end
-      if changed and kind ~= 'c' and kind ~= 'C' then
-        local version = KEYS[key_at[j] + 1]
-        if redis.call('INCR', version) == 1 and kind ~= 'g' then
-          redis.call('PEXPIREAT', version, ARGV[b + 4])
+        -- Only a durable value that goes down moves its version (see "Versions" above).
+        if kind ~= 'c' and kind ~= 'C' then
+          local version = KEYS[pos[2 * j - 1] + 1]
+          if redis.call('INCR', version) == 1 and kind ~= 'g' then
+            redis.call('PEXPIREAT', version, ARGV[b + 4])
+          end
         end
       end
     end
@@ -587,39 +629,41 @@ end
 
 -- The lease part of the reply: per leased limit, the block granted (only by an applied check),
 -- the units swept and the units others reserve.
-for _, j in ipairs(leased) do
-  local granted = 0
-  local b = arg_at[j]
-  local want = tonumber(ARGV[b + 6])
-  local limit = num[3 * j - 1]
-  if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1'
-    and not (nolease and nolease[j]) then
-    local avail
-    if ARGV[b] == 'R' then
-      local param = tonumber(ARGV[b + 4])
-      avail = math.floor((param * limit - state[j]) / param) - others[j]
-    else
-      avail = limit - state[j] - num[3 * j - 2] - others[j]
-    end
-    granted = math.floor(avail / (2 * (holders[j] + 1)))
-    if granted > want then granted = want end
-    if granted > 0 then
-      local hkey = KEYS[lease_at[j]]
-      redis.call('HSET', hkey, holder, granted .. ':' .. ARGV[6])
-      -- A counter's hash lives as long as the counter, so a dead holder's lease stays until a
-      -- decision sweeps (and counts) it; a rate's only as long as the lease.
+if leased then
+  for _, j in ipairs(leased) do
+    local granted = 0
+    local b = pos[2 * j]
+    local want = tonumber(ARGV[b + 6])
+    local limit = num[4 * j - 2]
+    if apply and mode == 'check' and want > 0 and limit > 0 and ARGV[b + 3] == '1'
+      and not (nolease and nolease[j]) then
+      local avail
       if ARGV[b] == 'R' then
-        redis.call('PEXPIREAT', hkey, math.floor(tonumber(ARGV[6]) / 1000) + 1)
+        local param = tonumber(ARGV[b + 4])
+        avail = math.floor((param * limit - num[4 * j]) / param) - others[j]
       else
-        redis.call('PEXPIREAT', hkey, ARGV[b + 4])
+        avail = limit - num[4 * j] - num[4 * j - 3] - others[j]
       end
-    else
-      granted = 0
+      granted = math.floor(avail / (2 * (holders[j] + 1)))
+      if granted > want then granted = want end
+      if granted > 0 then
+        local hkey = KEYS[lease_at[j]]
+        redis.call('HSET', hkey, holder, granted .. ':' .. ARGV[6])
+        -- A counter's hash lives as long as the counter, so a dead holder's lease stays until a
+        -- decision sweeps (and counts) it; a rate's only as long as the lease.
+        if ARGV[b] == 'R' then
+          redis.call('PEXPIREAT', hkey, math.floor(tonumber(ARGV[6]) / 1000) + 1)
+        else
+          redis.call('PEXPIREAT', hkey, ARGV[b + 4])
+        end
+      else
+        granted = 0
+      end
     end
+    out[#out + 1] = granted
+    out[#out + 1] = swept[j]
+    out[#out + 1] = others[j]
   end
-  out[#out + 1] = granted
-  out[#out + 1] = swept[j]
-  out[#out + 1] = others[j]
 end
 
 -- The credit part of the reply: per group, what was drawn and what is left.
@@ -652,13 +696,13 @@ if tail then
     local j = tonumber(ARGV[t])
     local count = tonumber(ARGV[t + 1])
     t = t + 2
-    local b = arg_at[j]
+    local b = pos[2 * j]
     local gauge = ARGV[b] == 'g'
     local amount = 0
-    if apply then amount = num[3 * j - 2] end
-    local after = state[j] + amount
+    if apply then amount = num[4 * j - 3] end
+    local after = num[4 * j] + amount
     if after < 0 then after = 0 end
-    local before = state[j]
+    local before = num[4 * j]
     if ARGV[b] == 'C' or ARGV[b] == 'M' then
       local consumed = tonumber(ARGV[b + 5])
       if consumed > 0 then before = before - consumed end

@@ -13,6 +13,10 @@
 --       version key created here would be older than the flushed one). Returns 1 when added, 0
 --       when the field was there already (a repeated request), -1 without the resident key.
 -- void: removes the field and returns the units it had left (-1: it was not there).
+--
+-- The version key is created with the first field and never removed (no expiry): decide.lua
+-- reads the hash only when the version key exists, so the two must be written together, here
+-- and in restore.lua.
 
 if ARGV[1] == 'add' then
   if redis.call('EXISTS', KEYS[1]) == 0 then

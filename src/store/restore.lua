@@ -5,9 +5,12 @@
 -- data removes: with it, a new month simply begins (decide.lua creates the marker); without it
 -- (a Redis restart without persistence, a failover, FLUSHALL, or an org Redis has not seen for a
 -- year) decide.lua refuses to touch the counters, and the gateway reads what Postgres holds and
--- runs this script. Every write to a durable counter goes through the marker check, so a missing
--- key here means a lost key: it is set from Postgres; a key that exists is left alone. Two
--- replicas restoring at once are safe: the second one finds the marker and does nothing.
+-- runs this script. Every durable key is created past the marker check (decide.lua reads the
+-- marker whenever a durable key of its call is missing, and skips it only when all are there),
+-- so a missing key here means a lost key: it is set from Postgres; a key that exists is left
+-- alone. Two replicas restoring at once are safe: the second one finds the marker and does
+-- nothing. A credit hash comes back with its version key (decide.lua reads a hash only when
+-- its version key exists).
 --
 -- KEYS[1]                the month's marker
 -- KEYS[2]                the org's resident key (lives a year past ARGV[1], as in decide.lua)
