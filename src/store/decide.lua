@@ -478,26 +478,26 @@ if cdata then
       local horizon = math.floor(now / 1000)
       local spent = 0
       if #fields > 0 then
-        names, gvals = {}, {}
+        -- true: the org has grants of the metric; the sorted names of the unexpired ones
+        -- (and `gvals`, name -> value) are made below only when the call draws or gives back
+        names = true
         for f = 1, #fields, 2 do
-          local name = fields[f]
-          if tonumber(string.sub(name, 7, 21)) > horizon then
+          if tonumber(string.sub(fields[f], 7, 21)) > horizon then
             local v = fields[f + 1]
             local sep = string.find(v, ':', 1, true)
             local rem = tonumber(string.sub(v, 1, sep - 1))
             avail = avail + rem
             spent = spent + tonumber(string.sub(v, sep + 1)) - rem
-            names[#names + 1] = name
-            gvals[name] = v
           end
         end
-        table.sort(names)
         -- An org with grants of the metric gets no new blocks of its hard quotas: every
         -- decision is exact, so no credit is drawn for units another replica's block reserves
         -- and then returns unused (see "Leases").
-        nolease = nolease or {}
-        for x = c + 2, c + 1 + q do
-          nolease[tonumber(ARGV[x])] = true
+        if leased then
+          nolease = nolease or {}
+          for x = c + 2, c + 1 + q do
+            nolease[tonumber(ARGV[x])] = true
+          end
         end
       end
       if amount > 0 and need > 0 then
@@ -519,6 +519,17 @@ if cdata then
         for x = c + 2, c + 1 + q do
           out[2 + 3 * (tonumber(ARGV[x]) - 1)] = 0
         end
+      end
+      if draw ~= 0 then
+        names, gvals = {}, {}
+        for f = 1, #fields, 2 do
+          local name = fields[f]
+          if tonumber(string.sub(name, 7, 21)) > horizon then
+            names[#names + 1] = name
+            gvals[name] = fields[f + 1]
+          end
+        end
+        table.sort(names)
       end
     end
     cdata[#cdata + 1] = k
