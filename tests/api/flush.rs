@@ -464,3 +464,35 @@ async fn a_redis_that_lost_its_data_restores_at_a_new_month_once_postgres_answer
     flush_when_postgres_is_back(&app).await;
     assert_eq!(app.stored_usage("acme", "requests").await, Some(1));
 }
+
+#[tokio::test]
+async fn the_ledger_keeps_the_newest_version_and_quantity_and_never_goes_backwards() {
+    // decide.lua moves a durable key's version only when its value goes down, so between two
+    // moves reads are ordered by quantity alone: (version, quantity) decides which read is newer.
+    use quota_gateway::db::usage::{CounterRow, upsert};
+    let app = spawn_app().await;
+    let row = |quantity, version| CounterRow {
+        org_id: "acme".into(),
+        metric: "requests".into(),
+        period_start: "2026-10-01T00:00:00Z".parse().unwrap(),
+        quantity,
+        version,
+        gauge: false,
+    };
+    let stored = || async {
+        sqlx::query_as::<_, (i64, i64)>(
+            "SELECT quantity, version FROM usage_counters WHERE org_id = 'acme'",
+        )
+        .fetch_one(&app.pool)
+        .await
+        .unwrap()
+    };
+    assert_eq!(upsert(&app.pool, &[row(5, 0)]).await.unwrap(), 1);
+    assert_eq!(upsert(&app.pool, &[row(7, 0)]).await.unwrap(), 1, "more usage, same version");
+    assert_eq!(upsert(&app.pool, &[row(6, 0)]).await.unwrap(), 0, "an older read");
+    assert_eq!(upsert(&app.pool, &[row(7, 0)]).await.unwrap(), 0, "the same read again");
+    assert_eq!(stored().await, (7, 0));
+    assert_eq!(upsert(&app.pool, &[row(4, 1)]).await.unwrap(), 1, "a refund moved the version");
+    assert_eq!(upsert(&app.pool, &[row(7, 0)]).await.unwrap(), 0, "a read from before it");
+    assert_eq!(stored().await, (4, 1));
+}
