@@ -16,8 +16,9 @@ use crate::directory::{Change, OrgDirectory};
 use crate::domain::decision::Mode;
 use crate::domain::decision::{
     Charge, CreditState, Evaluation, LimitReply, LimitState, Outcome, Target, add_headroom_charges,
-    evaluate, limits_for, mark_headroom, merge_charges,
+    evaluate, limits_at, limits_for, mark_headroom, merge_charges,
 };
+use crate::domain::level::{Levels, Scope};
 use crate::domain::org::OrgId;
 use crate::domain::plan::{Catalog, Enforcement, Plan};
 use crate::lease::{LeaseSettings, Leases, Taken};
@@ -178,6 +179,7 @@ impl QuotaService {
                 overage: crate::domain::plan::Overage::Allow,
                 notify_at: &[],
                 headroom: false,
+                scope: Default::default(),
             };
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, if gauge { 0 } else { expiry }));
@@ -205,6 +207,7 @@ impl QuotaService {
                 overage: crate::domain::plan::Overage::Allow,
                 notify_at: &[],
                 headroom: false,
+                scope: Default::default(),
             };
             let key = self.store.keys().limit(org, &limit);
             entries.push((key, quantity, version, billing_expiry));
@@ -616,30 +619,32 @@ impl QuotaService {
 
     /// Record a batch of usage reports of one org in one round trip (a pipeline): each item is
     /// its charge and idempotency key. Returns, per item, what became of it.
-    pub async fn record_many(
+    pub async fn record_many<'i>(
         &self,
         catalog: &Catalog,
         org: &OrgId,
-        items: &[(Charge<'_>, Option<&str>)],
+        items: &[(Charge<'_>, Option<&str>, Levels<'i>)],
     ) -> Result<Vec<Recorded>, QuotaError> {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
         let ttl = self.idempotency_ttl;
         let limits: Vec<Vec<crate::domain::decision::Limit<'_>>> = items
             .iter()
-            .map(|(charge, _)| {
-                limits_for(
+            .map(|(charge, _, levels)| {
+                limits_at(
                     plan,
                     std::slice::from_ref(charge),
                     now,
                     &record.billing_cycle(),
+                    levels,
+                    levels.key.and_then(|k| record.key_limits.get(k)),
                 )
             })
             .collect();
         let specs: Vec<(Vec<crate::store::KeySpec>, Option<&str>)> = limits
             .iter()
             .zip(items)
-            .map(|(ls, (_, key))| (ls.iter().map(|l| self.store.spec(org, l)).collect(), *key))
+            .map(|(ls, (_, key, _))| (ls.iter().map(|l| self.store.spec(org, l)).collect(), *key))
             .collect();
         let closed = self.local.on_error() == crate::domain::decision::OnRedisError::Closed;
         // Items (indices into `items`) decided here, while Redis is unreachable or in doubt.
@@ -803,32 +808,55 @@ impl QuotaService {
     }
 
     /// Check (and in `Check`/`Record` modes apply) `charges` for `org`.
+    /// `levels`: the API key and end user the charges are also counted for (`Levels::ORG`: the
+    /// org alone); their limits are checked and charged in the same round trip.
     pub async fn decide<'c>(
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
+        levels: &Levels<'c>,
         charges: &[Charge<'c>],
         mode: Mode,
         idempotency_key: Option<&str>,
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(catalog, org, charges, &[], mode, idempotency_key, false)
-            .await
+        self.decide_with(
+            catalog,
+            org,
+            levels,
+            charges,
+            &[],
+            mode,
+            idempotency_key,
+            false,
+        )
+        .await
     }
 
     /// `decide`, where the hard quotas of the metrics in `needs` must also have room left even
     /// if `charges` charge them nothing (their cost is recorded after the response): checked in
     /// the same round trip (`Limit::headroom`).
+    #[allow(clippy::too_many_arguments)]
     pub async fn decide_needing<'c>(
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
+        levels: &Levels<'c>,
         charges: &[Charge<'c>],
         needs: &[&'c crate::domain::plan::Metric],
         mode: Mode,
         idempotency_key: Option<&str>,
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(catalog, org, charges, needs, mode, idempotency_key, false)
-            .await
+        self.decide_with(
+            catalog,
+            org,
+            levels,
+            charges,
+            needs,
+            mode,
+            idempotency_key,
+            false,
+        )
+        .await
     }
 
     /// `decide` in `Check` mode for a request that stays in flight (the proxy): when the org's
@@ -839,11 +867,21 @@ impl QuotaService {
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
+        levels: &Levels<'c>,
         charges: &[Charge<'c>],
         needs: &[&'c crate::domain::plan::Metric],
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(catalog, org, charges, needs, Mode::Check, None, true)
-            .await
+        self.decide_with(
+            catalog,
+            org,
+            levels,
+            charges,
+            needs,
+            Mode::Check,
+            None,
+            true,
+        )
+        .await
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -851,6 +889,7 @@ impl QuotaService {
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
+        levels: &Levels<'c>,
         charges: &[Charge<'c>],
         needs: &[&'c crate::domain::plan::Metric],
         mode: Mode,
@@ -861,7 +900,8 @@ impl QuotaService {
         let mut merged = merge_charges(charges);
         add_headroom_charges(&mut merged, needs);
         let now = self.clock.now();
-        let mut limits = limits_for(plan, &merged, now, &record.billing_cycle());
+        let own = levels.key.and_then(|k| record.key_limits.get(k));
+        let mut limits = limits_at(plan, &merged, now, &record.billing_cycle(), levels, own);
         mark_headroom(&mut limits, needs);
         let idem = idempotency_key.map(|k| (k, self.idempotency_ttl));
         let shadow = matches!(mode, Mode::Check | Mode::DryRun)
@@ -933,7 +973,7 @@ impl QuotaService {
         charge: Charge<'c>,
     ) -> Result<Decision<'c>, QuotaError> {
         let (plan, eval) = self
-            .record_counters(catalog, org, &[charge], false, None)
+            .record_counters(catalog, org, &Levels::ORG, &[charge], false, None)
             .await?;
         Ok(Decision {
             plan,
@@ -952,9 +992,10 @@ impl QuotaService {
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
+        levels: &Levels<'_>,
         charges: &[Charge<'c>],
     ) -> Result<(), QuotaError> {
-        self.refund_once(catalog, org, charges, None).await
+        self.refund_once(catalog, org, levels, charges, None).await
     }
 
     /// `refund` under an idempotency key: given back once however often it is retried (a
@@ -963,6 +1004,7 @@ impl QuotaService {
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
+        levels: &Levels<'_>,
         charges: &[Charge<'c>],
         key: Option<&str>,
     ) -> Result<(), QuotaError> {
@@ -974,7 +1016,7 @@ impl QuotaService {
             })
             .collect();
         let idem = key.map(|k| (k, self.idempotency_ttl));
-        self.record_counters(catalog, org, &credits, true, idem)
+        self.record_counters(catalog, org, levels, &credits, true, idem)
             .await?;
         Ok(())
     }
@@ -986,20 +1028,26 @@ impl QuotaService {
     /// in Postgres only once Redis has it. While Redis is unreachable they fail, and say so.
     /// `from_leases`: credits may be taken from units this replica's blocks have not settled
     /// (a refund of a request admitted from a block).
-    async fn record_counters<'c>(
+    async fn record_counters<'c, 'l>(
         &self,
         catalog: &'c Catalog,
         org: &OrgId,
+        levels: &Levels<'l>,
         charges: &[Charge<'c>],
         from_leases: bool,
         idem: Option<(&str, Duration)>,
-    ) -> Result<(&'c Plan, Evaluation<'c>), QuotaError> {
+    ) -> Result<(&'c Plan, Evaluation<'l>), QuotaError>
+    where
+        'c: 'l,
+    {
         let (plan, record) = self.org(catalog, org).await?;
         let now = self.clock.now();
-        let mut limits: Vec<_> = limits_for(plan, charges, now, &record.billing_cycle())
-            .into_iter()
-            .filter(|l| !l.is_rate())
-            .collect();
+        let own = levels.key.and_then(|k| record.key_limits.get(k));
+        let mut limits: Vec<_> =
+            limits_at(plan, charges, now, &record.billing_cycle(), levels, own)
+                .into_iter()
+                .filter(|l| !l.is_rate())
+                .collect();
         if let Some(leases) = self.leases.as_ref().filter(|_| from_leases) {
             // Credits for units still in this replica's blocks are taken there (see `give_back`).
             let specs: Vec<KeySpec> = limits.iter().map(|l| self.store.spec(org, l)).collect();
@@ -1054,27 +1102,7 @@ impl QuotaService {
             .into_iter()
             .filter(|l| !matches!(l.target, Target::Rate { .. }))
             .collect();
-        // Redis lost the org's counters (or never held them): restored first, so the view never
-        // shows zero for usage Postgres knows about.
-        let values = self
-            .restoring(
-                catalog,
-                org,
-                now,
-                |_| self.store.read(org, &limits, now),
-                Option::is_none,
-            )
-            .await??
-            .unwrap_or_else(|| vec![0; limits.len()]);
-        let replies: Vec<LimitReply> = values
-            .into_iter()
-            .map(|value| LimitReply {
-                denied: false,
-                value,
-                millis: 0,
-            })
-            .collect();
-        let eval = evaluate(limits, &replies, false, now);
+        let eval = self.read_limits(catalog, org, limits, now).await?;
         let mut chosen: Vec<LimitState<'c>> = Vec::with_capacity(catalog.metrics.len());
         for state in eval.states {
             match chosen
@@ -1095,6 +1123,73 @@ impl QuotaService {
             }
         }
         Ok(chosen)
+    }
+
+    /// Counters and gauges of `limits` as Redis holds them now, as an evaluation that applied
+    /// nothing. Redis lost the org's counters (or never held them): restored first, so a view
+    /// never shows zero for usage Postgres knows about.
+    async fn read_limits<'c>(
+        &self,
+        catalog: &Catalog,
+        org: &OrgId,
+        limits: Vec<crate::domain::decision::Limit<'c>>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Result<Evaluation<'c>, QuotaError> {
+        let values = self
+            .restoring(
+                catalog,
+                org,
+                now,
+                |_| self.store.read(org, &limits, now),
+                Option::is_none,
+            )
+            .await??
+            .unwrap_or_else(|| vec![0; limits.len()]);
+        let replies: Vec<LimitReply> = values
+            .into_iter()
+            .map(|value| LimitReply {
+                denied: false,
+                value,
+                millis: 0,
+            })
+            .collect();
+        Ok(evaluate(limits, &replies, false, now))
+    }
+
+    /// The usage of one API key or end user of an org (`scope`): one state per quota the plan
+    /// (or the key's own quotas) sets at that level. A level is only counted where it is
+    /// limited, so a metric without such a quota has no entry.
+    pub async fn level_usage<'c>(
+        &self,
+        catalog: &'c Catalog,
+        org: &OrgId,
+        scope: Scope<'c>,
+    ) -> Result<(&'c Plan, Vec<LimitState<'c>>), QuotaError> {
+        let (plan, record) = self.org(catalog, org).await?;
+        let charges: Vec<Charge<'c>> = catalog
+            .metrics
+            .values()
+            .map(|metric| Charge { metric, amount: 0 })
+            .collect();
+        let levels = match scope {
+            Scope::Key(id) => Levels {
+                key: Some(id),
+                user: None,
+            },
+            Scope::User(id) => Levels {
+                key: None,
+                user: Some(id),
+            },
+            Scope::Org => Levels::ORG,
+        };
+        let now = self.clock.now();
+        let own = levels.key.and_then(|k| record.key_limits.get(k));
+        let limits: Vec<_> = limits_at(plan, &charges, now, &record.billing_cycle(), &levels, own)
+            .into_iter()
+            .filter(|l| l.scope == scope && !l.is_rate())
+            .collect();
+        let eval = self.read_limits(catalog, org, limits, now).await?;
+        Ok((plan, eval.states))
     }
 }
 

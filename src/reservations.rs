@@ -15,8 +15,9 @@ use std::time::Duration;
 use chrono::{DateTime, Utc};
 
 use crate::domain::decision::{Charge, Mode, merge_charges};
+use crate::domain::level::Levels;
 use crate::domain::plan::Catalog;
-use crate::domain::reservation::{Ending, OnExpiry, ReservationId, differences};
+use crate::domain::reservation::{Ending, Held, OnExpiry, ReservationId, differences};
 use crate::metrics::Metrics;
 use crate::quota::{Decision, QuotaError, QuotaService};
 use crate::store::StoreError;
@@ -71,13 +72,14 @@ impl Reservations {
         &self,
         catalog: &'c Catalog,
         org: &crate::domain::org::OrgId,
+        levels: &Levels<'c>,
         charges: &[Charge<'c>],
         ttl: Duration,
     ) -> Result<Reserved<'c>, ReservationError> {
         let merged = merge_charges(charges);
         let decision = self
             .quota
-            .decide(catalog, org, &merged, Mode::Check, None)
+            .decide(catalog, org, levels, &merged, Mode::Check, None)
             .await?;
         let now = self.quota.now();
         let expires_at = now + chrono::Duration::from_std(ttl).unwrap_or_default();
@@ -91,11 +93,15 @@ impl Reservations {
             });
         }
         let id = ReservationId::new(org.clone());
-        let reserved: Vec<(String, i64)> = merged
-            .iter()
-            .map(|c| (c.metric.id.clone(), c.amount))
-            .collect();
-        let record = serde_json::to_string(&reserved).unwrap_or_default();
+        let held = Held {
+            charges: merged
+                .iter()
+                .map(|c| (c.metric.id.clone(), c.amount))
+                .collect(),
+            key_id: levels.key.map(str::to_string),
+            user_id: levels.user.map(str::to_string),
+        };
+        let record = serde_json::to_string(&held).unwrap_or_default();
         if let Err(e) = self
             .quota
             .store()
@@ -103,7 +109,7 @@ impl Reservations {
             .await
         {
             // Without a record nobody could settle it: give the units back and say it failed.
-            if let Err(back) = self.quota.refund(catalog, org, &merged).await {
+            if let Err(back) = self.quota.refund(catalog, org, levels, &merged).await {
                 tracing::error!(error = %back, org = %org, "cannot give back a reservation whose record failed");
             }
             return Err(e.into());
@@ -175,7 +181,12 @@ impl Reservations {
         ending: &str,
         won: bool,
     ) -> Result<(Vec<(String, i64)>, Ending), ReservationError> {
-        let reserved: Vec<(String, i64)> = parse(charges)?;
+        let held = Held::parse(charges).map_err(|e| ReservationError::Corrupt(e.to_string()))?;
+        let levels = Levels {
+            key: held.key_id.as_deref(),
+            user: held.user_id.as_deref(),
+        };
+        let reserved = held.charges.clone();
         let ending: Ending = parse(ending)?;
         let diffs = differences(&reserved, &ending);
         let resolve = |positive: bool| -> Vec<Charge<'_>> {
@@ -197,6 +208,7 @@ impl Reservations {
                 .decide(
                     catalog,
                     &id.org,
+                    &levels,
                     &up,
                     Mode::Record,
                     Some(&format!("{id}:up")),
@@ -209,7 +221,13 @@ impl Reservations {
         }
         if !down.is_empty() {
             self.quota
-                .refund_once(catalog, &id.org, &down, Some(&format!("{id}:down")))
+                .refund_once(
+                    catalog,
+                    &id.org,
+                    &levels,
+                    &down,
+                    Some(&format!("{id}:down")),
+                )
                 .await?;
         }
         self.quota.store().reservation_done(id).await?;

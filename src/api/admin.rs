@@ -23,10 +23,11 @@ use super::{ApiJson, SharedState};
 use crate::db::orgs::{AnchorSource, OrgRecord, PlanFilter};
 use crate::db::{self, adjustments::NewAdjustment};
 use crate::directory::Change;
-use crate::domain::decision::Charge;
+use crate::domain::decision::{Charge, MAX_COUNTER};
+use crate::domain::level::KeyQuota;
 use crate::domain::org::OrgId;
 use crate::domain::period;
-use crate::domain::plan::Catalog;
+use crate::domain::plan::{Catalog, MetricKind};
 use crate::domain::render::{self, PlanRef, UsageEntry};
 use crate::domain::text::{Text, present};
 use crate::http::error::ApiError;
@@ -417,6 +418,121 @@ pub async fn revoke_key(
             Ok(StatusCode::NO_CONTENT.into_response())
         }
         None => Err(ApiError::NotFound(format!("no live key with id {id}"))),
+    }
+}
+
+/// The most quotas one key may have of its own.
+const MAX_KEY_QUOTAS: usize = 32;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyLimitsRequest {
+    quotas: Vec<KeyQuota>,
+}
+
+/// `PUT /admin/keys/{id}/limits`: give one API key quotas of its own, replacing the plan's
+/// per-key quotas of the metrics they name (e.g. a CI key with a smaller budget). Every replica
+/// applies them with the org's next change message (well under a second).
+pub async fn put_key_limits(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+    ApiJson(req): ApiJson<KeyLimitsRequest>,
+) -> Result<Response, ApiError> {
+    let id = key_id(&id)?;
+    let catalog = state.quota.catalog();
+    if req.quotas.len() > MAX_KEY_QUOTAS {
+        return Err(ApiError::invalid(format!(
+            "quotas: at most {MAX_KEY_QUOTAS} quotas per key"
+        )));
+    }
+    for (i, q) in req.quotas.iter().enumerate() {
+        let field = |name: &str| format!("quotas[{i}].{name}");
+        match catalog.metric(&q.metric) {
+            None => {
+                return Err(ApiError::invalid(format!(
+                    "{}: unknown metric `{}`",
+                    field("metric"),
+                    q.metric
+                )));
+            }
+            Some(m) if m.kind != MetricKind::Counter => {
+                return Err(ApiError::invalid(format!(
+                    "{}: `{}` is a gauge; a key's quotas are of counters",
+                    field("metric"),
+                    q.metric
+                )));
+            }
+            Some(_) => {}
+        }
+        if q.limit == 0 || q.limit > MAX_COUNTER as u64 {
+            return Err(ApiError::invalid(format!(
+                "{}: must be from 1 to {MAX_COUNTER}",
+                field("limit")
+            )));
+        }
+        if !matches!(q.overage.as_str(), "block" | "allow") {
+            return Err(ApiError::invalid(format!(
+                "{}: must be \"block\" or \"allow\"",
+                field("overage")
+            )));
+        }
+        if req.quotas[..i]
+            .iter()
+            .any(|o| o.metric == q.metric && o.period == q.period)
+        {
+            return Err(ApiError::invalid(format!(
+                "quotas[{i}]: a second quota for the same metric and period"
+            )));
+        }
+    }
+    let Some(org) = db::api_keys::set_limits(&state.pool, id, Some(&req.quotas)).await? else {
+        return Err(ApiError::NotFound(format!("no live key with id {id}")));
+    };
+    announce_key_change(&state, &org);
+    tracing::info!(key_id = %id, quotas = req.quotas.len(), "api key limits set");
+    Ok(Json(json!({ "key_id": id, "org_id": org, "quotas": req.quotas })).into_response())
+}
+
+/// `GET /admin/keys/{id}/limits`: the key's own quotas (empty: the plan's per-key quotas apply).
+pub async fn get_key_limits(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = key_id(&id)?;
+    let Some((org, quotas)) = db::api_keys::limits(&state.pool, id).await? else {
+        return Err(ApiError::NotFound(format!("no live key with id {id}")));
+    };
+    Ok(Json(json!({
+        "key_id": id,
+        "org_id": org,
+        "quotas": quotas.unwrap_or_default(),
+    }))
+    .into_response())
+}
+
+/// `DELETE /admin/keys/{id}/limits` → 204: the plan's per-key quotas apply again.
+pub async fn delete_key_limits(
+    State(state): State<SharedState>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let id = key_id(&id)?;
+    let Some(org) = db::api_keys::set_limits(&state.pool, id, None).await? else {
+        return Err(ApiError::NotFound(format!("no live key with id {id}")));
+    };
+    announce_key_change(&state, &org);
+    tracing::info!(key_id = %id, "api key limits removed");
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+fn key_id(raw: &str) -> Result<Uuid, ApiError> {
+    Uuid::parse_str(raw).map_err(|_| ApiError::invalid("id: not a key id (UUID)"))
+}
+
+/// A key's limits live in its org's record: the org's change message reloads it everywhere.
+fn announce_key_change(state: &SharedState, org: &str) {
+    if let Ok(org) = OrgId::parse(org) {
+        state.quota.directory().invalidate(org.as_str());
+        state.quota.announce(Change::Org(&org));
     }
 }
 

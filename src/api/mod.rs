@@ -129,6 +129,21 @@ pub fn routes() -> Routes {
             delete(admin::revoke_key),
         )
         .add(
+            Method::PUT,
+            "/admin/keys/{id}/limits",
+            put(admin::put_key_limits),
+        )
+        .add(
+            Method::GET,
+            "/admin/keys/{id}/limits",
+            get(admin::get_key_limits),
+        )
+        .add(
+            Method::DELETE,
+            "/admin/keys/{id}/limits",
+            delete(admin::delete_key_limits),
+        )
+        .add(
             Method::POST,
             "/admin/orgs/{org_id}/adjustments",
             post(admin::adjust),

@@ -24,6 +24,10 @@ pub struct ReserveRequest {
     /// `"30s"`, `"5m"`, … or whole seconds.
     #[serde(default, deserialize_with = "present")]
     ttl: Option<serde_json::Value>,
+    #[serde(default, deserialize_with = "present")]
+    key_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    user_id: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -112,9 +116,10 @@ pub async fn create(
     let org = parse_org(&req.org_id, "org_id")?;
     let charges = charges(&catalog, &req.charges, "charges", false)?;
     let ttl = ttl_of(req.ttl)?;
+    let caller = super::v1::caller_from(req.key_id.as_deref(), req.user_id.as_deref(), "")?;
     let reserved = state
         .reservations
-        .create(&catalog, &org, &charges, ttl)
+        .create(&catalog, &org, &caller.levels(), &charges, ttl)
         .await?;
     let decision = &reserved.decision;
     let headers = render::ratelimit_headers(&decision.eval);

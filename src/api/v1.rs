@@ -11,6 +11,7 @@ use serde_json::json;
 use super::{ApiJson, SharedState};
 use crate::domain::decision::Mode;
 use crate::domain::decision::{Charge, MAX_COUNTER};
+use crate::domain::level::{Caller, Scope, check_user_id};
 use crate::domain::org::OrgId;
 use crate::domain::period::Period;
 use crate::domain::plan::{Catalog, MetricKind};
@@ -90,6 +91,38 @@ pub struct CheckRequest {
     consume: Option<bool>,
     #[serde(default, deserialize_with = "present")]
     charges: Option<Vec<ChargeIn>>,
+    #[serde(default, deserialize_with = "present")]
+    key_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    user_id: Option<String>,
+}
+
+/// The levels below the org a `/v1` caller names (`key_id`, `user_id`): `prefix` names the
+/// fields in errors (`events[3].user_id`).
+pub(super) fn caller_from(
+    key_id: Option<&str>,
+    user_id: Option<&str>,
+    prefix: &str,
+) -> Result<Caller, ApiError> {
+    let key = match key_id {
+        None => None,
+        Some(raw) => {
+            let id = uuid::Uuid::parse_str(raw).map_err(|_| {
+                ApiError::invalid(format!(
+                    "{}: must be the id of an API key (a UUID, as `POST /admin/orgs/{{id}}/keys` returns it)",
+                    field_name(prefix, "key_id")
+                ))
+            })?;
+            Some(std::sync::Arc::from(id.to_string()))
+        }
+    };
+    let user = match user_id {
+        None => None,
+        Some(raw) => Some(std::sync::Arc::from(check_user_id(raw).map_err(|e| {
+            ApiError::invalid(format!("{}: {e}", field_name(prefix, "user_id")))
+        })?)),
+    };
+    Ok(Caller { key, user })
 }
 
 #[derive(Deserialize)]
@@ -170,11 +203,12 @@ pub async fn check(
             ));
         }
     };
+    let caller = caller_from(req.key_id.as_deref(), req.user_id.as_deref(), "")?;
     let consume = req.consume.unwrap_or(true);
     let mode = if consume { Mode::Check } else { Mode::DryRun };
     let decision = state
         .quota
-        .decide(&catalog, &org, &charges, mode, None)
+        .decide(&catalog, &org, &caller.levels(), &charges, mode, None)
         .await?;
     let headers = render::ratelimit_headers(&decision.eval);
     let outcome = decision.eval.outcome.label();
@@ -235,6 +269,10 @@ pub struct UsageRequest {
     idempotency_key: Option<IdempotencyKey>,
     #[serde(default, deserialize_with = "present")]
     events: Option<Vec<UsageEvent>>,
+    #[serde(default, deserialize_with = "present")]
+    key_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    user_id: Option<String>,
 }
 
 /// A client's idempotency key: it becomes part of a Redis key and a Postgres outbox row.
@@ -249,12 +287,17 @@ pub struct UsageEvent {
     amount: Option<i64>,
     #[serde(default, deserialize_with = "present")]
     idempotency_key: Option<IdempotencyKey>,
+    #[serde(default, deserialize_with = "present")]
+    key_id: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    user_id: Option<String>,
 }
 
 struct ValidEvent<'c> {
     org: OrgId,
     charge: Charge<'c>,
     idempotency_key: Option<String>,
+    caller: Caller,
 }
 
 fn validate_event<'c>(
@@ -265,10 +308,12 @@ fn validate_event<'c>(
     let org = parse_org(&ev.org_id, &field_name(prefix, "org_id"))?;
     let charge = resolve_charge(catalog, &ev.metric, ev.amount.unwrap_or(1), true, prefix)
         .map_err(strip_leading_dot)?;
+    let caller = caller_from(ev.key_id.as_deref(), ev.user_id.as_deref(), prefix)?;
     Ok(ValidEvent {
         org,
         charge,
         idempotency_key: ev.idempotency_key.map(Text::into_string),
+        caller,
     })
 }
 
@@ -282,7 +327,9 @@ pub async fn usage(
     let single_fields = req.org_id.is_some()
         || req.metric.is_some()
         || req.amount.is_some()
-        || req.idempotency_key.is_some();
+        || req.idempotency_key.is_some()
+        || req.key_id.is_some()
+        || req.user_id.is_some();
     match req.events {
         Some(events) => {
             if single_fields {
@@ -349,7 +396,10 @@ pub async fn usage(
             let decided = try_join_all(by_org.into_iter().map(|(org, indices)| {
                 let items: Vec<_> = indices
                     .iter()
-                    .map(|i| (valid[*i].charge, valid[*i].idempotency_key.as_deref()))
+                    .map(|i| {
+                        let ev = &valid[*i];
+                        (ev.charge, ev.idempotency_key.as_deref(), ev.caller.levels())
+                    })
                     .collect();
                 let quota = &state.quota;
                 let catalog = &catalog;
@@ -408,6 +458,8 @@ pub async fn usage(
                     .ok_or_else(|| ApiError::invalid("metric: missing"))?,
                 amount: req.amount,
                 idempotency_key: req.idempotency_key,
+                key_id: req.key_id,
+                user_id: req.user_id,
             };
             let ev = validate_event(&catalog, ev, "")?;
             let d = state
@@ -415,6 +467,7 @@ pub async fn usage(
                 .decide(
                     &catalog,
                     &ev.org,
+                    &ev.caller.levels(),
                     std::slice::from_ref(&ev.charge),
                     Mode::Record,
                     ev.idempotency_key.as_deref(),
@@ -443,7 +496,7 @@ pub async fn org_usage(
 ) -> Result<Response, ApiError> {
     let catalog = state.quota.catalog();
     let org = parse_org(&org_id, "org_id")?;
-    let mut period = None;
+    let (mut period, mut key_id, mut user_id) = (None, None, None);
     for pair in query
         .as_deref()
         .unwrap_or("")
@@ -452,13 +505,38 @@ pub async fn org_usage(
     {
         match pair.split_once('=') {
             Some(("period", v)) => period = Some(v.to_string()),
+            Some(("key_id", v)) => key_id = Some(v.to_string()),
+            Some(("user_id", v)) => user_id = Some(percent_decoded(v, "user_id")?),
             _ => {
                 return Err(ApiError::invalid(format!(
-                    "{}: unknown query parameter (only `period` is accepted)",
+                    "{}: unknown query parameter (`period`, `key_id` or `user_id` are accepted)",
                     pair.split('=').next().unwrap_or(pair)
                 )));
             }
         }
+    }
+    if key_id.is_some() || user_id.is_some() {
+        if period.is_some() || (key_id.is_some() && user_id.is_some()) {
+            return Err(ApiError::invalid(
+                "key_id: give one of `key_id` or `user_id`, without `period` (the usage of a key or end user is kept for the current periods only)",
+            ));
+        }
+        let caller = caller_from(key_id.as_deref(), user_id.as_deref(), "")?;
+        let levels = caller.levels();
+        let scope = levels.scopes().next().unwrap_or_default();
+        let (plan, states) = state.quota.level_usage(&catalog, &org, scope).await?;
+        let usage: Vec<UsageEntry<'_>> = states.iter().map(UsageEntry::from_state).collect();
+        let mut body = json!({
+            "org_id": org.as_str(),
+            "plan": PlanRef::from(plan),
+            "usage": usage,
+        });
+        match scope {
+            Scope::Key(id) => body["key_id"] = json!(id),
+            Scope::User(id) => body["user_id"] = json!(id),
+            Scope::Org => {}
+        }
+        return Ok(Json(body).into_response());
     }
     if let Some(period) = period {
         let month = parse_month(&period).ok_or_else(|| {
@@ -623,4 +701,26 @@ pub async fn entitlements(
         "features": features,
     }))
     .into_response())
+}
+
+/// A query parameter's value, percent-decoded (`+` stays a plus: ids, not form text).
+fn percent_decoded(raw: &str, name: &str) -> Result<String, ApiError> {
+    let bytes = raw.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%' {
+            let hex = bytes
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or_else(|| ApiError::invalid(format!("{name}: invalid percent-encoding")))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| ApiError::invalid(format!("{name}: not UTF-8")))
 }

@@ -1,6 +1,7 @@
 //! `plans.toml`: metrics and plans parsed and validated, problems collected in one report.
 
 use super::*;
+use crate::domain::plan::Per;
 
 // ---- plan catalog ---------------------------------------------------------------------------
 
@@ -58,6 +59,8 @@ pub(super) struct QuotaRaw {
     period: Option<Period>,
     #[serde(default)]
     overage: Option<OverageRaw>,
+    #[serde(default)]
+    per: Per,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -72,6 +75,8 @@ pub(super) enum OverageRaw {
 pub(super) struct RateRaw {
     limit: i64,
     window: String,
+    #[serde(default)]
+    per: Per,
 }
 
 /// `notify_at`: percentages of a limit, 1-1000, strictly ascending (so unique).
@@ -299,13 +304,19 @@ pub(super) fn catalog_from_table(
                         );
                         continue;
                     }
+                    (MetricKind::Gauge, None) if q.per != Per::Org => {
+                        r.add(
+                            format!("{qkey}.per"),
+                            "a gauge is the org's level: only counters have per-key or per-user quotas",
+                        );
+                        continue;
+                    }
                     _ => {}
                 }
-                if quotas
-                    .iter()
-                    .any(|e: &Quota| e.metric == metric_id && e.period == q.period)
-                {
-                    r.add(&qkey, "a second quota for the same metric and period");
+                if quotas.iter().any(|e: &Quota| {
+                    e.metric == metric_id && e.period == q.period && e.per == q.per
+                }) {
+                    r.add(&qkey, "a second quota for the same metric, period and per");
                     continue;
                 }
                 quotas.push(Quota {
@@ -316,6 +327,7 @@ pub(super) fn catalog_from_table(
                         Some(OverageRaw::Allow) => Overage::Allow,
                         _ => Overage::Block,
                     },
+                    per: q.per,
                 });
             }
         }
@@ -371,9 +383,9 @@ pub(super) fn catalog_from_table(
                 }
                 if rates
                     .iter()
-                    .any(|e: &Rate| e.metric == metric_id && e.window == window)
+                    .any(|e: &Rate| e.metric == metric_id && e.window == window && e.per == rr.per)
                 {
-                    r.add(&rkey, "a second rate for the same metric and window");
+                    r.add(&rkey, "a second rate for the same metric, window and per");
                     continue;
                 }
                 if metric.is_some() {
@@ -382,6 +394,7 @@ pub(super) fn catalog_from_table(
                         limit: rr.limit as u64,
                         window,
                         window_label: rr.window.trim().to_string(),
+                        per: rr.per,
                     });
                 }
             }

@@ -180,6 +180,8 @@ pub(super) struct IdentityRaw {
     mode: Option<IdentityMode>,
     #[serde(default)]
     header: Option<String>,
+    #[serde(default)]
+    user_header: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -881,6 +883,16 @@ pub(super) fn proxy_settings(
                 IdentitySettings::default().header
             }),
         },
+        user_header: identity.user_header.and_then(|h| {
+            http::HeaderName::from_bytes(h.as_bytes())
+                .map_err(|_| {
+                    r.add(
+                        "identity.user_header",
+                        format!("`{h}` is not a valid header name"),
+                    )
+                })
+                .ok()
+        }),
     };
 
     let mut routes = Vec::new();

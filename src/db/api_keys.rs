@@ -6,7 +6,10 @@ use sha2::{Digest, Sha256};
 use sqlx::{PgPool, Row};
 use uuid::Uuid;
 
+use std::collections::BTreeMap;
+
 use super::DbError;
+use crate::domain::level::{KeyLimits, KeyQuota};
 use crate::domain::org::OrgId;
 
 /// Every key starts with this, so leaked keys are recognisable by secret scanners.
@@ -78,15 +81,15 @@ pub async fn revoke(pool: &PgPool, id: Uuid) -> Result<Option<String>, DbError> 
     Ok(org)
 }
 
-/// The org of a live (unrevoked) key.
-pub async fn find_org(pool: &PgPool, key: &str) -> Result<Option<String>, DbError> {
-    let org: Option<String> = sqlx::query_scalar(
-        "SELECT org_id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
+/// The org and id of a live (unrevoked) key.
+pub async fn find_org(pool: &PgPool, key: &str) -> Result<Option<(String, Uuid)>, DbError> {
+    let row: Option<(String, Uuid)> = sqlx::query_as(
+        "SELECT org_id, id FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL",
     )
     .bind(hash_key(key))
     .fetch_optional(pool)
     .await?;
-    Ok(org)
+    Ok(row)
 }
 
 pub async fn list_for_org(pool: &PgPool, org: &OrgId) -> Result<Vec<KeyInfo>, DbError> {
@@ -108,4 +111,67 @@ pub async fn list_for_org(pool: &PgPool, org: &OrgId) -> Result<Vec<KeyInfo>, Db
             })
         })
         .collect()
+}
+
+/// A key's own quotas (`None`: the plan's per-key quotas apply) and its org, for a live key;
+/// `None` when there is no live key with that id.
+pub async fn limits(
+    pool: &PgPool,
+    id: Uuid,
+) -> Result<Option<(String, Option<Vec<KeyQuota>>)>, DbError> {
+    let row =
+        sqlx::query("SELECT org_id, limits FROM api_keys WHERE id = $1 AND revoked_at IS NULL")
+            .bind(id)
+            .fetch_optional(pool)
+            .await?;
+    let Some(row) = row else { return Ok(None) };
+    let stored: Option<serde_json::Value> = row.try_get("limits")?;
+    Ok(Some((row.try_get("org_id")?, stored.map(parse_stored))))
+}
+
+/// Set (`Some`) or clear (`None`) a live key's own quotas; returns its org, or `None` when there
+/// is no live key with that id.
+pub async fn set_limits(
+    pool: &PgPool,
+    id: Uuid,
+    quotas: Option<&[KeyQuota]>,
+) -> Result<Option<String>, DbError> {
+    let value = quotas.map(|q| serde_json::to_value(q).unwrap_or_default());
+    let org: Option<String> = sqlx::query_scalar(
+        "UPDATE api_keys SET limits = $2 WHERE id = $1 AND revoked_at IS NULL RETURNING org_id",
+    )
+    .bind(id)
+    .bind(value)
+    .fetch_optional(pool)
+    .await?;
+    Ok(org)
+}
+
+/// The own quotas of every live key of an org that has some, by key id: read with the org's
+/// record, so every replica sees a change with the org's next change message.
+pub async fn limits_of_org(
+    pool: &PgPool,
+    org: &OrgId,
+) -> Result<BTreeMap<String, KeyLimits>, DbError> {
+    let rows = sqlx::query(
+        "SELECT id, limits FROM api_keys \
+         WHERE org_id = $1 AND revoked_at IS NULL AND limits IS NOT NULL",
+    )
+    .bind(org.as_str())
+    .fetch_all(pool)
+    .await?;
+    let mut out = BTreeMap::new();
+    for r in rows {
+        let id: Uuid = r.try_get("id")?;
+        let stored: serde_json::Value = r.try_get("limits")?;
+        out.insert(
+            id.to_string(),
+            KeyLimits::from_stored(&parse_stored(stored)),
+        );
+    }
+    Ok(out)
+}
+
+fn parse_stored(v: serde_json::Value) -> Vec<KeyQuota> {
+    serde_json::from_value(v).unwrap_or_default()
 }

@@ -1,9 +1,12 @@
 //! The `orgs` and `plan_changes` tables (and the `plan.changed` event of each change).
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
 use sqlx::{PgPool, Postgres, Row, Transaction};
 
 use super::DbError;
+use crate::domain::level::KeyLimits;
 use crate::domain::notify::EventType;
 use crate::domain::org::OrgId;
 use crate::domain::period::{BillingAnchor, BillingCycle, Window};
@@ -30,6 +33,8 @@ pub struct OrgRecord {
     pub billing_carry: Option<Window>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
+    /// The own quotas of the org's keys that have some, by key id (see `domain::level`).
+    pub key_limits: BTreeMap<String, KeyLimits>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -57,6 +62,7 @@ pub async fn get(pool: &PgPool, org: &OrgId) -> Result<OrgRecord, DbError> {
             billing_carry: carry(&r)?,
             created_at: Some(r.try_get("created_at")?),
             updated_at: Some(r.try_get("updated_at")?),
+            key_limits: super::api_keys::limits_of_org(pool, org).await?,
         },
         None => OrgRecord::default(),
     })
@@ -288,6 +294,8 @@ pub async fn list(
                     billing_carry: carry(&r)?,
                     created_at: Some(r.try_get("created_at")?),
                     updated_at: Some(r.try_get("updated_at")?),
+                    // A listing shows org-level usage only.
+                    key_limits: Default::default(),
                 },
             })
         })

@@ -8,6 +8,7 @@
 
 use chrono::{DateTime, Utc};
 
+use super::level::{self, KeyLimits, Levels, Scope};
 use super::period::{self, BillingCycle, Period, Window};
 use super::plan::{Metric, MetricKind, Overage, Plan};
 
@@ -69,6 +70,8 @@ pub struct Limit<'a> {
     /// request will be charged for it after the fact (a route that reports or settles the
     /// metric from the response), so a quota already used up denies it. See `needs_headroom`.
     pub headroom: bool,
+    /// The level this limit counts: the org, or one of its keys or end users.
+    pub scope: Scope<'a>,
 }
 
 impl Limit<'_> {
@@ -82,7 +85,11 @@ impl Limit<'_> {
     }
 
     /// The calendar-month meter of a counter metric: what billing reads, flushed to Postgres.
+    /// Only the org has one; a key's or user's monthly quota is a limit, not an invoice.
     pub fn is_meter(&self) -> bool {
+        if self.scope != Scope::Org {
+            return false;
+        }
         match &self.target {
             Target::Counter {
                 period: Period::Month,
@@ -97,14 +104,15 @@ impl Limit<'_> {
     /// gauge. Other periods and rates are short-lived by nature.
     pub fn is_durable(&self) -> bool {
         self.is_meter()
-            || matches!(
-                self.target,
-                Target::Gauge
-                    | Target::Counter {
-                        period: Period::BillingMonth,
-                        ..
-                    }
-            )
+            || self.scope == Scope::Org
+                && matches!(
+                    self.target,
+                    Target::Gauge
+                        | Target::Counter {
+                            period: Period::BillingMonth,
+                            ..
+                        }
+                )
     }
 
     /// The name used in `RateLimit-Policy` and `RateLimit` headers, appended to `out` (header
@@ -121,6 +129,10 @@ impl Limit<'_> {
                 out.push('-');
                 out.push_str(label);
             }
+        }
+        if self.scope != Scope::Org {
+            out.push('-');
+            out.push_str(self.scope.per().as_str());
         }
     }
 }
@@ -147,6 +159,20 @@ pub fn limits_for<'a>(
     now: DateTime<Utc>,
     cycle: &BillingCycle,
 ) -> Vec<Limit<'a>> {
+    limits_at(plan, charges, now, cycle, &Levels::ORG, None)
+}
+
+/// `limits_for`, plus the limits of the levels below the org that the request names (its API
+/// key, its end user): after all of the org's own, so the org's limits keep their order. `own`:
+/// the key's own quotas, when an admin set them.
+pub fn limits_at<'a>(
+    plan: &'a Plan,
+    charges: &[Charge<'a>],
+    now: DateTime<Utc>,
+    cycle: &BillingCycle,
+    levels: &Levels<'a>,
+    own: Option<&KeyLimits>,
+) -> Vec<Limit<'a>> {
     let mut limits: Vec<Limit<'a>> = Vec::with_capacity(charges.len() * 3);
     for charge in charges {
         let metric = charge.metric;
@@ -165,6 +191,7 @@ pub fn limits_for<'a>(
                         &[]
                     },
                     headroom: false,
+                    scope: Scope::Org,
                 });
             }
             MetricKind::Counter => {
@@ -180,6 +207,7 @@ pub fn limits_for<'a>(
                     overage: Overage::Allow,
                     notify_at: &[],
                     headroom: false,
+                    scope: Scope::Org,
                 });
                 for quota in plan.quotas_for(&metric.id) {
                     let Some(p) = quota.period else { continue };
@@ -204,6 +232,7 @@ pub fn limits_for<'a>(
                             overage: quota.overage,
                             notify_at: &plan.notify_at,
                             headroom: false,
+                            scope: Scope::Org,
                         });
                     }
                 }
@@ -223,7 +252,49 @@ pub fn limits_for<'a>(
                 overage: Overage::Block,
                 notify_at: &[],
                 headroom: false,
+                scope: Scope::Org,
             });
+        }
+    }
+    for scope in levels.scopes() {
+        let per = scope.per();
+        for charge in charges {
+            let metric = charge.metric;
+            if metric.kind == MetricKind::Counter {
+                let plan_quotas = plan.quotas_per(&metric.id, per);
+                for quota in level::quotas_at(scope, &metric.id, own, plan_quotas) {
+                    let Some(p) = quota.period else { continue };
+                    limits.push(Limit {
+                        metric,
+                        target: Target::Counter {
+                            period: p,
+                            window: period::window(p, now, cycle),
+                        },
+                        amount: charge.amount,
+                        limit: Some(quota.limit),
+                        overage: quota.overage,
+                        // Threshold events are about the org's allowance.
+                        notify_at: &[],
+                        headroom: false,
+                        scope,
+                    });
+                }
+            }
+            for rate in plan.rates_per(&metric.id, per) {
+                limits.push(Limit {
+                    metric,
+                    target: Target::Rate {
+                        window: rate.window,
+                        label: &rate.window_label,
+                    },
+                    amount: charge.amount,
+                    limit: Some(rate.limit),
+                    overage: Overage::Block,
+                    notify_at: &[],
+                    headroom: false,
+                    scope,
+                });
+            }
         }
     }
     limits
@@ -527,7 +598,8 @@ fn state_of<'a>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::plan::{Quota, Rate};
+    use crate::domain::level::KeyLimits;
+    use crate::domain::plan::{Per, Quota, Rate};
     use std::collections::BTreeSet;
     use std::time::Duration;
 
@@ -553,18 +625,21 @@ mod tests {
                     limit: 1000,
                     period: Some(Period::Month),
                     overage: Overage::Block,
+                    per: Per::Org,
                 },
                 Quota {
                     metric: "requests".into(),
                     limit: 100,
                     period: Some(Period::Day),
                     overage: Overage::Allow,
+                    per: Per::Org,
                 },
                 Quota {
                     metric: "projects".into(),
                     limit: 3,
                     period: None,
                     overage: Overage::Block,
+                    per: Per::Org,
                 },
             ],
             concurrency: None,
@@ -573,6 +648,7 @@ mod tests {
                 limit: 10,
                 window: Duration::from_secs(1),
                 window_label: "1s".into(),
+                per: Per::Org,
             }],
         }
     }
@@ -581,6 +657,82 @@ mod tests {
         DateTime::parse_from_rfc3339("2026-11-25T10:00:00Z")
             .unwrap()
             .with_timezone(&Utc)
+    }
+
+    #[test]
+    fn a_key_and_a_user_add_their_own_limits_after_the_orgs() {
+        let mut plan = plan();
+        plan.quotas.push(Quota {
+            metric: "requests".into(),
+            limit: 50,
+            period: Some(Period::Month),
+            overage: Overage::Block,
+            per: Per::Key,
+        });
+        plan.rates.push(Rate {
+            metric: "requests".into(),
+            limit: 2,
+            window: Duration::from_secs(1),
+            window_label: "1s".into(),
+            per: Per::User,
+        });
+        let requests = metric("requests", MetricKind::Counter);
+        let charge = [Charge {
+            metric: &requests,
+            amount: 1,
+        }];
+        let org_only = limits_for(&plan, &charge, now(), &BillingCycle::default());
+        let levels = Levels {
+            key: Some("k1"),
+            user: Some("u1"),
+        };
+        let all = limits_at(
+            &plan,
+            &charge,
+            now(),
+            &BillingCycle::default(),
+            &levels,
+            None,
+        );
+        assert_eq!(all.len(), org_only.len() + 2);
+        assert!(all[..org_only.len()].iter().all(|l| l.scope == Scope::Org));
+        let key = &all[org_only.len()];
+        assert_eq!((key.scope, key.limit), (Scope::Key("k1"), Some(50)));
+        // A key's monthly quota is a limit, not the org's meter: never flushed as billing usage.
+        assert!(!key.is_meter() && !key.is_durable());
+        let user = &all[org_only.len() + 1];
+        assert!(user.is_rate() && user.scope == Scope::User("u1"));
+        let mut name = String::new();
+        user.push_policy_name(&mut name);
+        assert_eq!(name, "requests-1s-user");
+        // The key's own quotas replace the plan's per-key quotas of the metric.
+        let own = KeyLimits {
+            quotas: vec![Quota {
+                metric: "requests".into(),
+                limit: 5,
+                period: Some(Period::Day),
+                overage: Overage::Block,
+                per: Per::Key,
+            }],
+        };
+        let with_own = limits_at(
+            &plan,
+            &charge,
+            now(),
+            &BillingCycle::default(),
+            &levels,
+            Some(&own),
+        );
+        let key = &with_own[org_only.len()];
+        assert_eq!(key.limit, Some(5));
+        assert!(matches!(
+            key.target,
+            Target::Counter {
+                period: Period::Day,
+                ..
+            }
+        ));
+        assert_eq!(with_own.len(), all.len());
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod credit;
 pub mod decision;
+pub mod level;
 pub mod notify;
 pub mod org;
 pub mod period;

@@ -12,7 +12,7 @@ use serde::Serialize;
 
 use super::decision::Target;
 use super::period::{Period, Window};
-use super::plan::{Catalog, Plan};
+use super::plan::{Catalog, Per, Plan};
 use super::render::{PlanRef, Upgrade, rfc3339, upgrade_for};
 
 /// The kinds of event (bounded: they label a metric).
@@ -106,7 +106,7 @@ pub fn threshold_crossed(
         period_start: c.period.map(|(_, w)| rfc3339(w.start)),
         resets_at: c.period.map(|(_, w)| rfc3339(w.end)),
         plan: plan.into(),
-        upgrade: upgrade_for(catalog, c.org_id, plan, c.metric, &target),
+        upgrade: upgrade_for(catalog, c.org_id, plan, c.metric, &target, Per::Org),
     };
     body(EventType::ThresholdCrossed, now, &data)
 }

@@ -42,6 +42,33 @@ pub enum Overage {
     Allow,
 }
 
+/// Whom a quota or rate caps. `Key` and `User` split one org's allowance among its API keys
+/// and its end users (a CI key with a smaller budget, one user of a customer's product unable to
+/// spend the whole org's quota); every level of a request is checked in the same decision, and
+/// the org's own limits always apply too.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, Default, serde::Deserialize, serde::Serialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Per {
+    #[default]
+    Org,
+    /// Each API key of the org (the proxy knows it from the key; `/v1/*` callers name it).
+    Key,
+    /// Each end user, named by `[identity] user_header` or a request's `user_id`.
+    User,
+}
+
+impl Per {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Per::Org => "org",
+            Per::Key => "key",
+            Per::User => "user",
+        }
+    }
+}
+
 /// A cap on a metric's total: per period for counters, on the level for gauges (`period: None`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quota {
@@ -49,6 +76,7 @@ pub struct Quota {
     pub limit: u64,
     pub period: Option<Period>,
     pub overage: Overage,
+    pub per: Per,
 }
 
 /// A cap on how fast a metric may be spent: `limit` units per `window`, enforced with GCRA.
@@ -59,6 +87,7 @@ pub struct Rate {
     pub window: Duration,
     /// The window as configured (`"1s"`, `"1m"`), used in headers and denial bodies.
     pub window_label: String,
+    pub per: Per,
 }
 
 /// A cap on an org's requests in flight through the proxy at once, across all replicas
@@ -96,12 +125,34 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The org's own quotas of `metric` (not those per key or per user).
     pub fn quotas_for<'a>(&'a self, metric: &'a str) -> impl Iterator<Item = &'a Quota> + 'a {
-        self.quotas.iter().filter(move |q| q.metric == metric)
+        self.quotas_per(metric, Per::Org)
     }
 
+    /// The org's own rates of `metric`.
     pub fn rates_for<'a>(&'a self, metric: &'a str) -> impl Iterator<Item = &'a Rate> + 'a {
-        self.rates.iter().filter(move |r| r.metric == metric)
+        self.rates_per(metric, Per::Org)
+    }
+
+    pub fn quotas_per<'a>(
+        &'a self,
+        metric: &'a str,
+        per: Per,
+    ) -> impl Iterator<Item = &'a Quota> + 'a {
+        self.quotas
+            .iter()
+            .filter(move |q| q.metric == metric && q.per == per)
+    }
+
+    pub fn rates_per<'a>(
+        &'a self,
+        metric: &'a str,
+        per: Per,
+    ) -> impl Iterator<Item = &'a Rate> + 'a {
+        self.rates
+            .iter()
+            .filter(move |r| r.metric == metric && r.per == per)
     }
 }
 

@@ -11,7 +11,8 @@ use chrono::{DateTime, SecondsFormat, Utc};
 use serde::Serialize;
 
 use super::decision::{Evaluation, LimitState, Outcome, Target};
-use super::plan::{Catalog, MetricKind, Plan};
+use super::level::Scope;
+use super::plan::{Catalog, MetricKind, Per, Plan};
 
 /// `{"id","name"}` of a plan.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -47,6 +48,13 @@ pub struct UsageEntry<'a> {
     /// Units left in the org's unexpired credit grants of this metric; absent without grants.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub credits_remaining: Option<u64>,
+    /// The level this entry counts (`"key"`, `"user"`); absent for the org's own.
+    #[serde(skip_serializing_if = "is_org")]
+    pub scope: &'static str,
+}
+
+fn is_org(scope: &&'static str) -> bool {
+    *scope == "org"
 }
 
 pub fn rfc3339(t: DateTime<Utc>) -> String {
@@ -78,6 +86,7 @@ impl<'a> UsageEntry<'a> {
             period,
             resets_at,
             credits_remaining: None,
+            scope: limit.scope.per().as_str(),
         }
     }
 
@@ -93,7 +102,13 @@ pub fn usage_entries<'a>(eval: &Evaluation<'a>) -> Vec<UsageEntry<'a>> {
     eval.states
         .iter()
         .filter(|s| !s.limit.is_rate())
-        .map(|s| UsageEntry::from_state(s).with_credits(eval.credits_remaining(&s.limit.metric.id)))
+        .map(|s| {
+            let credits = match s.limit.scope {
+                Scope::Org => eval.credits_remaining(&s.limit.metric.id),
+                _ => None,
+            };
+            UsageEntry::from_state(s).with_credits(credits)
+        })
         .collect()
 }
 
@@ -143,6 +158,13 @@ pub struct DenialBody<'a> {
     pub allowed: bool,
     pub error: &'static str,
     pub message: String,
+    /// The level that denied: `"org"`, `"key"` or `"user"`.
+    pub scope: &'static str,
+    /// The API key (`scope: "key"`) or end user (`scope: "user"`) that denied.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub quota: Option<QuotaInfo<'a>>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -171,12 +193,14 @@ pub const TOO_MANY_IN_FLIGHT_TYPE: &str = "urn:quota-gateway:problem:too-many-in
 
 /// The plan an org on `plan` could move up to, with that plan's limit for the same metric and
 /// target: the `upgrade` member of a 402/429 body and of a threshold event.
+/// `per`: the level the limit is at (the next plan's limit at the same level).
 pub fn upgrade_for<'a>(
     catalog: &'a Catalog,
     org_id: &str,
     plan: &Plan,
     metric: &str,
     target: &Target<'_>,
+    per: Per,
 ) -> Option<Upgrade<'a>> {
     let up = plan.upgrade_to.as_deref().and_then(|id| catalog.plan(id))?;
     Some(Upgrade {
@@ -184,15 +208,15 @@ pub fn upgrade_for<'a>(
         name: &up.name,
         limit: match target {
             Target::Rate { window, .. } => up
-                .rates_for(metric)
+                .rates_per(metric, per)
                 .find(|r| r.window == *window)
-                .or_else(|| up.rates_for(metric).next())
+                .or_else(|| up.rates_per(metric, per).next())
                 .map(|r| r.limit),
             Target::Counter { period, .. } => up
-                .quotas_for(metric)
+                .quotas_per(metric, per)
                 .find(|q| q.period == Some(*period))
                 .map(|q| q.limit),
-            Target::Gauge => up.quotas_for(metric).next().map(|q| q.limit),
+            Target::Gauge => up.quotas_per(metric, per).next().map(|q| q.limit),
         },
         url: catalog.upgrade_url_for(org_id, &up.id),
     })
@@ -213,7 +237,15 @@ pub fn denial_body<'a>(
     let state = eval.denied_state()?;
     let limit = &state.limit;
     let metric = &limit.metric.id;
-    let upgrade = upgrade_for(catalog, org_id, plan, metric, &limit.target);
+    let upgrade = upgrade_for(
+        catalog,
+        org_id,
+        plan,
+        metric,
+        &limit.target,
+        limit.scope.per(),
+    );
+    let who = Who(org_id, limit.scope);
     let body = match eval.outcome {
         Outcome::QuotaExceeded(_) => {
             let (period, resets_at) = match &limit.target {
@@ -224,7 +256,7 @@ pub fn denial_body<'a>(
             };
             let message = match limit.metric.kind {
                 MetricKind::Counter => format!(
-                    "Organization {org_id} has used {} of {} {metric} allowed per {} on the {} plan.",
+                    "{who} has used {} of {} {metric} allowed per {} on the {} plan.",
                     state.before,
                     limit.limit.unwrap_or(0),
                     period.unwrap_or("month"),
@@ -246,6 +278,9 @@ pub fn denial_body<'a>(
                 allowed: false,
                 error: "quota_exceeded",
                 message,
+                scope: "org",
+                key_id: None,
+                user_id: None,
                 quota: Some(QuotaInfo {
                     metric,
                     current: state.before,
@@ -271,7 +306,7 @@ pub fn denial_body<'a>(
             };
             let retry = state.retry_after_seconds.unwrap_or(1);
             let message = format!(
-                "Organization {org_id} exceeded {} {metric} per {window} on the {} plan; retry in {retry} s.",
+                "{who} exceeded {} {metric} per {window} on the {} plan; retry in {retry} s.",
                 limit.limit.unwrap_or(0),
                 plan.name
             );
@@ -283,6 +318,9 @@ pub fn denial_body<'a>(
                 allowed: false,
                 error: "rate_limited",
                 message,
+                scope: "org",
+                key_id: None,
+                user_id: None,
                 quota: None,
                 retry_after_seconds: Some(retry),
                 rate: Some(RateInfo {
@@ -319,6 +357,9 @@ pub fn denial_body<'a>(
                 allowed: false,
                 error: "charge_exceeds_burst",
                 message,
+                scope: "org",
+                key_id: None,
+                user_id: None,
                 quota: None,
                 retry_after_seconds: None,
                 rate: Some(RateInfo {
@@ -334,7 +375,31 @@ pub fn denial_body<'a>(
         }
         Outcome::Allowed | Outcome::TooManyInFlight => return None,
     };
-    Some(body)
+    Some(DenialBody {
+        scope: limit.scope.per().as_str(),
+        key_id: match limit.scope {
+            Scope::Key(id) => Some(id),
+            _ => None,
+        },
+        user_id: match limit.scope {
+            Scope::User(id) => Some(id),
+            _ => None,
+        },
+        ..body
+    })
+}
+
+/// Who a denial message is about.
+struct Who<'a>(&'a str, Scope<'a>);
+
+impl std::fmt::Display for Who<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.1 {
+            Scope::Org => write!(f, "Organization {}", self.0),
+            Scope::Key(id) => write!(f, "API key {id} of organization {}", self.0),
+            Scope::User(id) => write!(f, "User {id} of organization {}", self.0),
+        }
+    }
 }
 
 /// The 429 of a request refused by the plan's concurrency limit. No wait is known (a slot frees
@@ -367,6 +432,9 @@ fn too_many_in_flight<'a>(
         allowed: false,
         error: "too_many_in_flight",
         message,
+        scope: "org",
+        key_id: None,
+        user_id: None,
         quota: None,
         retry_after_seconds: Some(1),
         rate: None,
@@ -508,6 +576,7 @@ mod tests {
                 limit: 1000,
                 period: Some(Period::Month),
                 overage: Overage::Block,
+                per: Per::Org,
             }],
             concurrency: None,
             rates: vec![Rate {
@@ -515,6 +584,7 @@ mod tests {
                 limit: 10,
                 window: Duration::from_secs(1),
                 window_label: "1s".into(),
+                per: Per::Org,
             }],
         };
         let pro = Plan {
@@ -529,6 +599,7 @@ mod tests {
                 limit: 100_000,
                 period: Some(Period::Month),
                 overage: Overage::Block,
+                per: Per::Org,
             }],
             concurrency: None,
             rates: vec![],

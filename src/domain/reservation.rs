@@ -59,6 +59,31 @@ impl fmt::Display for ReservationId {
     }
 }
 
+/// What a reservation's Redis record holds: the amounts reserved per metric, and the levels
+/// below the org they were charged to (so an ending charges or gives back at the same levels).
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+pub struct Held {
+    pub charges: Vec<(String, i64)>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+}
+
+impl Held {
+    /// A record as written now, or as written before levels existed (the bare list of charges).
+    pub fn parse(raw: &str) -> Result<Self, serde_json::Error> {
+        serde_json::from_str::<Held>(raw).or_else(|e| {
+            serde_json::from_str::<Vec<(String, i64)>>(raw)
+                .map(|charges| Held {
+                    charges,
+                    ..Held::default()
+                })
+                .map_err(|_| e)
+        })
+    }
+}
+
 /// How a reservation ended; recorded once (the claim), whoever got there first.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(tag = "how", rename_all = "lowercase")]

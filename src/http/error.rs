@@ -93,6 +93,14 @@ impl ApiError {
         }
     }
 
+    /// A malformed request with its own error code: 400.
+    pub fn bad_request_code(code: &'static str, message: impl std::fmt::Display) -> Self {
+        ApiError::BadRequest {
+            code,
+            message: message.to_string(),
+        }
+    }
+
     pub fn bad_request(message: impl Into<String>) -> Self {
         ApiError::BadRequest {
             code: "bad_request",

@@ -19,6 +19,7 @@ use super::headers::X_API_KEY;
 use crate::cache::ChangeCache;
 use crate::db::{self, DbError};
 use crate::directory::{OrgCache, OrgDirectory};
+use crate::domain::level::check_user_id;
 use crate::domain::org::OrgId;
 use crate::proxy::settings::{IdentityMode, IdentitySettings};
 
@@ -38,6 +39,8 @@ pub enum IdentityError {
 pub struct Identified {
     pub org: OrgId,
     pub credential_header: Option<HeaderName>,
+    /// The API key's id (`api_key` mode), for `per = "key"` limits.
+    pub key_id: Option<Arc<str>>,
 }
 
 pub struct Identifier {
@@ -60,6 +63,22 @@ impl Identifier {
         &self.settings
     }
 
+    /// The end user a request is for, from `[identity] user_header` when configured and sent
+    /// (`per = "user"` limits); an invalid id is an error, a missing one is no user.
+    pub fn user(&self, headers: &HeaderMap) -> Result<Option<Arc<str>>, String> {
+        let Some(name) = &self.settings.user_header else {
+            return Ok(None);
+        };
+        let Some(raw) = headers.get(name) else {
+            return Ok(None);
+        };
+        let id = raw
+            .to_str()
+            .map_err(|_| format!("{name}: must be visible ASCII"))
+            .and_then(|v| check_user_id(v.trim()).map_err(|e| format!("{name}: {e}")))?;
+        Ok(Some(Arc::from(id)))
+    }
+
     pub async fn identify(&self, headers: &HeaderMap) -> Result<Identified, IdentityError> {
         match self.settings.mode {
             IdentityMode::Header => {
@@ -74,13 +93,14 @@ impl Identifier {
                 Ok(Identified {
                     org,
                     credential_header: None,
+                    key_id: None,
                 })
             }
             IdentityMode::ApiKey => {
                 let (key, from) = presented_key(headers).ok_or(IdentityError::Unauthorized(
                     "missing API key (send Authorization: Bearer <key> or x-api-key)",
                 ))?;
-                let org = self
+                let (org, id) = self
                     .keys
                     .org_of(key)
                     .await?
@@ -88,6 +108,7 @@ impl Identifier {
                 Ok(Identified {
                     org,
                     credential_header: Some(from),
+                    key_id: Some(id),
                 })
             }
         }
@@ -119,20 +140,20 @@ fn presented_key(headers: &HeaderMap) -> Option<(&str, HeaderName)> {
 struct KeyCache {
     pool: PgPool,
     directory: Arc<OrgDirectory>,
-    /// Indexed by the key's SHA-256: the plaintext is never kept.
-    entries: ChangeCache<Vec<u8>, OrgId>,
+    /// Indexed by the key's SHA-256: the plaintext is never kept. Value: the key's org and id.
+    entries: ChangeCache<Vec<u8>, (OrgId, Arc<str>)>,
 }
 
 impl KeyCache {
-    async fn org_of(&self, key: &str) -> Result<Option<OrgId>, DbError> {
+    async fn org_of(&self, key: &str) -> Result<Option<(OrgId, Arc<str>)>, DbError> {
         let hash = db::api_keys::hash_key(key);
         self.entries
             .get_or_load(&hash, self.directory.is_subscribed(), || async {
-                let Some(raw) = db::api_keys::find_org(&self.pool, key).await? else {
+                let Some((raw, id)) = db::api_keys::find_org(&self.pool, key).await? else {
                     return Ok(None);
                 };
                 match OrgId::parse(&raw) {
-                    Ok(org) => Ok(Some(org)),
+                    Ok(org) => Ok(Some((org, Arc::from(id.to_string())))),
                     Err(_) => {
                         tracing::error!(
                             "an api key belongs to an org id that is not valid; refusing it"
@@ -147,7 +168,7 @@ impl KeyCache {
 
 impl OrgCache for KeyCache {
     fn invalidate_org(&self, org: &str) {
-        self.entries.retain(|_, o| o.as_str() != org);
+        self.entries.retain(|_, (o, _)| o.as_str() != org);
     }
 
     fn invalidate_all(&self) {

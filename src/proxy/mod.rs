@@ -52,6 +52,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::domain::decision::Charge;
 use crate::domain::decision::Mode;
+use crate::domain::level::Caller;
 use crate::domain::org::OrgId;
 use crate::domain::plan::Catalog;
 use crate::domain::render;
@@ -334,6 +335,15 @@ async fn handle(
     };
     let org = identified.org.clone();
     obs.org = Some(org.clone());
+    let user = match state.identifier.user(req.headers()) {
+        Ok(u) => u,
+        Err(e) => return ApiError::bad_request_code("invalid_user_id", e).into_response(),
+    };
+    let caller = Caller {
+        key: identified.key_id.clone(),
+        user,
+    };
+    let levels = caller.levels();
 
     // 2. decide. A reservation's estimate is read first (from a header, or the body's first
     // `reserve::PREFIX_LIMIT` bytes, which are then replayed), and charged with the route's
@@ -371,7 +381,7 @@ async fn handle(
     let mut decision = match state
         .app
         .quota
-        .decide_in_flight(&catalog, &org, &charges, &after)
+        .decide_in_flight(&catalog, &org, &levels, &charges, &after)
         .await
     {
         Ok(d) => d,
@@ -423,11 +433,16 @@ async fn handle(
     if refund {
         obs.outcome = "refunded";
         state.stats.refunds.fetch_add(1, Ordering::Relaxed);
-        if let Err(e) = state.app.quota.refund(&catalog, &org, &charges).await {
+        if let Err(e) = state
+            .app
+            .quota
+            .refund(&catalog, &org, &levels, &charges)
+            .await
+        {
             tracing::error!(error = %e, org = %org, "cannot refund a failed proxied request");
         }
     }
-    record_reports(state, &catalog, &org, action, &mut response);
+    record_reports(state, &catalog, &org, &caller, action, &mut response);
     if let (Some(spec), Some(estimate)) = (&action.reserve, estimate)
         && !refund
     {
@@ -435,6 +450,7 @@ async fn handle(
             state: state.clone(),
             catalog: catalog.clone(),
             org: org.clone(),
+            caller: caller.clone(),
             metric: spec.metric.clone(),
             estimate,
             on_missing: spec.on_missing,
@@ -487,6 +503,7 @@ fn record_reports(
     state: &Arc<ProxyState>,
     catalog: &Arc<Catalog>,
     org: &OrgId,
+    caller: &Caller,
     action: &RouteAction,
     response: &mut Response<Body>,
 ) {
@@ -520,7 +537,7 @@ fn record_reports(
         }
     }
     if !reported.is_empty() {
-        record_after(state, catalog, org, reported);
+        record_after(state, catalog, org, caller, reported);
     }
 }
 
@@ -532,11 +549,13 @@ fn record_after(
     state: &Arc<ProxyState>,
     catalog: &Arc<Catalog>,
     org: &OrgId,
+    caller: &Caller,
     reported: Vec<(String, i64)>,
 ) {
     let state2 = state.clone();
     let catalog = catalog.clone();
     let org = org.clone();
+    let caller = caller.clone();
     state.tasks.spawn(async move {
         let charges: Vec<Charge<'_>> = reported
             .iter()
@@ -550,7 +569,7 @@ fn record_after(
         match state2
             .app
             .quota
-            .decide(&catalog, &org, &charges, Mode::Record, None)
+            .decide(&catalog, &org, &caller.levels(), &charges, Mode::Record, None)
             .await
         {
             Ok(_) => {}
@@ -625,6 +644,7 @@ struct ProxySettle {
     state: Arc<ProxyState>,
     catalog: Arc<Catalog>,
     org: OrgId,
+    caller: Caller,
     metric: String,
     estimate: u64,
     on_missing: routes::OnMissing,
@@ -645,6 +665,7 @@ impl Settle for ProxySettle {
                 &self.state,
                 &self.catalog,
                 &self.org,
+                &self.caller,
                 vec![(self.metric.clone(), over as i64)],
             );
         } else if actual < self.estimate {
@@ -659,7 +680,9 @@ impl Settle for ProxySettle {
                     metric,
                     amount: back,
                 }];
-                if let Err(e) = state.app.quota.refund(&self.catalog, &self.org, &credit).await {
+                let levels = self.caller.levels();
+                let refunded = state.app.quota.refund(&self.catalog, &self.org, &levels, &credit);
+                if let Err(e) = refunded.await {
                     state.app.metrics.settle_refund_failures.inc();
                     tracing::error!(error = %e, org = %self.org, units = back, "cannot give back the unused part of a reservation");
                 }

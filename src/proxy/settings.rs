@@ -68,6 +68,9 @@ pub struct IdentitySettings {
     pub mode: IdentityMode,
     /// The org header: read in `header` mode, removed from clients in `api_key` mode.
     pub header: http::HeaderName,
+    /// The header naming the end user a request is for (`per = "user"` limits); `None`: no
+    /// user level. Forwarded to the upstream unchanged.
+    pub user_header: Option<http::HeaderName>,
 }
 
 impl Default for IdentitySettings {
@@ -75,6 +78,7 @@ impl Default for IdentitySettings {
         Self {
             mode: IdentityMode::ApiKey,
             header: http::HeaderName::from_static("x-org-id"),
+            user_header: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 use sha2::{Digest, Sha256};
 
 use crate::domain::decision::{Limit, Target};
+use crate::domain::level::Scope;
 use crate::domain::org::OrgId;
 use crate::domain::period::Period;
 
@@ -46,10 +47,26 @@ impl Keys {
     }
 
     /// `c:<metric>:<period>:<period start, unix seconds>` for counters,
-    /// `g:<metric>` for gauges, `r:<metric>:<window ms>` for rates.
+    /// `g:<metric>` for gauges, `r:<metric>:<window ms>` for rates; a key's or an end user's
+    /// limit puts `lk:<key id>:` or `lu:<user id>:` before that (so no parser of the org's own
+    /// keys mistakes one for the org's meter).
     pub fn limit(&self, org: &OrgId, limit: &Limit<'_>) -> String {
         let metric = &limit.metric.id;
-        let mut s = self.org_base(org, metric.len() + 24);
+        let subject = limit.scope.subject().map_or(0, |s| s.len() + 4);
+        let mut s = self.org_base(org, metric.len() + 24 + subject);
+        match limit.scope {
+            Scope::Org => {}
+            Scope::Key(id) => {
+                s.push_str("lk:");
+                s.push_str(id);
+                s.push(':');
+            }
+            Scope::User(id) => {
+                s.push_str("lu:");
+                s.push_str(id);
+                s.push(':');
+            }
+        }
         let mut num = itoa::Buffer::new();
         match &limit.target {
             Target::Counter { period, window } => {
@@ -281,11 +298,34 @@ mod tests {
             overage: Overage::Allow,
             notify_at: &[],
             headroom: false,
+            scope: Scope::Org,
         };
         assert_eq!(
             keys.limit(&org, &limit),
             "qg:{acme}:c:requests:month:1793491200"
         );
+        // A key's and an end user's limits live in the org's slot, and are never taken for the
+        // org's meter: not durable, no metric for the credit section.
+        for (scope, expected) in [
+            (
+                Scope::Key("k-1"),
+                "qg:{acme}:lk:k-1:c:requests:month:1793491200",
+            ),
+            (
+                Scope::User("a@b.c"),
+                "qg:{acme}:lu:a@b.c:c:requests:month:1793491200",
+            ),
+        ] {
+            let scoped = Limit {
+                scope,
+                ..limit.clone()
+            };
+            let key = keys.limit(&org, &scoped);
+            assert_eq!(key, expected);
+            assert_eq!(keys.parse_durable(&key), None);
+            assert_eq!(keys.parse_limit(&key), None);
+            assert_eq!(Keys::counter_metric(&key), None);
+        }
         let meter = keys.limit(&org, &limit);
         assert_eq!(
             keys.parse_durable(&meter),

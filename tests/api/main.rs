@@ -17,6 +17,7 @@ mod exactness;
 mod flush;
 mod hostile;
 mod leases;
+mod levels;
 mod metrics;
 mod notifications;
 mod openapi;
