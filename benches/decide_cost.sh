@@ -34,14 +34,17 @@ cleanup() {
 }
 trap cleanup EXIT
 
-export CARGO_TARGET_DIR="$ROOT/target"
-(cd "$ROOT" && cargo build --quiet --example decide_cost)
-cp "$CARGO_TARGET_DIR/debug/examples/decide_cost" "$WORK/after"
+# Each tree builds into a target directory of its own: cargo decides freshness by file times,
+# so two checkouts of one package sharing a directory can take each other's build for theirs.
+build() {
+  (cd "$1" && CARGO_TARGET_DIR="$2" cargo build --quiet --example decide_cost)
+  cp "$2/debug/examples/decide_cost" "$3"
+}
+build "$ROOT" "$ROOT/target" "$WORK/after"
 if [ -n "$BASE" ]; then
   git -C "$ROOT" worktree add --quiet --detach "$WORK/base" "$BASE"
   cp "$ROOT/examples/decide_cost.rs" "$WORK/base/examples/decide_cost.rs"
-  (cd "$WORK/base" && cargo build --quiet --example decide_cost)
-  cp "$CARGO_TARGET_DIR/debug/examples/decide_cost" "$WORK/before"
+  build "$WORK/base" "$ROOT/target/decide-cost-base" "$WORK/before"
 fi
 
 redis-server --port "$PORT" --save '' --appendonly no --dir "$WORK" --daemonize yes \

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use chrono::Utc;
 use quota_gateway::domain::decision::{Limit, Mode, OnRedisError, Target};
+use quota_gateway::domain::level::Scope;
 use quota_gateway::domain::org::OrgId;
 use quota_gateway::domain::period::{self, Period};
 use quota_gateway::domain::plan::{Metric, MetricKind, Overage};
@@ -33,7 +34,9 @@ async fn main() {
         eprintln!("usage: decide_cost REDIS_URL [DECISIONS]");
         std::process::exit(64);
     };
-    let decisions: usize = args.get(1).map_or(50_000, |n| n.parse().expect("DECISIONS"));
+    let decisions: usize = args
+        .get(1)
+        .map_or(50_000, |n| n.parse().expect("DECISIONS"));
     let prefix = format!("qgcost-{}", std::process::id());
     let settings = RedisSettings {
         url: url.clone().into(),
@@ -123,6 +126,7 @@ async fn run(store: &Arc<Store>, org: &OrgId, metric: &Arc<Metric>, n: usize) {
                             overage: Overage::Block,
                             notify_at: &[],
                             headroom: false,
+                            scope: Scope::Org,
                         },
                         Limit {
                             metric: &metric,
@@ -135,6 +139,7 @@ async fn run(store: &Arc<Store>, org: &OrgId, metric: &Arc<Metric>, n: usize) {
                             overage: Overage::Block,
                             notify_at: &[],
                             headroom: false,
+                            scope: Scope::Org,
                         },
                     ];
                     store
@@ -155,7 +160,10 @@ fn report(name: &str, info: &str) {
     let mut evalsha = (0f64, 0f64);
     let mut inner = Vec::new();
     for line in info.lines() {
-        let Some((cmd, stats)) = line.trim().strip_prefix("cmdstat_").and_then(|l| l.split_once(':'))
+        let Some((cmd, stats)) = line
+            .trim()
+            .strip_prefix("cmdstat_")
+            .and_then(|l| l.split_once(':'))
         else {
             continue;
         };

@@ -538,7 +538,11 @@ async fn after_a_redis_loss_the_first_decision_restores_counters_and_balances() 
             .unwrap();
     }
     let r = tokens(&app, "acme", 31).await;
-    assert_eq!(r.status(), 402, "120 used and 30 of credits left, as before the loss");
+    assert_eq!(
+        r.status(),
+        402,
+        "120 used and 30 of credits left, as before the loss"
+    );
     assert_eq!(json(r).await["credits"], json!({"remaining": 30}));
     let r = tokens(&app, "acme", 30).await;
     assert_eq!(r.status(), 200);

@@ -488,11 +488,31 @@ async fn the_ledger_keeps_the_newest_version_and_quantity_and_never_goes_backwar
         .unwrap()
     };
     assert_eq!(upsert(&app.pool, &[row(5, 0)]).await.unwrap(), 1);
-    assert_eq!(upsert(&app.pool, &[row(7, 0)]).await.unwrap(), 1, "more usage, same version");
-    assert_eq!(upsert(&app.pool, &[row(6, 0)]).await.unwrap(), 0, "an older read");
-    assert_eq!(upsert(&app.pool, &[row(7, 0)]).await.unwrap(), 0, "the same read again");
+    assert_eq!(
+        upsert(&app.pool, &[row(7, 0)]).await.unwrap(),
+        1,
+        "more usage, same version"
+    );
+    assert_eq!(
+        upsert(&app.pool, &[row(6, 0)]).await.unwrap(),
+        0,
+        "an older read"
+    );
+    assert_eq!(
+        upsert(&app.pool, &[row(7, 0)]).await.unwrap(),
+        0,
+        "the same read again"
+    );
     assert_eq!(stored().await, (7, 0));
-    assert_eq!(upsert(&app.pool, &[row(4, 1)]).await.unwrap(), 1, "a refund moved the version");
-    assert_eq!(upsert(&app.pool, &[row(7, 0)]).await.unwrap(), 0, "a read from before it");
+    assert_eq!(
+        upsert(&app.pool, &[row(4, 1)]).await.unwrap(),
+        1,
+        "a refund moved the version"
+    );
+    assert_eq!(
+        upsert(&app.pool, &[row(7, 0)]).await.unwrap(),
+        0,
+        "a read from before it"
+    );
     assert_eq!(stored().await, (4, 1));
 }
