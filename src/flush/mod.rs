@@ -4,9 +4,10 @@
 //! `[flush] interval`, backs off while Postgres fails, and flushes one last time on shutdown.
 //! It takes the dirty keys, reads their current values and versions from Redis (one `MGET` per
 //! org, so one slot per read in a cluster) and upserts them in batches. A write only lands when
-//! its version is newer than the stored one, so two replicas flushing the same counter, or a
-//! flush retried after a failure, never count twice and never go backwards. What could not be
-//! written stays dirty for the next attempt.
+//! its (version, quantity) is newer than the stored one (a version moves when a value goes
+//! down, see `db::usage::upsert`), so two replicas flushing the same counter, or a flush retried
+//! after a failure, never count twice and never go backwards. What could not be written stays
+//! dirty for the next attempt.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};

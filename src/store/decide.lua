@@ -207,7 +207,7 @@ local overflow = false
 
 -- No local functions: each would be a closure allocated on every call. A rate's state is its
 -- debt and when it was written, expiring when the bucket is full again; the version key of a
--- durable counter moves with every change (see the flusher).
+-- durable counter moves when its value goes down (see "Versions" above).
 
 -- Reads first, in one MGET: the value of every limit (a slot, always last, has none), then the
 -- version key of each credit group's hash. Nothing is written before the restore check below.

@@ -109,7 +109,8 @@ impl Keys {
         s
     }
 
-    /// The version key of a durable counter or gauge (incremented with every change).
+    /// The version key of a durable counter or gauge (incremented when its value goes down; see
+    /// "Versions" in `decide.lua`).
     pub fn version(value_key: &str) -> String {
         let mut s = String::with_capacity(value_key.len() + 2);
         Self::version_into(&mut s, value_key);
