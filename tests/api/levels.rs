@@ -280,25 +280,20 @@ async fn a_keys_own_quotas_reach_every_replica_and_can_be_removed() {
     let peer = app.spawn_peer().await;
     let org = "lv-own";
     let (id, _) = app.create_key(org).await;
+    // The key's limit as a replica sees it (its usage read, which answers even when a check
+    // would be denied).
     let key_limit = |app: &TestApp| {
-        let (client, url) = (app.client.clone(), app.url("/v1/check"));
-        let id = id.clone();
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/v1/orgs/{org}/usage?key_id={id}")),
+        );
         async move {
-            let r = client
-                .post(url)
-                .json(
-                    &json!({ "org_id": org, "metric": "requests", "key_id": id, "consume": false }),
-                )
-                .send()
-                .await
-                .unwrap();
-            let v: Value = r.json().await.unwrap();
-            v["usage"]
-                .as_array()
-                .unwrap()
+            let v: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            let requests = v["usage"]
+                .as_array()?
                 .iter()
-                .find(|u| u["scope"] == "key")
-                .map(|u| u["limit"].clone())
+                .find(|u| u["metric"] == "requests")?;
+            Some(requests["limit"].clone())
         }
     };
     assert_eq!(key_limit(&peer).await, Some(json!(20)));
@@ -432,4 +427,37 @@ quotas.requests = [
         "{all}"
     );
     assert!(all.contains("plans.p.quotas.requests[2]"), "{all}");
+}
+
+#[tokio::test]
+async fn the_rust_client_names_the_caller_and_reads_the_level_that_denied() {
+    use quota_gateway_client::{Caller, Charge, Client, Error, UsageEvent};
+    let app = spawn_app_with(TestOptions {
+        plans: PLANS.into(),
+        ..Default::default()
+    })
+    .await;
+    let gw = Client::builder(format!("http://{}", app.addr))
+        .build()
+        .unwrap();
+    let org = "lv-client";
+    let dora = Caller::user("dora");
+    gw.check_as(org, &dora, &[Charge::new("tokens", 90)])
+        .await
+        .unwrap();
+    gw.report(UsageEvent::new(org, "tokens", 10).caller(dora.clone()))
+        .await
+        .unwrap();
+    match gw.check_as(org, &dora, &[Charge::new("tokens", 1)]).await {
+        Err(Error::QuotaExceeded(denial)) => {
+            assert_eq!(denial.scope, "user");
+            assert_eq!(denial.user_id.as_deref(), Some("dora"));
+        }
+        other => panic!("expected the user's 402, got {other:?}"),
+    }
+    // The org itself, and another user, still have room.
+    gw.check(org, &[Charge::new("tokens", 1)]).await.unwrap();
+    gw.check_as(org, &Caller::user("eve"), &[Charge::new("tokens", 1)])
+        .await
+        .unwrap();
 }
