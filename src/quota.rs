@@ -871,17 +871,52 @@ impl QuotaService {
         charges: &[Charge<'c>],
         needs: &[&'c crate::domain::plan::Metric],
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(
-            catalog,
-            org,
-            levels,
-            charges,
-            needs,
-            Mode::Check,
-            None,
-            true,
-        )
-        .await
+        let wait = self
+            .slots
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.settings().queue_timeout);
+        let deadline = std::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        let mut queued = false;
+        loop {
+            let decision = self
+                .decide_with(
+                    catalog,
+                    org,
+                    levels,
+                    charges,
+                    needs,
+                    Mode::Check,
+                    None,
+                    true,
+                )
+                .await?;
+            // Only a concurrency refusal waits: it charged nothing and took no slot, so asking
+            // again is safe, and a slot frees whenever some response of the org ends. Quota and
+            // rate denials answer at once (a rate's wait is the client's, via Retry-After).
+            let refused = decision.eval.outcome == Outcome::TooManyInFlight && !decision.shadow;
+            let now = std::time::Instant::now();
+            if !refused || now >= deadline {
+                let outcome = match (refused, queued) {
+                    (true, _) if !wait.is_zero() => Some("timed_out"),
+                    (false, true) => Some("admitted"),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    self.metrics
+                        .concurrency_queued
+                        .with_label_values(&[outcome])
+                        .inc();
+                }
+                return Ok(decision);
+            }
+            queued = true;
+            // Polling, backing off to 50 ms with jitter so that waiters of one org do not ask
+            // in lockstep; each poll is one decision (one EVALSHA).
+            let jitter = Duration::from_micros(rand::random::<u64>() % 5_000);
+            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
