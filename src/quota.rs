@@ -285,6 +285,9 @@ impl QuotaService {
     /// `slot`: take a concurrency slot in the same call. Only Redis takes one: a decision made on
     /// this replica alone (from a lease block, or while Redis is unreachable) takes none, and the
     /// slot's answer is then `None`.
+    ///
+    /// `leasing: false` (a plan or metric with `leases = false`): no block is taken or admitted
+    /// from; the call still counts the blocks other decisions hold.
     #[allow(clippy::too_many_arguments)]
     async fn run_limits(
         &self,
@@ -295,6 +298,7 @@ impl QuotaService {
         now: chrono::DateTime<chrono::Utc>,
         idem: Option<(&str, Duration)>,
         slot: Option<&SlotCall>,
+        leasing: bool,
     ) -> Result<Limits, QuotaError> {
         let leases = self
             .leases
@@ -304,7 +308,7 @@ impl QuotaService {
         let mut lease: Option<(Vec<KeySpec>, LeaseCall, Taken)> = None;
         if let Some(leases) = leases {
             let specs: Vec<KeySpec> = limits.iter().map(|l| self.store.spec(org, l)).collect();
-            let refill = mode == Mode::Check && idem.is_none();
+            let refill = mode == Mode::Check && idem.is_none() && leasing;
             // A slot is counted in Redis only: a decision that takes one goes there.
             if refill
                 && slot.is_none()
@@ -950,6 +954,9 @@ impl QuotaService {
             (Some(slots), Some(c)) if in_flight => Some((slots, slots.call(org, c.requests))),
             _ => None,
         };
+        // A plan or metric with `leases = false` takes no blocks (its decisions still see the
+        // blocks other decisions hold, so the switch is exact at any moment).
+        let leasing = plan.leases_for(merged.iter().map(|c| c.metric));
         let (status, replies, credits, slot_reply) = self
             .run_limits(
                 catalog,
@@ -959,6 +966,7 @@ impl QuotaService {
                 now,
                 idem,
                 slot.as_ref().map(|(_, call)| call),
+                leasing,
             )
             .await?;
         if status == Status::Duplicate {

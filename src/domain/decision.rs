@@ -608,6 +608,7 @@ mod tests {
             id: id.into(),
             unit: "unit".into(),
             kind,
+            leases: true,
         }
     }
 
@@ -643,6 +644,7 @@ mod tests {
                 },
             ],
             concurrency: None,
+            leases: true,
             rates: vec![Rate {
                 metric: "requests".into(),
                 limit: 10,
