@@ -461,3 +461,76 @@ async fn the_rust_client_names_the_caller_and_reads_the_level_that_denied() {
         .await
         .unwrap();
 }
+
+#[tokio::test]
+async fn with_leases_a_keys_quota_is_never_passed_and_counts_what_was_admitted() {
+    let leases = quota_gateway::config::LeaseSettings {
+        enabled: true,
+        ttl: Duration::from_secs(1),
+        max_block: 100,
+        checkpoint: true,
+    };
+    let plans = "default_plan = \"team\"\n[metrics]\nrequests = { unit = \"request\" }\n\
+         [plans.team]\nquotas.requests = [{ limit = 100000, period = \"month\" }, { limit = 300, period = \"month\", per = \"key\" }]\n"
+        .to_string();
+    let a = spawn_app_with(TestOptions {
+        plans,
+        leases,
+        ..Default::default()
+    })
+    .await;
+    let b = a.spawn_peer().await;
+    let org = "lv-leased";
+    let (id, _) = a.create_key(org).await;
+    // Eight clients per replica, sequential checks of 3 units, until three denials in a row.
+    let clients = (0..16).map(|c| {
+        let app = if c % 2 == 0 { &a } else { &b };
+        let id = id.clone();
+        async move {
+            let mut admitted = 0;
+            let mut denied_in_a_row = 0;
+            while denied_in_a_row < 3 {
+                let r = app
+                    .check(
+                        json!({ "org_id": org, "metric": "requests", "amount": 3, "key_id": id }),
+                    )
+                    .await;
+                match r.status().as_u16() {
+                    200 => {
+                        admitted += 3;
+                        denied_in_a_row = 0;
+                    }
+                    402 => {
+                        // Past the lease ttl before giving up: blocks other clients hold come
+                        // back within 1.25 × ttl.
+                        denied_in_a_row += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    s => panic!("unexpected {s}"),
+                }
+            }
+            admitted
+        }
+    });
+    let admitted: i64 = join_all(clients).await.into_iter().sum();
+    assert!(admitted <= 300, "admitted {admitted} against the key's 300");
+    assert!(
+        admitted >= 270,
+        "admitted only {admitted}: blocks held back too much"
+    );
+    assert!(
+        crate::helpers::metric_value(&a, "quota_gateway_lease_decisions_total{path=\"local\"}")
+            .await
+            > 0.0,
+        "no decision used a block"
+    );
+    a.state.quota.settle_leases(true).await;
+    b.state.quota.settle_leases(true).await;
+    let counter = format!(
+        "{}:{{{org}}}:lk:{id}:c:requests:month:{}",
+        a.prefix,
+        month_start(&a)
+    );
+    assert_eq!(redis_int(&a, &counter).await, admitted);
+    assert_eq!(a.usage_of(org, "requests").await, admitted);
+}
