@@ -78,16 +78,29 @@ impl SlowUpstream {
 
 /// A gateway whose proxy trusts `x-org-id` (the identity is not what is tested here).
 async fn gateway(upstream: SocketAddr, limit: usize, ttl: Duration) -> TestApp {
+    gateway_with(
+        upstream,
+        limit,
+        quota_gateway::config::SlotSettings {
+            ttl,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn gateway_with(
+    upstream: SocketAddr,
+    limit: usize,
+    concurrency: quota_gateway::config::SlotSettings,
+) -> TestApp {
     let mut proxy = proxy_settings(upstream);
     proxy.identity.mode = quota_gateway::config::IdentityMode::Header;
     proxy.request_timeout = Duration::from_secs(30);
     spawn_app_with(TestOptions {
         plans: plans(limit),
         proxy: Some(proxy),
-        concurrency: quota_gateway::config::SlotSettings {
-            ttl,
-            ..Default::default()
-        },
+        concurrency,
         ..Default::default()
     })
     .await
@@ -562,18 +575,11 @@ async fn with_leases_a_request_that_needs_a_slot_still_goes_to_redis() {
 async fn with_a_queue_timeout_a_refused_request_waits_for_a_slot() {
     let upstream = SlowUpstream::start(Duration::from_millis(150)).await;
     let queued = |queue_timeout: Duration| {
-        let mut proxy = proxy_settings(upstream.addr);
-        proxy.identity.mode = quota_gateway::config::IdentityMode::Header;
-        proxy.request_timeout = Duration::from_secs(30);
-        spawn_app_with(TestOptions {
-            plans: plans(LIMIT),
-            proxy: Some(proxy),
-            concurrency: quota_gateway::config::SlotSettings {
-                ttl: Duration::from_secs(30),
-                queue_timeout,
-            },
-            ..Default::default()
-        })
+        let settings = quota_gateway::config::SlotSettings {
+            ttl: Duration::from_secs(30),
+            queue_timeout,
+        };
+        gateway_with(upstream.addr, LIMIT, settings)
     };
     // Long enough for every request to get its turn: 20 requests over two replicas, 5 at a
     // time, all admitted, never more than 5 at the upstream.
