@@ -85,7 +85,12 @@ impl OrgDirectory {
         let record = self
             .cache
             .get_or_load(org, self.is_subscribed(), || async {
-                Ok::<_, DbError>(Some(Arc::new(db::orgs::get(&self.pool, org).await?)))
+                let mut record = db::orgs::get(&self.pool, org).await?;
+                if record.created_at.is_some() {
+                    // A key belongs to a stored org: no row, no keys to look at.
+                    record.key_limits = db::api_keys::limits_of_org(&self.pool, org).await?;
+                }
+                Ok::<_, DbError>(Some(Arc::new(record)))
             })
             .await?;
         Ok(record.unwrap_or_default())

@@ -90,6 +90,7 @@ pub struct Metrics {
     /// Slots of other holders found expired and swept by this replica's decisions: slots of a
     /// replica that died (or could not renew).
     pub concurrency_swept: IntCounter,
+    pub concurrency_queued: IntCounterVec,
     /// Open client connections by listener (api | proxy).
     pub connections_open: prometheus::IntGaugeVec,
     /// Times a listener reached its `max_connections` and stopped accepting until one closed.
@@ -337,6 +338,17 @@ impl Metrics {
             "Expired concurrency slots (of a replica that died or could not renew) swept by decisions.",
         )
         .expect("valid metric");
+        let concurrency_queued = IntCounterVec::new(
+            Opts::new(
+                "quota_gateway_concurrency_queued_total",
+                "Requests that waited for a concurrency slot ([concurrency] queue_timeout), by outcome.",
+            ),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        for outcome in ["admitted", "timed_out"] {
+            concurrency_queued.with_label_values(&[outcome]);
+        }
         let connections_open = prometheus::IntGaugeVec::new(
             Opts::new(
                 "quota_gateway_connections_open",
@@ -429,6 +441,7 @@ impl Metrics {
             Box::new(concurrency_slots.clone()),
             Box::new(concurrency_releases.clone()),
             Box::new(concurrency_swept.clone()),
+            Box::new(concurrency_queued.clone()),
         ] {
             names.extend(c.desc().iter().map(|d| d.fq_name.clone()));
             registry.register(c).expect("metric names are unique");
@@ -483,6 +496,7 @@ impl Metrics {
             concurrency_slots,
             concurrency_releases,
             concurrency_swept,
+            concurrency_queued,
             connections_open,
             connections_at_cap,
             client_timeouts,

@@ -285,6 +285,9 @@ impl QuotaService {
     /// `slot`: take a concurrency slot in the same call. Only Redis takes one: a decision made on
     /// this replica alone (from a lease block, or while Redis is unreachable) takes none, and the
     /// slot's answer is then `None`.
+    ///
+    /// `leasing: false` (a plan or metric with `leases = false`): no block is taken or admitted
+    /// from; the call still counts the blocks other decisions hold.
     #[allow(clippy::too_many_arguments)]
     async fn run_limits(
         &self,
@@ -295,6 +298,7 @@ impl QuotaService {
         now: chrono::DateTime<chrono::Utc>,
         idem: Option<(&str, Duration)>,
         slot: Option<&SlotCall>,
+        leasing: bool,
     ) -> Result<Limits, QuotaError> {
         let leases = self
             .leases
@@ -304,7 +308,7 @@ impl QuotaService {
         let mut lease: Option<(Vec<KeySpec>, LeaseCall, Taken)> = None;
         if let Some(leases) = leases {
             let specs: Vec<KeySpec> = limits.iter().map(|l| self.store.spec(org, l)).collect();
-            let refill = mode == Mode::Check && idem.is_none();
+            let refill = mode == Mode::Check && idem.is_none() && leasing;
             // A slot is counted in Redis only: a decision that takes one goes there.
             if refill
                 && slot.is_none()
@@ -871,17 +875,52 @@ impl QuotaService {
         charges: &[Charge<'c>],
         needs: &[&'c crate::domain::plan::Metric],
     ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(
-            catalog,
-            org,
-            levels,
-            charges,
-            needs,
-            Mode::Check,
-            None,
-            true,
-        )
-        .await
+        let wait = self
+            .slots
+            .as_ref()
+            .map_or(Duration::ZERO, |s| s.settings().queue_timeout);
+        let deadline = std::time::Instant::now() + wait;
+        let mut pause = Duration::from_millis(5);
+        let mut queued = false;
+        loop {
+            let decision = self
+                .decide_with(
+                    catalog,
+                    org,
+                    levels,
+                    charges,
+                    needs,
+                    Mode::Check,
+                    None,
+                    true,
+                )
+                .await?;
+            // Only a concurrency refusal waits: it charged nothing and took no slot, so asking
+            // again is safe, and a slot frees whenever some response of the org ends. Quota and
+            // rate denials answer at once (a rate's wait is the client's, via Retry-After).
+            let refused = decision.eval.outcome == Outcome::TooManyInFlight && !decision.shadow;
+            let now = std::time::Instant::now();
+            if !refused || now >= deadline {
+                let outcome = match (refused, queued) {
+                    (true, _) if !wait.is_zero() => Some("timed_out"),
+                    (false, true) => Some("admitted"),
+                    _ => None,
+                };
+                if let Some(outcome) = outcome {
+                    self.metrics
+                        .concurrency_queued
+                        .with_label_values(&[outcome])
+                        .inc();
+                }
+                return Ok(decision);
+            }
+            queued = true;
+            // Polling, backing off to 50 ms with jitter so that waiters of one org do not ask
+            // in lockstep; each poll is one decision (one EVALSHA).
+            let jitter = Duration::from_micros(rand::random::<u64>() % 5_000);
+            tokio::time::sleep((pause + jitter).min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(50));
+        }
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -915,6 +954,9 @@ impl QuotaService {
             (Some(slots), Some(c)) if in_flight => Some((slots, slots.call(org, c.requests))),
             _ => None,
         };
+        // A plan or metric with `leases = false` takes no blocks (its decisions still see the
+        // blocks other decisions hold, so the switch is exact at any moment).
+        let leasing = plan.leases_for(merged.iter().map(|c| c.metric));
         let (status, replies, credits, slot_reply) = self
             .run_limits(
                 catalog,
@@ -924,6 +966,7 @@ impl QuotaService {
                 now,
                 idem,
                 slot.as_ref().map(|(_, call)| call),
+                leasing,
             )
             .await?;
         if status == Status::Duplicate {

@@ -32,12 +32,16 @@ pub struct SlotSettings {
     /// How long a slot outlives its replica: renewed every `ttl / 3` while its request lasts,
     /// swept by any decision of the org once `ttl` has passed without renewal.
     pub ttl: Duration,
+    /// How long a request refused for too many in flight waits for a slot before the 429
+    /// (`[concurrency] queue_timeout`); zero: no waiting.
+    pub queue_timeout: Duration,
 }
 
 impl Default for SlotSettings {
     fn default() -> Self {
         Self {
             ttl: Duration::from_secs(30),
+            queue_timeout: Duration::ZERO,
         }
     }
 }

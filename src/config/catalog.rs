@@ -11,6 +11,8 @@ pub(super) struct MetricRaw {
     unit: String,
     #[serde(default)]
     kind: Option<MetricKindRaw>,
+    #[serde(default)]
+    leases: Option<bool>,
 }
 
 #[derive(Deserialize, Clone, Copy)]
@@ -35,6 +37,8 @@ pub(super) struct PlanRaw {
     rates: BTreeMap<String, toml::Value>,
     #[serde(default)]
     enforcement: Enforcement,
+    #[serde(default)]
+    leases: Option<bool>,
     #[serde(default)]
     notify_at: Option<Vec<i64>>,
     #[serde(default)]
@@ -253,6 +257,7 @@ pub(super) fn catalog_from_table(
                     id,
                     unit: m.unit,
                     kind,
+                    leases: m.leases.unwrap_or(true),
                 },
             );
         }
@@ -433,6 +438,7 @@ pub(super) fn catalog_from_table(
                 rates,
                 concurrency,
                 notify_at: plan_notify,
+                leases: raw.leases.unwrap_or(true),
             },
         );
     }

@@ -147,6 +147,8 @@ struct NotificationsRaw {
 struct ConcurrencySettingsRaw {
     #[serde(default)]
     slot_ttl: Option<String>,
+    #[serde(default)]
+    queue_timeout: Option<String>,
 }
 
 #[derive(Deserialize, Default)]

@@ -558,7 +558,19 @@ pub(super) fn settings_from_table(
             concurrency_raw.slot_ttl,
             SlotSettings::default().ttl,
         ),
+        queue_timeout: duration_or(
+            &mut r,
+            "concurrency.queue_timeout",
+            concurrency_raw.queue_timeout,
+            SlotSettings::default().queue_timeout,
+        ),
     };
+    if concurrency.queue_timeout > Duration::from_secs(60) {
+        r.add(
+            "concurrency.queue_timeout",
+            "must be at most 60s (a waiting request holds its connection and polls Redis)",
+        );
+    }
     if concurrency.ttl < Duration::from_secs(3) || concurrency.ttl > Duration::from_secs(3600) {
         r.add(
             "concurrency.slot_ttl",

@@ -154,6 +154,25 @@ pub async fn take_unlinked(
     Ok(rows.into_iter().map(|(id, ev, ..)| (id, ev)).collect())
 }
 
+/// Delete at most `limit` kept events received before `before` (never linked: their customer
+/// never reached an org). Returns how many went. Safe on several replicas at once.
+pub async fn prune_unlinked(
+    pool: &sqlx::PgPool,
+    before: DateTime<Utc>,
+    limit: i64,
+) -> Result<u64, DbError> {
+    let done = sqlx::query(
+        "DELETE FROM unlinked_subscription_events WHERE (provider, event_id) IN ( \
+           SELECT provider, event_id FROM unlinked_subscription_events \
+           WHERE received_at < $1 LIMIT $2 FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(before)
+    .bind(limit)
+    .execute(pool)
+    .await?;
+    Ok(done.rows_affected())
+}
+
 /// A subscription row as stored, with its org.
 #[derive(Debug, Clone)]
 pub struct SubscriptionRow {

@@ -33,7 +33,8 @@ pub struct OrgRecord {
     pub billing_carry: Option<Window>,
     pub created_at: Option<DateTime<Utc>>,
     pub updated_at: Option<DateTime<Utc>>,
-    /// The own quotas of the org's keys that have some, by key id (see `domain::level`).
+    /// The own quotas of the org's keys that have some, by key id (see `domain::level`); read
+    /// by `OrgDirectory` with the row (`db::api_keys::limits_of_org`).
     pub key_limits: BTreeMap<String, KeyLimits>,
 }
 
@@ -62,7 +63,8 @@ pub async fn get(pool: &PgPool, org: &OrgId) -> Result<OrgRecord, DbError> {
             billing_carry: carry(&r)?,
             created_at: Some(r.try_get("created_at")?),
             updated_at: Some(r.try_get("updated_at")?),
-            key_limits: super::api_keys::limits_of_org(pool, org).await?,
+            // Filled by the caller that needs them (`OrgDirectory`).
+            key_limits: Default::default(),
         },
         None => OrgRecord::default(),
     })

@@ -10,7 +10,7 @@ use chrono::{DateTime, Utc};
 
 use super::level::{self, KeyLimits, Levels, Scope};
 use super::period::{self, BillingCycle, Period, Window};
-use super::plan::{Metric, MetricKind, Overage, Plan};
+use super::plan::{Metric, MetricKind, Overage, Plan, Rate};
 
 /// How a decision treats its limits: policy (dry runs, shadow enforcement), which the store
 /// carries out.
@@ -241,19 +241,7 @@ pub fn limits_at<'a>(
     }
     for charge in charges {
         for rate in plan.rates_for(&charge.metric.id) {
-            limits.push(Limit {
-                metric: charge.metric,
-                target: Target::Rate {
-                    window: rate.window,
-                    label: &rate.window_label,
-                },
-                amount: charge.amount,
-                limit: Some(rate.limit),
-                overage: Overage::Block,
-                notify_at: &[],
-                headroom: false,
-                scope: Scope::Org,
-            });
+            limits.push(rate_limit(charge, rate, Scope::Org));
         }
     }
     for scope in levels.scopes() {
@@ -281,23 +269,28 @@ pub fn limits_at<'a>(
                 }
             }
             for rate in plan.rates_per(&metric.id, per) {
-                limits.push(Limit {
-                    metric,
-                    target: Target::Rate {
-                        window: rate.window,
-                        label: &rate.window_label,
-                    },
-                    amount: charge.amount,
-                    limit: Some(rate.limit),
-                    overage: Overage::Block,
-                    notify_at: &[],
-                    headroom: false,
-                    scope,
-                });
+                limits.push(rate_limit(charge, rate, scope));
             }
         }
     }
     limits
+}
+
+/// The GCRA limit of `rate` for `charge` at `scope`.
+fn rate_limit<'a>(charge: &Charge<'a>, rate: &'a Rate, scope: Scope<'a>) -> Limit<'a> {
+    Limit {
+        metric: charge.metric,
+        target: Target::Rate {
+            window: rate.window,
+            label: &rate.window_label,
+        },
+        amount: charge.amount,
+        limit: Some(rate.limit),
+        overage: Overage::Block,
+        notify_at: &[],
+        headroom: false,
+        scope,
+    }
 }
 
 /// Zero-amount charges for the metrics of `needs` that `charges` (already merged) do not
@@ -608,6 +601,7 @@ mod tests {
             id: id.into(),
             unit: "unit".into(),
             kind,
+            leases: true,
         }
     }
 
@@ -643,6 +637,7 @@ mod tests {
                 },
             ],
             concurrency: None,
+            leases: true,
             rates: vec![Rate {
                 metric: "requests".into(),
                 limit: 10,

@@ -31,6 +31,9 @@ pub struct Metric {
     pub id: String,
     pub unit: String,
     pub kind: MetricKind,
+    /// `leases = false`: decisions charging this metric never admit from lease blocks (see
+    /// `[leases]`); every one of them is one Redis call.
+    pub leases: bool,
 }
 
 /// What happens when a quota is used up.
@@ -119,6 +122,9 @@ pub struct Plan {
     pub rates: Vec<Rate>,
     /// Requests in flight at once; `None`: unlimited.
     pub concurrency: Option<Concurrency>,
+    /// `leases = false`: this plan's orgs never admit from lease blocks, whatever `[leases]`
+    /// says (a plan with small limits, or one that must see every request in Redis).
+    pub leases: bool,
     /// Percentages of each quota's limit at which the product is told (`notify_at`: the plan's
     /// own, else the catalog's), ascending; empty: no threshold events for this plan.
     pub notify_at: Vec<u16>,
@@ -131,6 +137,11 @@ impl Plan {
     }
 
     /// The org's own rates of `metric`.
+    /// Whether decisions of this plan charging `metrics` may admit from lease blocks.
+    pub fn leases_for<'m>(&self, metrics: impl IntoIterator<Item = &'m Metric>) -> bool {
+        self.leases && metrics.into_iter().all(|m| m.leases)
+    }
+
     pub fn rates_for<'a>(&'a self, metric: &'a str) -> impl Iterator<Item = &'a Rate> + 'a {
         self.rates_per(metric, Per::Org)
     }

@@ -563,6 +563,7 @@ mod tests {
             id: "requests".into(),
             unit: "request".into(),
             kind: MetricKind::Counter,
+            leases: true,
         };
         let free = Plan {
             enforcement: Default::default(),
@@ -579,6 +580,7 @@ mod tests {
                 per: Per::Org,
             }],
             concurrency: None,
+            leases: true,
             rates: vec![Rate {
                 metric: "requests".into(),
                 limit: 10,
@@ -602,6 +604,7 @@ mod tests {
                 per: Per::Org,
             }],
             concurrency: None,
+            leases: true,
             rates: vec![],
         };
         Catalog {

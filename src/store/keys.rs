@@ -286,6 +286,7 @@ mod tests {
             id: "requests".into(),
             unit: "request".into(),
             kind: MetricKind::Counter,
+            leases: true,
         };
         let now = Utc.with_ymd_and_hms(2026, 11, 25, 6, 0, 0).unwrap();
         let limit = Limit {

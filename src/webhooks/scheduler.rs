@@ -1,6 +1,7 @@
 //! The scheduled half of the lifecycle: downgrades that fall due without a new event (a
-//! cancellation at period end, a past-due grace that expired). `try_apply_due_once` is the step;
-//! `run` only calls it every minute. Safe on several replicas at once: due rows are taken with
+//! cancellation at period end, a past-due grace that expired), and forgetting subscription
+//! events kept unlinked for longer than `UNLINKED_KEPT`. `try_apply_due_once` and
+//! `prune_unlinked_once` are the steps; `run` only calls them every minute. Safe on several replicas at once: due rows are taken with
 //! `FOR UPDATE SKIP LOCKED`, and settling an org twice is a no-op.
 
 use std::time::Duration;
@@ -17,6 +18,17 @@ use crate::webhooks::apply::{Policy, settle_org};
 const EVERY: Duration = Duration::from_secs(60);
 /// Orgs settled per transaction.
 const BATCH: i64 = 200;
+/// How long a subscription event whose customer no org has claimed is kept for the event that
+/// links it (a checkout delivered late, a retry days later): providers retry for about three
+/// days, and a link that has not come in a month is not coming.
+pub const UNLINKED_KEPT: chrono::Duration = chrono::Duration::days(30);
+/// Kept events forgotten per step.
+const PRUNE_BATCH: i64 = 1000;
+
+/// Forget the unlinked events received more than `UNLINKED_KEPT` before `now`; returns how many.
+pub async fn prune_unlinked_once(state: &Webhooks, now: DateTime<Utc>) -> Result<u64, DbError> {
+    crate::db::billing::prune_unlinked(&state.pool, now - UNLINKED_KEPT, PRUNE_BATCH).await
+}
 
 /// Apply every downgrade due at `now`; returns the orgs whose plan changed.
 pub async fn try_apply_due_once(
@@ -63,6 +75,16 @@ pub async fn run(state: Webhooks, stop: CancellationToken) {
             Ok(_) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "scheduled plan changes failed; retrying next minute")
+            }
+        }
+        match prune_unlinked_once(&state, state.quota.now()).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(
+                events = n,
+                "forgot subscription events never linked to an org"
+            ),
+            Err(e) => {
+                tracing::warn!(error = %e, "forgetting old unlinked events failed; retrying next minute")
             }
         }
     }

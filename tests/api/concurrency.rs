@@ -78,13 +78,29 @@ impl SlowUpstream {
 
 /// A gateway whose proxy trusts `x-org-id` (the identity is not what is tested here).
 async fn gateway(upstream: SocketAddr, limit: usize, ttl: Duration) -> TestApp {
+    gateway_with(
+        upstream,
+        limit,
+        quota_gateway::config::SlotSettings {
+            ttl,
+            ..Default::default()
+        },
+    )
+    .await
+}
+
+async fn gateway_with(
+    upstream: SocketAddr,
+    limit: usize,
+    concurrency: quota_gateway::config::SlotSettings,
+) -> TestApp {
     let mut proxy = proxy_settings(upstream);
     proxy.identity.mode = quota_gateway::config::IdentityMode::Header;
     proxy.request_timeout = Duration::from_secs(30);
     spawn_app_with(TestOptions {
         plans: plans(limit),
         proxy: Some(proxy),
-        concurrency: quota_gateway::config::SlotSettings { ttl },
+        concurrency,
         ..Default::default()
     })
     .await
@@ -552,5 +568,57 @@ async fn with_leases_a_request_that_needs_a_slot_still_goes_to_redis() {
     assert_eq!(
         answers.iter().filter(|r| r.status() == 429).count(),
         10 - admitted
+    );
+}
+
+#[tokio::test]
+async fn with_a_queue_timeout_a_refused_request_waits_for_a_slot() {
+    let upstream = SlowUpstream::start(Duration::from_millis(150)).await;
+    let queued = |queue_timeout: Duration| {
+        let settings = quota_gateway::config::SlotSettings {
+            ttl: Duration::from_secs(30),
+            queue_timeout,
+        };
+        gateway_with(upstream.addr, LIMIT, settings)
+    };
+    // Long enough for every request to get its turn: 20 requests over two replicas, 5 at a
+    // time, all admitted, never more than 5 at the upstream.
+    let a = queued(Duration::from_secs(20)).await;
+    let b = a.spawn_peer().await;
+    let answers = join_all((0..20).map(|i| get(if i % 2 == 0 { &a } else { &b }, "acme"))).await;
+    assert!(
+        answers.iter().all(|r| r.status() == 200),
+        "{:?}",
+        answers.iter().map(|r| r.status()).collect::<Vec<_>>()
+    );
+    assert_eq!(upstream.total.load(Ordering::SeqCst), 20);
+    assert!(upstream.max.load(Ordering::SeqCst) <= LIMIT);
+    let waited = metric_value(
+        &a,
+        "quota_gateway_concurrency_queued_total{outcome=\"admitted\"}",
+    )
+    .await
+        + metric_value(
+            &b,
+            "quota_gateway_concurrency_queued_total{outcome=\"admitted\"}",
+        )
+        .await;
+    assert!(waited >= 1.0, "no request waited for a slot");
+    // Each request was charged once, however often it asked.
+    assert_eq!(a.usage_of("acme", "requests").await, 20);
+
+    // A wait much shorter than the responses (150 ms): the ones that get no slot in time are
+    // refused.
+    let c = queued(Duration::from_millis(20)).await;
+    let answers = join_all((0..10).map(|_| get(&c, "org-2"))).await;
+    let refused = answers.iter().filter(|r| r.status() == 429).count();
+    assert_eq!(refused, 10 - LIMIT);
+    assert_eq!(
+        metric_value(
+            &c,
+            "quota_gateway_concurrency_queued_total{outcome=\"timed_out\"}"
+        )
+        .await,
+        (10 - LIMIT) as f64
     );
 }

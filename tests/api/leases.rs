@@ -447,3 +447,46 @@ async fn through_the_proxy_blocks_count_refunds_and_headers_stay_conservative() 
     a.flush().await.expect("flush");
     assert_eq!(a.stored_usage("acme", "requests").await, Some(4));
 }
+
+#[tokio::test]
+async fn a_plan_or_a_metric_with_leases_off_never_takes_a_block() {
+    let plans = "default_plan = \"leased\"\n\
+         [metrics]\nrequests = { unit = \"request\" }\ntokens = { unit = \"token\", leases = false }\n\
+         [plans.leased]\nquotas = { requests = { limit = 100000, period = \"month\" }, tokens = { limit = 100000, period = \"month\" } }\n\
+         [plans.exact]\nleases = false\nquotas = { requests = { limit = 40, period = \"month\" } }\n"
+        .to_string();
+    let a = spawn(plans).await;
+    let b = a.spawn_peer().await;
+    let local = "quota_gateway_lease_decisions_total{path=\"local\"}";
+    async fn check(app: &TestApp, org: &str, metric: &str) -> u16 {
+        app.check(json!({ "org_id": org, "metric": metric }))
+            .await
+            .status()
+            .as_u16()
+    }
+    // The leased plan admits from blocks.
+    for _ in 0..20 {
+        assert_eq!(check(&a, "lv-leased", "requests").await, 200);
+    }
+    let served_locally = metric_value(&a, local).await;
+    assert!(served_locally > 0.0, "the leased plan never used a block");
+    assert!(reserved_in_redis(&a, "lv-leased").await > 0);
+
+    // A metric with leases = false: every decision charging it goes to Redis.
+    for _ in 0..20 {
+        assert_eq!(check(&a, "lv-leased", "tokens").await, 200);
+    }
+    assert_eq!(metric_value(&a, local).await, served_locally);
+
+    // A plan with leases = false: no block, and its quota is exact over two replicas.
+    a.set_plan("lv-exact", "exact").await;
+    let statuses =
+        join_all((0..60).map(|i| check(if i % 2 == 0 { &a } else { &b }, "lv-exact", "requests")))
+            .await;
+    assert_eq!(statuses.iter().filter(|s| **s == 200).count(), 40);
+    assert!(statuses.iter().all(|s| *s == 200 || *s == 402));
+    assert_eq!(reserved_in_redis(&a, "lv-exact").await, 0);
+    assert_eq!(month_counter(&a, "lv-exact").await, 40);
+    assert_eq!(metric_value(&a, local).await, served_locally);
+    assert_eq!(metric_value(&b, local).await, 0.0);
+}

@@ -280,25 +280,20 @@ async fn a_keys_own_quotas_reach_every_replica_and_can_be_removed() {
     let peer = app.spawn_peer().await;
     let org = "lv-own";
     let (id, _) = app.create_key(org).await;
+    // The key's limit as a replica sees it (its usage read, which answers even when a check
+    // would be denied).
     let key_limit = |app: &TestApp| {
-        let (client, url) = (app.client.clone(), app.url("/v1/check"));
-        let id = id.clone();
+        let (client, url) = (
+            app.client.clone(),
+            app.url(&format!("/v1/orgs/{org}/usage?key_id={id}")),
+        );
         async move {
-            let r = client
-                .post(url)
-                .json(
-                    &json!({ "org_id": org, "metric": "requests", "key_id": id, "consume": false }),
-                )
-                .send()
-                .await
-                .unwrap();
-            let v: Value = r.json().await.unwrap();
-            v["usage"]
-                .as_array()
-                .unwrap()
+            let v: Value = client.get(url).send().await.unwrap().json().await.unwrap();
+            let requests = v["usage"]
+                .as_array()?
                 .iter()
-                .find(|u| u["scope"] == "key")
-                .map(|u| u["limit"].clone())
+                .find(|u| u["metric"] == "requests")?;
+            Some(requests["limit"].clone())
         }
     };
     assert_eq!(key_limit(&peer).await, Some(json!(20)));
@@ -432,4 +427,110 @@ quotas.requests = [
         "{all}"
     );
     assert!(all.contains("plans.p.quotas.requests[2]"), "{all}");
+}
+
+#[tokio::test]
+async fn the_rust_client_names_the_caller_and_reads_the_level_that_denied() {
+    use quota_gateway_client::{Caller, Charge, Client, Error, UsageEvent};
+    let app = spawn_app_with(TestOptions {
+        plans: PLANS.into(),
+        ..Default::default()
+    })
+    .await;
+    let gw = Client::builder(format!("http://{}", app.addr))
+        .build()
+        .unwrap();
+    let org = "lv-client";
+    let dora = Caller::user("dora");
+    gw.check_as(org, &dora, &[Charge::new("tokens", 90)])
+        .await
+        .unwrap();
+    gw.report(UsageEvent::new(org, "tokens", 10).caller(dora.clone()))
+        .await
+        .unwrap();
+    match gw.check_as(org, &dora, &[Charge::new("tokens", 1)]).await {
+        Err(Error::QuotaExceeded(denial)) => {
+            assert_eq!(denial.scope, "user");
+            assert_eq!(denial.user_id.as_deref(), Some("dora"));
+        }
+        other => panic!("expected the user's 402, got {other:?}"),
+    }
+    // The org itself, and another user, still have room.
+    gw.check(org, &[Charge::new("tokens", 1)]).await.unwrap();
+    gw.check_as(org, &Caller::user("eve"), &[Charge::new("tokens", 1)])
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn with_leases_a_keys_quota_is_never_passed_and_counts_what_was_admitted() {
+    let leases = quota_gateway::config::LeaseSettings {
+        enabled: true,
+        ttl: Duration::from_secs(1),
+        max_block: 100,
+        checkpoint: true,
+    };
+    let plans = "default_plan = \"team\"\n[metrics]\nrequests = { unit = \"request\" }\n\
+         [plans.team]\nquotas.requests = [{ limit = 100000, period = \"month\" }, { limit = 300, period = \"month\", per = \"key\" }]\n"
+        .to_string();
+    let a = spawn_app_with(TestOptions {
+        plans,
+        leases,
+        ..Default::default()
+    })
+    .await;
+    let b = a.spawn_peer().await;
+    let org = "lv-leased";
+    let (id, _) = a.create_key(org).await;
+    // Eight clients per replica, sequential checks of 3 units, until three denials in a row.
+    let clients = (0..16).map(|c| {
+        let app = if c % 2 == 0 { &a } else { &b };
+        let id = id.clone();
+        async move {
+            let mut admitted = 0;
+            let mut denied_in_a_row = 0;
+            while denied_in_a_row < 3 {
+                let r = app
+                    .check(
+                        json!({ "org_id": org, "metric": "requests", "amount": 3, "key_id": id }),
+                    )
+                    .await;
+                match r.status().as_u16() {
+                    200 => {
+                        admitted += 3;
+                        denied_in_a_row = 0;
+                    }
+                    402 => {
+                        // Past the lease ttl before giving up: blocks other clients hold come
+                        // back within 1.25 × ttl.
+                        denied_in_a_row += 1;
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    s => panic!("unexpected {s}"),
+                }
+            }
+            admitted
+        }
+    });
+    let admitted: i64 = join_all(clients).await.into_iter().sum();
+    assert!(admitted <= 300, "admitted {admitted} against the key's 300");
+    assert!(
+        admitted >= 270,
+        "admitted only {admitted}: blocks held back too much"
+    );
+    assert!(
+        crate::helpers::metric_value(&a, "quota_gateway_lease_decisions_total{path=\"local\"}")
+            .await
+            > 0.0,
+        "no decision used a block"
+    );
+    a.state.quota.settle_leases(true).await;
+    b.state.quota.settle_leases(true).await;
+    let counter = format!(
+        "{}:{{{org}}}:lk:{id}:c:requests:month:{}",
+        a.prefix,
+        month_start(&a)
+    );
+    assert_eq!(redis_int(&a, &counter).await, admitted);
+    assert_eq!(a.usage_of(org, "requests").await, admitted);
 }

@@ -238,3 +238,30 @@ async fn a_subscription_and_its_checkout_delivered_at_the_same_time_end_on_the_p
     }
     assert_eq!(kept(&app).await, 0);
 }
+
+#[tokio::test]
+async fn events_never_linked_are_forgotten_after_thirty_days() {
+    let app = crate::helpers::spawn_app().await;
+    let now = app.clock_now();
+    for (id, age_days) in [("evt_old", 31), ("evt_recent", 29)] {
+        sqlx::query(
+            "INSERT INTO unlinked_subscription_events \
+               (provider, event_id, subscription_id, customer_id, occurred_at, event, received_at) \
+             VALUES ('stripe', $1, 'sub_1', 'cus_1', $2, '{}'::jsonb, $2)",
+        )
+        .bind(id)
+        .bind(now - chrono::Duration::days(age_days))
+        .execute(&app.pool)
+        .await
+        .unwrap();
+    }
+    let pruned = quota_gateway::webhooks::scheduler::prune_unlinked_once(&app.state.webhooks, now)
+        .await
+        .unwrap();
+    assert_eq!(pruned, 1);
+    let left: Vec<String> = sqlx::query_scalar("SELECT event_id FROM unlinked_subscription_events")
+        .fetch_all(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(left, ["evt_recent"]);
+}

@@ -101,6 +101,45 @@ pub struct Denial {
     pub retry_after_seconds: Option<u64>,
     #[serde(default)]
     pub upgrade: Option<Upgrade>,
+    /// The level whose limit denied: `org`, `key` or `user`.
+    #[serde(default = "org")]
+    pub scope: String,
+    /// With `scope == "key"`: the API key's id.
+    #[serde(default)]
+    pub key_id: Option<String>,
+    /// With `scope == "user"`: the end user.
+    #[serde(default)]
+    pub user_id: Option<String>,
+}
+
+fn org() -> String {
+    "org".to_string()
+}
+
+/// The levels below the org a check or report is also counted at: an API key (its id) and an
+/// end user, for plans with `per = "key"` or `per = "user"` limits.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Caller {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub user_id: Option<String>,
+}
+
+impl Caller {
+    pub fn user(user_id: impl Into<String>) -> Self {
+        Self {
+            user_id: Some(user_id.into()),
+            key_id: None,
+        }
+    }
+
+    pub fn key(key_id: impl Into<String>) -> Self {
+        Self {
+            key_id: Some(key_id.into()),
+            user_id: None,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize, PartialEq)]
@@ -213,6 +252,9 @@ pub struct UsageEvent {
     pub amount: i64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub idempotency_key: Option<String>,
+    /// Also count it at this API key's and end user's levels.
+    #[serde(flatten)]
+    pub caller: Caller,
 }
 
 impl UsageEvent {
@@ -222,7 +264,14 @@ impl UsageEvent {
             metric: metric.into(),
             amount,
             idempotency_key: None,
+            caller: Caller::default(),
         }
+    }
+
+    /// Count the event at an API key's and an end user's levels too.
+    pub fn caller(mut self, caller: Caller) -> Self {
+        self.caller = caller;
+        self
     }
 
     /// Your own key (e.g. the request id that caused the usage): resending the event later,
@@ -344,21 +393,41 @@ impl Client {
 
     /// May `org_id` spend these? Consumes them when allowed (all or none).
     pub async fn check(&self, org_id: &str, charges: &[Charge]) -> Result<Allowed, Error> {
-        self.check_with(org_id, charges, true).await
+        self.check_with(org_id, &Caller::default(), charges, true)
+            .await
+    }
+
+    /// `check`, also against the limits of an API key and an end user of the org.
+    pub async fn check_as(
+        &self,
+        org_id: &str,
+        caller: &Caller,
+        charges: &[Charge],
+    ) -> Result<Allowed, Error> {
+        self.check_with(org_id, caller, charges, true).await
     }
 
     /// The same answer as `check`, without consuming anything.
     pub async fn check_dry_run(&self, org_id: &str, charges: &[Charge]) -> Result<Allowed, Error> {
-        self.check_with(org_id, charges, false).await
+        self.check_with(org_id, &Caller::default(), charges, false)
+            .await
     }
 
     async fn check_with(
         &self,
         org_id: &str,
+        caller: &Caller,
         charges: &[Charge],
         consume: bool,
     ) -> Result<Allowed, Error> {
-        let body = serde_json::json!({ "org_id": org_id, "charges": charges, "consume": consume });
+        let mut body =
+            serde_json::json!({ "org_id": org_id, "charges": charges, "consume": consume });
+        if let Some(k) = &caller.key_id {
+            body["key_id"] = k.as_str().into();
+        }
+        if let Some(u) = &caller.user_id {
+            body["user_id"] = u.as_str().into();
+        }
         let retry = if consume {
             Retry::WhenNotCounted
         } else {
