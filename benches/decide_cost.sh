@@ -9,7 +9,8 @@
 # each, and prints per scenario: EVALSHA calls, Redis's µs per EVALSHA (`usec_per_call`, Redis's
 # own time for the command, whatever the client) and the commands the script ran per call.
 # Debug builds: the client's speed does not enter Redis's own time per call.
-# REV must build the example as it is (its `Limit` has `scope`: main from e6a71df on).
+# REV must build the example as it is (`Limit::scope`, `Metric::leases`: main from 5db5207 on;
+# the README's figures came from e6a71df with the example of that day).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BASE=""

@@ -59,6 +59,7 @@ async fn main() {
         id: "requests".into(),
         unit: "request".into(),
         kind: MetricKind::Counter,
+        leases: true,
     });
     for (name, credits) in [("quota+rate", false), ("quota+rate+credits", true)] {
         let org = OrgId::parse(&format!("cost-{}", usize::from(credits))).expect("org id");
