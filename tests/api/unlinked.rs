@@ -255,10 +255,12 @@ async fn events_never_linked_are_forgotten_after_thirty_days() {
         .await
         .unwrap();
     }
+    // The replica's own scheduler may get there first (it looks every minute): what is left
+    // is what counts.
     let pruned = quota_gateway::webhooks::scheduler::prune_unlinked_once(&app.state.webhooks, now)
         .await
         .unwrap();
-    assert_eq!(pruned, 1);
+    assert!(pruned <= 1);
     let left: Vec<String> = sqlx::query_scalar("SELECT event_id FROM unlinked_subscription_events")
         .fetch_all(&app.pool)
         .await
