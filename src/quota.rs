@@ -836,37 +836,12 @@ impl QuotaService {
         .await
     }
 
-    /// `decide`, where the hard quotas of the metrics in `needs` must also have room left even
-    /// if `charges` charge them nothing (their cost is recorded after the response): checked in
-    /// the same round trip (`Limit::headroom`).
-    #[allow(clippy::too_many_arguments)]
-    pub async fn decide_needing<'c>(
-        &self,
-        catalog: &'c Catalog,
-        org: &OrgId,
-        levels: &Levels<'c>,
-        charges: &[Charge<'c>],
-        needs: &[&'c crate::domain::plan::Metric],
-        mode: Mode,
-        idempotency_key: Option<&str>,
-    ) -> Result<Decision<'c>, QuotaError> {
-        self.decide_with(
-            catalog,
-            org,
-            levels,
-            charges,
-            needs,
-            mode,
-            idempotency_key,
-            false,
-        )
-        .await
-    }
-
     /// `decide` in `Check` mode for a request that stays in flight (the proxy): when the org's
     /// plan has a concurrency limit, a slot is taken in the same Redis call, held by the
     /// decision's `slot` until dropped. While Redis is unreachable no slot is taken (the limit
-    /// is not enforced then; see README). `needs` as in `decide_needing`.
+    /// is not enforced then; see README). The hard quotas of the metrics in `needs` must also have
+    /// room left even if `charges` charge them nothing (their cost is recorded after the
+    /// response): checked in the same round trip (`Limit::headroom`).
     pub async fn decide_in_flight<'c>(
         &self,
         catalog: &'c Catalog,

@@ -470,12 +470,6 @@ pub async fn put_key_limits(
                 field("limit")
             )));
         }
-        if !matches!(q.overage.as_str(), "block" | "allow") {
-            return Err(ApiError::invalid(format!(
-                "{}: must be \"block\" or \"allow\"",
-                field("overage")
-            )));
-        }
         if req.quotas[..i]
             .iter()
             .any(|o| o.metric == q.metric && o.period == q.period)

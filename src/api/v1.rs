@@ -705,22 +705,8 @@ pub async fn entitlements(
 
 /// A query parameter's value, percent-decoded (`+` stays a plus: ids, not form text).
 fn percent_decoded(raw: &str, name: &str) -> Result<String, ApiError> {
-    let bytes = raw.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'%' {
-            let hex = bytes
-                .get(i + 1..i + 3)
-                .and_then(|h| std::str::from_utf8(h).ok())
-                .and_then(|h| u8::from_str_radix(h, 16).ok())
-                .ok_or_else(|| ApiError::invalid(format!("{name}: invalid percent-encoding")))?;
-            out.push(hex);
-            i += 3;
-        } else {
-            out.push(bytes[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8(out).map_err(|_| ApiError::invalid(format!("{name}: not UTF-8")))
+    percent_encoding::percent_decode_str(raw)
+        .decode_utf8()
+        .map(|v| v.into_owned())
+        .map_err(|_| ApiError::invalid(format!("{name}: not UTF-8 once percent-decoded")))
 }

@@ -114,12 +114,8 @@ pub struct KeyQuota {
     pub limit: u64,
     pub period: Period,
     /// `"block"` (the default) or `"allow"` (a soft limit: reported, never denied).
-    #[serde(default = "block")]
-    pub overage: String,
-}
-
-fn block() -> String {
-    "block".to_string()
+    #[serde(default)]
+    pub overage: Overage,
 }
 
 impl KeyLimits {
@@ -134,11 +130,7 @@ impl KeyLimits {
                     metric: q.metric.clone(),
                     limit: q.limit,
                     period: Some(q.period),
-                    overage: if q.overage == "allow" {
-                        Overage::Allow
-                    } else {
-                        Overage::Block
-                    },
+                    overage: q.overage,
                     per: Per::Key,
                 })
                 .collect(),

@@ -36,9 +36,12 @@ pub struct Metric {
     pub leases: bool,
 }
 
-/// What happens when a quota is used up.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What happens when a quota is used up (`"block"` or `"allow"` where it is read or written
+/// as JSON: a key's own quotas).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Overage {
+    #[default]
     /// Deny with 402 (a hard limit).
     Block,
     /// Record and report usage past the limit, never deny (a soft limit).

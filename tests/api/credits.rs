@@ -434,14 +434,7 @@ async fn a_redis_loss_restores_balances_from_postgres() {
     assert_eq!(tokens(&app, "acme", 120).await.status(), 200);
     app.flush().await.unwrap();
 
-    let mut conn = app.redis.clone();
-    for key in app.redis_keys().await {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    app.lose_redis().await;
     let usage = json(app.get("/v1/orgs/acme/usage").await).await;
     assert_eq!(
         credits_of(&usage),
@@ -461,13 +454,7 @@ async fn a_redis_loss_restores_balances_from_postgres() {
     assert_eq!(app.stored_usage("acme", "tokens").await, Some(150));
 
     // A grant made while Redis holds nothing of the org arrives with the restore.
-    for key in app.redis_keys().await {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    app.lose_redis().await;
     assert_eq!(
         grant(
             &app,
@@ -529,14 +516,7 @@ async fn after_a_redis_loss_the_first_decision_restores_counters_and_balances() 
     app.flush().await.unwrap();
 
     // Redis loses everything of this gateway; the first thing to reach it is a decision.
-    let mut conn = app.redis.clone();
-    for key in app.redis_keys().await {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    app.lose_redis().await;
     let r = tokens(&app, "acme", 31).await;
     assert_eq!(
         r.status(),

@@ -137,14 +137,7 @@ async fn after_a_redis_loss_the_next_decision_restores_from_postgres() {
     app.flush().await.unwrap();
 
     // Redis loses everything of this gateway (a restart without persistence, a failover).
-    let mut conn = app.redis.clone();
-    for key in app.redis_keys().await {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    app.lose_redis().await;
     let view = json(app.get("/v1/orgs/acme/usage").await).await;
     assert_eq!(
         usage_entry(&view, "metric", "requests")["current"],
@@ -425,14 +418,7 @@ async fn a_redis_that_lost_its_data_restores_at_a_new_month_once_postgres_answer
     .await;
     let boundary = used_until_month_end(&app).await;
     // Redis loses everything of this gateway (a restart without persistence, a failover).
-    let mut conn = app.redis.clone();
-    for key in app.redis_keys().await {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    app.lose_redis().await;
     let pg = app.pg_proxy.clone().unwrap();
     pg.cut();
     app.clock.set(boundary + chrono::Duration::seconds(1));

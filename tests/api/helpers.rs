@@ -480,6 +480,19 @@ impl TestApp {
         keys_matching(&format!("{}:*", self.prefix)).await
     }
 
+    /// Delete every key of this gateway from Redis, as a restart without persistence or a
+    /// failover to an empty replica would.
+    pub async fn lose_redis(&self) {
+        let mut conn = self.redis.clone();
+        for key in self.redis_keys().await {
+            let _: () = redis::cmd("DEL")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+        }
+    }
+
     /// Stop this replica as SIGTERM does and start a new one on the same database, Redis prefix
     /// and clock (a restart).
     pub async fn restart(self) -> TestApp {

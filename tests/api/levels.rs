@@ -358,6 +358,10 @@ async fn a_keys_own_quotas_reach_every_replica_and_can_be_removed() {
             ] }),
             "quotas[1]",
         ),
+        (
+            json!({ "quotas": [{ "metric": "requests", "limit": 3, "period": "day", "overage": "maybe" }] }),
+            "quotas[0].overage",
+        ),
     ] {
         let r = app.admin(Method::PUT, &path, Some(&body)).await;
         assert_eq!(r.status(), 422);

@@ -278,14 +278,7 @@ async fn billing_months_come_back_after_a_redis_loss() {
     app.flush().await.unwrap();
 
     // Redis loses everything of this gateway (a restart without persistence, a failover).
-    let mut conn = app.redis.clone();
-    for key in app.redis_keys().await {
-        let _: () = redis::cmd("DEL")
-            .arg(key)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-    }
+    app.lose_redis().await;
     assert_eq!(
         spend(&app, 3).await.status(),
         402,
