@@ -84,18 +84,19 @@ impl Caller {
 
 /// The quotas of `metric` at `scope`: the key's own quotas of the metric when it has any (`own`),
 /// else the plan's quotas for that level (`plan`, passed in so this stays free of the catalog).
+/// An iterator, not a list: it runs for every request that names a key or user.
 pub fn quotas_at<'q>(
     scope: Scope<'_>,
-    metric: &str,
+    metric: &'q str,
     own: Option<&'q KeyLimits>,
     plan: impl Iterator<Item = &'q Quota>,
-) -> Vec<&'q Quota> {
-    if let (Scope::Key(_), Some(own)) = (scope, own)
-        && own.quotas.iter().any(|q| q.metric == metric)
-    {
-        return own.quotas.iter().filter(|q| q.metric == metric).collect();
-    }
-    plan.collect()
+) -> impl Iterator<Item = &'q Quota> {
+    let own = own
+        .filter(|o| matches!(scope, Scope::Key(_)) && o.quotas.iter().any(|q| q.metric == metric));
+    let from_own = own
+        .into_iter()
+        .flat_map(move |o| o.quotas.iter().filter(move |q| q.metric == metric));
+    from_own.chain(plan.filter(move |_| own.is_none()))
 }
 
 /// One API key's own quotas, set by an admin: they replace the plan's `per = "key"` quotas of
@@ -215,11 +216,11 @@ mod tests {
         assert_eq!(scopes, [Scope::Key("k1"), Scope::User("u1")]);
         let key = Scope::Key("k1");
         let tokens = quotas_at(key, "tokens", Some(&own), plan.iter().take(1));
-        assert_eq!(tokens.iter().map(|q| q.limit).collect::<Vec<_>>(), [10]);
+        assert_eq!(tokens.map(|q| q.limit).collect::<Vec<_>>(), [10]);
         let requests = quotas_at(key, "requests", Some(&own), plan.iter().skip(1));
-        assert_eq!(requests.iter().map(|q| q.limit).collect::<Vec<_>>(), [50]);
+        assert_eq!(requests.map(|q| q.limit).collect::<Vec<_>>(), [50]);
         // A user's quotas never come from a key's own.
         let user = quotas_at(Scope::User("u1"), "tokens", Some(&own), plan.iter().take(1));
-        assert_eq!(user.iter().map(|q| q.limit).collect::<Vec<_>>(), [1000]);
+        assert_eq!(user.map(|q| q.limit).collect::<Vec<_>>(), [1000]);
     }
 }
